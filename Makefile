@@ -1,0 +1,41 @@
+# One command per job; each sets up .venv first when needed.
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast test-dist test-slow quality style bench docs clean
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build on this machine's disk; GPU users install their own torch first and keep it.
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.anon-hf-installed
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_PIN)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(STAMP)  ## create .venv (CPU torch if none) and install anon-hf with every extra
+
+test: install  ## run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## the suite without the slow and multi-process tests
+	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+quality: install  ## lint and format check
+	$(VENV)/bin/ruff check anon_hf tests benchmarks recipes
+	$(VENV)/bin/ruff format --check anon_hf tests benchmarks recipes
+
+style: install  ## apply lint fixes and formatting
+	$(VENV)/bin/ruff check --fix anon_hf tests benchmarks recipes
+	$(VENV)/bin/ruff format anon_hf tests benchmarks recipes
+
+clean:  ## remove .venv and caches
+	rm -rf $(VENV) .pytest_cache build *.egg-info

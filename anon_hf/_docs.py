@@ -1,0 +1,32 @@
+"""Docstring fragments shared by the optimizer class, the functional API and the integrations."""
+
+__all__ = ["gamma_doc", "refresh_doc", "eps_doc", "weight_decay_doc", "foreach_doc", "maximize_doc"]
+
+gamma_doc = r"""gamma (float, optional): power applied to the second-moment estimate before it becomes the
+            preconditioner, so that :math:`v = (\bar u)^{-1/2}` with :math:`\bar u` a running mean of
+            :math:`\hat\sigma^{\gamma}`. ``0`` gives SGD with EMA momentum (no second moment is stored),
+            ``1`` an Adam-like method; any finite real is allowed, and values below 0 or above 1 extrapolate
+            beyond SGD and Adam on purpose. The paper's reference code defaults to ``0``; anon-hf defaults
+            to ``1`` so that switching from AdamW at the same learning rate works (default: 1.0)"""
+
+refresh_doc = r"""refresh (str or int, optional): when the preconditioner is rebuilt. ``"pow2"`` refreshes at
+            steps 1, 2, 4, 8, ... (the paper's schedule, O(log T) refreshes); ``"every"`` at each step; an
+            integer N at step 1 and every multiple of N. Between refreshes the preconditioner is reused and
+            the step needs no sqrt and no division (default: "pow2")"""
+
+eps_doc = r"""eps (float, optional): term added to the bias-corrected second moment *inside* the power,
+            AdaBelief-style, so it is not Adam's ``eps`` (which is added to :math:`\sqrt{v}`); must be > 0
+            (default: 1e-16)"""
+
+weight_decay_doc = r"""weight_decay (float, optional): weight decay coefficient, >= 0. With
+            ``decoupled_weight_decay=True`` it is applied as AdamW does, :math:`\theta \leftarrow
+            \theta(1 - \eta\lambda)`; with ``False`` it is added to the gradient (L2), as in the paper's
+            reference code (default: 0)"""
+
+foreach_doc = r"""foreach (bool, optional): whether the foreach implementation (``torch._foreach_*`` kernels over
+            tensors grouped by device and dtype) is used. ``None`` follows torch.optim's rule: foreach when
+            every tensor is on a device with foreach kernels (CUDA), the for-loop otherwise. Both give the
+            same results (default: None)"""
+
+maximize_doc = r"""maximize (bool, optional): maximize the objective with respect to the params, instead of
+            minimizing (default: False)"""

@@ -1,0 +1,361 @@
+"""The Anon update as functions over parallel tensor lists, in the shape of ``torch.optim.adam``.
+
+:func:`anon` takes the parameters, their gradients and their state as lists and dispatches to
+:func:`_single_tensor_anon` (a per-tensor loop) or :func:`_multi_tensor_anon` (``torch._foreach_*`` kernels
+over tensors grouped by device and dtype). Both share one signature and one refresh routine,
+:func:`_refreshed_preconditioner`, so they differ only in how the per-step arithmetic is batched.
+
+Nothing here imports anything but torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
+
+__all__ = ["NonFinitePreconditionerError", "anon"]
+
+_NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFinitePreconditionerError(FloatingPointError):
+    """A refresh produced a preconditioner with ``nan`` or ``inf`` entries.
+
+    Raised before the bad preconditioner is stored (``on_nonfinite="raise"``, the default). ``group_index`` is
+    filled in by :class:`anon_hf.Anon`; ``tensor_index`` is the position of the tensor in its param group.
+    """
+
+    def __init__(self, step: int, tensor_index: int, shape: tuple, group_index: Optional[int] = None):
+        self.step = step
+        self.tensor_index = tensor_index
+        self.shape = shape
+        self.group_index = group_index
+        super().__init__(step, tensor_index, shape, group_index)
+
+    def __str__(self) -> str:
+        group = "?" if self.group_index is None else self.group_index
+        return (
+            f"Anon: the preconditioner refreshed at step {self.step} for param group {group}, tensor "
+            f"{self.tensor_index} (shape {tuple(self.shape)}) is not finite: a gradient since the previous refresh "
+            "held nan or inf. Fix the gradients (gradient clipping, loss scaling, a lower lr), or pass "
+            "on_nonfinite='skip' to keep the previous preconditioner for such tensors."
+        )
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    flag = torch.isfinite(tensor).all()
+    # On a DTensor the reduction is Partial: every rank must see the same verdict, so reduce it.
+    full_tensor = getattr(flag, "full_tensor", None)
+    return bool(full_tensor() if full_tensor is not None else flag)
+
+
+def _refreshed_preconditioner(
+    exp_avg_sq: Tensor,
+    precond: Tensor,
+    *,
+    steps_since_refresh: int,
+    first: bool,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    beta3: float,
+) -> Tensor:
+    """The new preconditioner ``v = u**-0.5`` built from the accumulator; a new tensor, inputs untouched.
+
+    ``u = sigma**gamma`` at the first refresh and ``beta3 * u_prev + (1 - beta3) * sigma**gamma`` after it, with
+    ``sigma = exp_avg_sq / (1 - beta2**steps_since_refresh) + eps`` and ``u_prev = precond**-2``. The arithmetic
+    runs in log space and in at least fp32: ``sigma**gamma`` for gamma = 3 and sigma near eps = 1e-16 is
+    1e-48, which fp32 flushes to zero (and then ``v`` is inf), while its logarithm is an ordinary number.
+    Returns a tensor of ``precond``'s shape in ``promote_types(precond.dtype, float32)``.
+    """
+    compute_dtype = torch.promote_types(precond.dtype, torch.float32)
+    bias_correction2 = 1.0 - beta2**steps_since_refresh
+    log_u = exp_avg_sq.to(compute_dtype).div(bias_correction2).add_(eps).log_().mul_(gamma)
+    if not first and beta3 > 0.0:
+        log_u_prev = precond.to(compute_dtype).log().mul_(-2.0)
+        log_u = torch.logaddexp(log_u_prev.add_(math.log(beta3)), log_u.add_(math.log1p(-beta3)))
+    return log_u.mul_(-0.5).exp_()
+
+
+def _refresh_(
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    indices: list[int],
+    step: int,
+    *,
+    refresh: RefreshSchedule,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    beta3: float,
+    on_nonfinite: str,
+    tensor_positions: Optional[list[int]] = None,
+) -> None:
+    """Refresh ``preconds[i]`` for ``i in indices`` (all at ``step``) and reset their accumulators."""
+    prev = previous_refresh_step(step, refresh)
+    for i in indices:
+        new_precond = _refreshed_preconditioner(
+            exp_avg_sqs[i],
+            preconds[i],
+            steps_since_refresh=step - prev,
+            first=prev == 0,
+            beta2=beta2,
+            gamma=gamma,
+            eps=eps,
+            beta3=beta3,
+        )
+        if not _all_finite(new_precond):
+            if on_nonfinite == "raise":
+                position = i if tensor_positions is None else tensor_positions[i]
+                raise NonFinitePreconditionerError(step, position, tuple(preconds[i].shape))
+        else:
+            preconds[i].copy_(new_precond)
+        exp_avg_sqs[i].zero_()
+
+
+def _single_tensor_anon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    refresh: RefreshSchedule,
+    beta3: float,
+    bounds: Optional[tuple[Optional[float], Optional[float]]],
+    maximize: bool,
+    on_nonfinite: str,
+) -> list[int]:
+    preconditioned = len(preconds) > 0
+    refreshed = []
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        exp_avg = exp_avgs[i]
+        step_t = state_steps[i]
+        if torch.is_complex(param):
+            param, grad, exp_avg = torch.view_as_real(param), torch.view_as_real(grad), torch.view_as_real(exp_avg)
+
+        step_t += 1
+        step = int(step_t.item())
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+
+        exp_avg.lerp_(grad, 1 - beta1)
+        step_size = lr / (1 - beta1**step)
+        if not preconditioned:
+            param.add_(exp_avg, alpha=-step_size)
+        else:
+            exp_avg_sq, precond = exp_avg_sqs[i], preconds[i]
+            if torch.is_complex(exp_avg_sq):
+                exp_avg_sq, precond = torch.view_as_real(exp_avg_sq), torch.view_as_real(precond)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            if is_refresh_step(step, refresh):
+                _refresh_(
+                    [exp_avg_sq],
+                    [precond],
+                    [0],
+                    step,
+                    refresh=refresh,
+                    beta2=beta2,
+                    gamma=gamma,
+                    eps=eps,
+                    beta3=beta3,
+                    on_nonfinite=on_nonfinite,
+                    tensor_positions=[i],
+                )
+                refreshed.append(step)
+            param.addcmul_(exp_avg, precond, value=-step_size)
+
+        if bounds is not None:
+            param.clamp_(min=bounds[0], max=bounds[1])
+    return sorted(set(refreshed))
+
+
+def _multi_tensor_anon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    refresh: RefreshSchedule,
+    beta3: float,
+    bounds: Optional[tuple[Optional[float], Optional[float]]],
+    maximize: bool,
+    on_nonfinite: str,
+) -> list[int]:
+    if len(params) == 0:
+        return []
+    preconditioned = len(preconds) > 0
+    tensor_lists = [params, grads, exp_avgs, state_steps]
+    if preconditioned:
+        tensor_lists += [exp_avg_sqs, preconds]
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)
+
+    refreshed = set()
+    for (device_lists, original_indices) in grouped.values():
+        device_params, device_grads, device_exp_avgs, device_steps = device_lists[:4]
+        device_exp_avg_sqs, device_preconds = device_lists[4:] if preconditioned else ([], [])
+        if any(torch.is_complex(p) for p in device_params):
+            views = [device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds]
+            device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds = (
+                [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors] for tensors in views
+            )
+
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+
+        torch._foreach_add_(device_steps, 1)
+        steps = [int(s.item()) for s in device_steps]
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            elif maximize:
+                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+            else:
+                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+
+        if preconditioned:
+            torch._foreach_mul_(device_exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, value=1 - beta2)
+            refresh_at: dict[int, list[int]] = {}
+            for i, step in enumerate(steps):
+                if is_refresh_step(step, refresh):
+                    refresh_at.setdefault(step, []).append(i)
+            for step, indices in refresh_at.items():
+                _refresh_(
+                    device_exp_avg_sqs,
+                    device_preconds,
+                    indices,
+                    step,
+                    refresh=refresh,
+                    beta2=beta2,
+                    gamma=gamma,
+                    eps=eps,
+                    beta3=beta3,
+                    on_nonfinite=on_nonfinite,
+                    tensor_positions=original_indices,
+                )
+                refreshed.add(step)
+
+        if len(set(steps)) == 1:
+            step_size = lr / (1 - beta1 ** steps[0])
+            if preconditioned:
+                torch._foreach_addcmul_(device_params, device_exp_avgs, device_preconds, value=-step_size)
+            else:
+                torch._foreach_add_(device_params, device_exp_avgs, alpha=-step_size)
+        else:
+            # Tensors skipped on earlier steps (grad None) lag behind: each needs its own bias correction.
+            neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
+            updates = (
+                torch._foreach_mul(device_exp_avgs, device_preconds) if preconditioned else list(device_exp_avgs)
+            )
+            updates = torch._foreach_mul(updates, neg_step_sizes)
+            torch._foreach_add_(device_params, updates)
+
+        if bounds is not None:
+            if bounds[0] is not None:
+                torch._foreach_clamp_min_(device_params, bounds[0])
+            if bounds[1] is not None:
+                torch._foreach_clamp_max_(device_params, bounds[1])
+    return sorted(refreshed)
+
+
+def anon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: Optional[bool] = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool = True,
+    refresh: RefreshSchedule = "pow2",
+    beta3: float = 0.5,
+    bounds: Optional[tuple[Optional[float], Optional[float]]] = None,
+    maximize: bool = False,
+    on_nonfinite: str = "raise",
+) -> list[int]:
+    r"""Functional API that performs the Anon computation; see :class:`anon_hf.Anon` for the math.
+
+    All lists are parallel. ``exp_avg_sqs`` and ``preconds`` are either as long as ``params`` or both empty,
+    which means the preconditioner is all ones (``gamma == 0`` from the start: SGD with EMA momentum).
+    ``state_steps`` holds one 0-d CPU tensor per parameter and is incremented in place; refreshes follow each
+    tensor's own step. Returns the sorted distinct steps at which a refresh happened in this call.
+    """
+    if preconds and len(preconds) != len(params):
+        raise ValueError(
+            f"preconds must be empty or have one tensor per param: got {len(preconds)} for {len(params)} params"
+        )
+    if on_nonfinite not in _NONFINITE_POLICIES:
+        raise ValueError(f"Invalid on_nonfinite value: {on_nonfinite!r} (allowed: 'raise', 'skip')")
+    if foreach is None:
+        foreach = _default_foreach(params)
+    if foreach and torch.jit.is_scripting():
+        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    func = _multi_tensor_anon if foreach else _single_tensor_anon
+    return func(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        preconds,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        gamma=gamma,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        refresh=refresh,
+        beta3=beta3,
+        bounds=bounds,
+        maximize=maximize,
+        on_nonfinite=on_nonfinite,
+    )
+
+
+def _default_foreach(params: list[Tensor]) -> bool:
+    """torch.optim's rule: foreach when every tensor lives on a device with foreach kernels, never fused."""
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+    except ImportError:  # a private helper; fall back to its rule for the common devices
+        return all(p.device.type in ("cuda", "cpu", "xpu", "mps") for p in params)
+    _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    return foreach

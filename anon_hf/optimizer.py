@@ -1,0 +1,402 @@
+"""``anon_hf.Anon``: the optimizer class. It owns param groups and state; the arithmetic is in ``functional``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._docs import eps_doc, foreach_doc, gamma_doc, maximize_doc, refresh_doc, weight_decay_doc
+from ._schedule import RefreshSchedule, validate_refresh
+from ._sync import RefreshSyncChecker
+from .functional import _NONFINITE_POLICIES, NonFinitePreconditionerError, anon
+
+try:
+    from torch.optim.optimizer import _get_scalar_dtype, _use_grad_for_differentiable
+except ImportError:  # private torch helpers; small local stand-ins keep the class importable
+
+    def _get_scalar_dtype() -> torch.dtype:
+        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+    def _use_grad_for_differentiable(func):
+        def wrapper(self, *args, **kwargs):
+            with torch.no_grad():
+                return func(self, *args, **kwargs)
+
+        return wrapper
+
+
+__all__ = ["Anon"]
+
+logger = logging.getLogger(__name__)
+
+ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]], Iterable[tuple[str, Tensor]]]
+Bounds = Optional[tuple[Optional[float], Optional[float]]]
+
+# Keys each tensor's state may hold; `exp_avg_sq` and `precond` exist only where gamma != 0 (or once did).
+STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "precond"})
+# Group keys that tell Anon's state dicts from other optimizers' (AdamW has lr/betas/eps/weight_decay too).
+_ANON_GROUP_KEYS = ("gamma", "refresh", "beta3")
+
+
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first hyperparameter of ``group`` outside its allowed range."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr value: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    if not _is_real_number(lr) or not lr >= 0.0:
+        raise ValueError(f"Invalid lr value: {group['lr']!r} (allowed: a float or 1-element tensor >= 0)")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas value: {betas!r} (allowed: a pair (beta1, beta2), each in [0, 1))")
+    for index, beta in enumerate(betas):
+        if not _is_real_number(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} (allowed: [0, 1))")
+    gamma = group["gamma"]
+    if not _is_real_number(gamma) or not math.isfinite(gamma):
+        raise ValueError(f"Invalid gamma value: {gamma!r} (allowed: any finite real number, e.g. -0.1, 0, 1, 1.1)")
+    beta3 = group["beta3"]
+    if not _is_real_number(beta3) or not 0.0 <= beta3 < 1.0:
+        raise ValueError(f"Invalid beta3 value: {beta3!r} (allowed: [0, 1); 0.5 is the paper's mean)")
+    eps = group["eps"]
+    if not _is_real_number(eps) or not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"Invalid epsilon value: {eps!r} (allowed: a finite float > 0, e.g. 1e-16)")
+    weight_decay = group["weight_decay"]
+    if not _is_real_number(weight_decay) or not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (allowed: a finite float >= 0)")
+    validate_refresh(group["refresh"])
+    bounds = group["bounds"]
+    if bounds is not None:
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ValueError(f"Invalid bounds value: {bounds!r} (allowed: None or a pair (lo, hi) with lo <= hi)")
+        lo, hi = bounds
+        for name, bound in (("lo", lo), ("hi", hi)):
+            if bound is not None and (not _is_real_number(bound) or math.isnan(bound)):
+                raise ValueError(f"Invalid bounds value: {name}={bound!r} (allowed: a real number or None)")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"Invalid bounds value: lo={lo} > hi={hi} (allowed: None or (lo, hi) with lo <= hi)")
+    if group["on_nonfinite"] not in _NONFINITE_POLICIES:
+        raise ValueError(f"Invalid on_nonfinite value: {group['on_nonfinite']!r} (allowed: 'raise', 'skip')")
+    for flag in ("decoupled_weight_decay", "maximize"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"Invalid {flag} value: {group[flag]!r} (allowed: True or False)")
+    if group["foreach"] not in (None, True, False):
+        raise ValueError(f"Invalid foreach value: {group['foreach']!r} (allowed: None, True or False)")
+
+
+class Anon(torch.optim.Optimizer):
+    __doc__ = (
+        r"""Implements the Anon algorithm.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \eta \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)}, \gamma \text{ (power)},
+                \beta_3, \epsilon, \lambda \text{ (weight decay)}, \text{refresh set } R
+                \text{ (default } \{1, 2, 4, 8, \dots\}) \\
+            &\textbf{initialize}: m_0 \leftarrow 0, \; s_0 \leftarrow 0, \; t_{prev} \leftarrow 0 \\
+            &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do} \\
+            &\hspace{5mm} g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+                \hspace{5mm}(+\lambda\theta_{t-1} \text{ if not decoupled}) \\
+            &\hspace{5mm} \theta_{t-1} \leftarrow (1 - \eta\lambda)\,\theta_{t-1}
+                \hspace{5mm}\text{(if decoupled)} \\
+            &\hspace{5mm} m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+            &\hspace{5mm} s_t \leftarrow \beta_2 s_{t-1} + (1 - \beta_2) g_t^2 \\
+            &\hspace{5mm} \textbf{if} \: t \in R: \\
+            &\hspace{10mm} \sigma \leftarrow s_t / (1 - \beta_2^{\,t - t_{prev}}) + \epsilon \\
+            &\hspace{10mm} u \leftarrow \sigma^{\gamma} \:\text{ at the first refresh, else }\:
+                \beta_3 u + (1 - \beta_3)\,\sigma^{\gamma} \\
+            &\hspace{10mm} v \leftarrow u^{-1/2}, \quad s_t \leftarrow 0, \quad t_{prev} \leftarrow t \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} - \eta \, v \, m_t / (1 - \beta_1^t)
+                \hspace{5mm}(\text{then clamp to } [lo, hi] \text{ if bounds}) \\
+            &\rule{110mm}{0.4pt} \\[-1.ex]
+            &\bf{return} \: \theta_t
+       \end{aligned}
+
+    With the default ``refresh="pow2"`` and ``beta3=0.5``, :math:`u` is the mean of :math:`v^{-2}` over
+    refreshes, i.e. :math:`v^2` is their harmonic mean. The refresh runs before the step's update, so step 1
+    already uses :math:`v` built from :math:`g_1`. For the details, see `Anon: Extrapolating Adaptivity Beyond
+    SGD and Adam <https://arxiv.org/abs/2605.02317>`_ and ``docs/algorithm.md``.
+
+    Args:
+        params (iterable): iterable of parameters or named_parameters to optimize, or of dicts defining
+            param groups; every hyperparameter below may differ per group.
+        lr (float or Tensor, optional): learning rate :math:`\eta`, >= 0; a 1-element tensor works with LR
+            schedulers (default: 1e-3)
+        betas (tuple[float, float], optional): :math:`\beta_1` for the momentum and :math:`\beta_2` for the
+            second-moment accumulator, each in [0, 1) (default: (0.9, 0.999))
+        """
+        + gamma_doc
+        + r"""
+        """
+        + eps_doc
+        + r"""
+        """
+        + weight_decay_doc
+        + r"""
+        decoupled_weight_decay (bool, optional): AdamW-style decay if True, L2 added to the gradient if
+            False (default: True)
+        """
+        + refresh_doc
+        + r"""
+        beta3 (float, optional): weight of the previous preconditioner when a refresh averages it with the new
+            estimate, in [0, 1); 0.5 is the paper's mean, 0 keeps only the newest estimate (default: 0.5)
+        bounds (tuple[float | None, float | None], optional): a box ``(lo, hi)`` the parameters are projected
+            onto after each update (the projection in the :math:`V^{-1}` metric is an elementwise clamp);
+            ``None`` on either side means unbounded on that side, ``None`` for the whole means unconstrained
+            (default: None)
+        """
+        + maximize_doc
+        + r"""
+        """
+        + foreach_doc
+        + r"""
+        on_nonfinite (str, optional): what a refresh does when the new preconditioner of a tensor holds nan or
+            inf (a non-finite gradient since the previous refresh). ``"raise"`` stops with
+            :class:`~anon_hf.NonFinitePreconditionerError` naming the group, the tensor and the step, before
+            that preconditioner is stored; ``"skip"`` keeps the previous preconditioner and resets the
+            accumulator. Either way the check costs one reduction per tensor per refresh, O(log T) in all.
+            Between refreshes a non-finite gradient flows into the momentum and the weights as in AdamW
+            (default: "raise")
+        verify_sync (bool, optional): in a distributed run, check at each refresh that the neighbouring ranks
+            refreshed at the same step, raising :class:`~anon_hf.RefreshOutOfSyncError` if not. Costs a few
+            key-value store round trips per refresh and never blocks (default: True)
+
+    State, per parameter (``optimizer.state[p]``), created lazily in :meth:`step` (never in ``__init__``, so
+    FSDP2 can swap the parameters of an optimizer built before wrapping):
+
+    * ``step``: 0-d float32 CPU tensor, steps taken by this tensor (a parameter whose grad is None is skipped
+      and its step does not advance);
+    * ``exp_avg``: first moment :math:`m`, shaped and typed like the parameter;
+    * ``exp_avg_sq``: the accumulator :math:`s` since the last refresh (reset to zero at each refresh);
+    * ``precond``: the preconditioner :math:`v`, reused between refreshes.
+
+    Non-scalar state is shaped like its parameter, so it follows ZeRO's flat partitions and FSDP2's DTensor
+    shards. With ``gamma == 0`` the preconditioner is all ones and ``exp_avg_sq``/``precond`` are not
+    allocated: the state dict then holds only ``step`` and ``exp_avg`` per tensor, like SGD with momentum.
+    Setting a group's gamma to a non-zero value later allocates them then, with ``precond`` all ones (the
+    preconditioner gamma = 0 was using).
+
+    Example:
+        >>> optimizer = anon_hf.Anon(model.parameters(), lr=1e-3, gamma=1.0)
+        >>> loss_fn(model(input), target).backward()
+        >>> optimizer.step()
+        >>> optimizer.zero_grad()
+    """
+    )
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        gamma: float = 1.0,
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        refresh: RefreshSchedule = "pow2",
+        beta3: float = 0.5,
+        bounds: Bounds = None,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        on_nonfinite: str = "raise",
+        verify_sync: bool = True,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            refresh=refresh,
+            beta3=beta3,
+            bounds=tuple(bounds) if isinstance(bounds, list) else bounds,
+            maximize=maximize,
+            foreach=foreach,
+            on_nonfinite=on_nonfinite,
+            differentiable=False,  # read by torch's step decorator; Anon's step always runs under no_grad
+        )
+        _validate_hyperparameters(defaults)
+        if not isinstance(verify_sync, bool):
+            raise ValueError(f"Invalid verify_sync value: {verify_sync!r} (allowed: True or False)")
+        super().__init__(params, defaults)
+        self.verify_sync = verify_sync
+        self._sync = RefreshSyncChecker()
+        self.refresh_history: list[int] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its own hyperparameters are validated like the constructor's, before it is added."""
+        if isinstance(param_group, dict):
+            overrides = {key: value for key, value in param_group.items() if key != "params"}
+            _validate_hyperparameters({**self.defaults, **overrides})
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Keys added after a state dict was written get their defaults, as torch.optim does.
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("bounds", None)
+            group.setdefault("on_nonfinite", "raise")
+            group.setdefault("differentiable", False)
+        self.__dict__.setdefault("verify_sync", True)
+        self.__dict__.setdefault("refresh_history", [])
+        if "_sync" not in self.__dict__:
+            self._sync = RefreshSyncChecker()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict written by :meth:`state_dict`; refuse one from another optimizer or model.
+
+        Raises:
+            ValueError: the state dict lacks Anon's group keys (``gamma``, ``refresh``, ``beta3``): it was
+                written by another optimizer, e.g. AdamW; or a tensor's state has the wrong keys or shapes.
+        """
+        saved_groups = state_dict.get("param_groups", [])
+        for index, group in enumerate(saved_groups):
+            missing = [key for key in _ANON_GROUP_KEYS if key not in group]
+            if missing:
+                raise ValueError(
+                    f"This state dict was not written by Anon: param group {index} has no {', '.join(missing)}. "
+                    "Loading another optimizer's state (e.g. AdamW's exp_avg_sq) into Anon would be silently "
+                    "wrong; start Anon from fresh state instead, or load the checkpoint with the optimizer that "
+                    "wrote it."
+                )
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in saved_groups for i in group["params"]]
+        state = state_dict.get("state", {})
+        if len(saved_ids) == len(params):
+            for param, saved_id in zip(params, saved_ids):
+                if saved_id in state:
+                    _validate_tensor_state(state[saved_id], param, saved_id)
+        super().load_state_dict(state_dict)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        preconds: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Gather the tensors of ``group`` that have gradients; create missing state. Returns has_complex."""
+        has_complex = False
+        preconditioned = group["gamma"] != 0 or any(
+            "precond" in self.state[p] for p in group["params"] if p.grad is not None
+        )
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Anon does not support sparse gradients, consider SparseAdam instead")
+            has_complex |= torch.is_complex(p)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if preconditioned and "precond" not in state:
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["precond"] = torch.ones_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            state_steps.append(state["step"])
+            if preconditioned:
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                preconds.append(state["precond"])
+        return has_complex
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): a closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        self._sync.count_call()
+        refreshed_steps: list[int] = []
+        for index, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            preconds: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps)
+            lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+            beta1, beta2 = group["betas"]
+            try:
+                refreshed = anon(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    preconds,
+                    state_steps,
+                    foreach=group["foreach"],
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    gamma=group["gamma"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    refresh=group["refresh"],
+                    beta3=group["beta3"],
+                    bounds=group["bounds"],
+                    maximize=group["maximize"],
+                    on_nonfinite=group["on_nonfinite"],
+                )
+            except NonFinitePreconditionerError as err:
+                err.group_index = index
+                raise
+            refreshed_steps += refreshed
+        if refreshed_steps:
+            last = max(refreshed_steps)
+            if not self.refresh_history or self.refresh_history[-1] < last:
+                self.refresh_history.append(last)
+            if self.verify_sync:
+                self._sync.check(last)
+        return loss
+
+
+def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id: Any) -> None:
+    unknown = set(tensor_state) - STATE_KEYS
+    if unknown:
+        raise ValueError(
+            f"State of param {saved_id} has keys {sorted(unknown)} that Anon does not use "
+            f"(Anon keeps {sorted(STATE_KEYS)}): the state dict was written by another optimizer."
+        )
+    if "step" not in tensor_state or "exp_avg" not in tensor_state:
+        raise ValueError(f"State of param {saved_id} lacks 'step' or 'exp_avg': not a state dict written by Anon.")
+    if ("exp_avg_sq" in tensor_state) != ("precond" in tensor_state):
+        raise ValueError(
+            f"State of param {saved_id} has only one of 'exp_avg_sq' and 'precond'. AdamW's state has exp_avg_sq "
+            "but no precond; Anon's has both (or neither when gamma == 0). Start Anon from fresh state instead."
+        )
+    for key in ("exp_avg", "exp_avg_sq", "precond"):
+        value = tensor_state.get(key)
+        if isinstance(value, Tensor) and value.shape != param.shape:
+            raise ValueError(
+                f"State '{key}' of param {saved_id} has shape {tuple(value.shape)} but the parameter has shape "
+                f"{tuple(param.shape)}: the state dict belongs to another model or another sharding."
+            )
+

@@ -1,0 +1,105 @@
+"""A slow, literal Anon written from the math in ``shared/anon-notes.md`` section 1, one scalar at a time.
+
+It shares no code with ``anon_hf``: the refresh schedule, the bias corrections and the harmonic-mean update
+are spelled out again here with Python floats, and the preconditioner is kept as ``u`` (not as ``v``).
+Tests step it beside ``anon_hf.Anon`` on the same gradients and compare.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _is_refresh(t: int, refresh) -> bool:
+    if refresh == "pow2":
+        return t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    if refresh == "every":
+        return True
+    return t == 1 or t % refresh == 0
+
+
+class ReferenceAnon:
+    """Anon over flat lists of Python floats: ``params[k][j]`` is element j of tensor k."""
+
+    def __init__(
+        self,
+        params: list[list[float]],
+        *,
+        lr: float,
+        betas=(0.9, 0.999),
+        gamma: float = 1.0,
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        refresh="pow2",
+        beta3: float = 0.5,
+        bounds=None,
+        maximize: bool = False,
+    ):
+        self.params = [list(p) for p in params]
+        self.lr, (self.b1, self.b2), self.gamma, self.eps = lr, betas, gamma, eps
+        self.wd, self.decoupled, self.refresh, self.beta3 = weight_decay, decoupled_weight_decay, refresh, beta3
+        self.bounds, self.maximize = bounds, maximize
+        self.m = [[0.0] * len(p) for p in params]
+        self.s = [[0.0] * len(p) for p in params]
+        self.u = [[None] * len(p) for p in params]
+        self.t = 0
+        self.t_prev = 0
+        self.refreshes: list[int] = []
+
+    def step(self, grads: list[list[float]]) -> None:
+        self.t += 1
+        t = self.t
+        refresh = _is_refresh(t, self.refresh)
+        if refresh:
+            self.refreshes.append(t)
+        for k, param in enumerate(self.params):
+            for j, theta in enumerate(param):
+                g = -grads[k][j] if self.maximize else grads[k][j]
+                if self.wd and not self.decoupled:
+                    g += self.wd * theta
+                if self.wd and self.decoupled:
+                    theta *= 1 - self.lr * self.wd
+                self.m[k][j] = self.b1 * self.m[k][j] + (1 - self.b1) * g
+                self.s[k][j] = self.b2 * self.s[k][j] + (1 - self.b2) * g * g
+                if refresh:
+                    sigma = self.s[k][j] / (1 - self.b2 ** (t - self.t_prev)) + self.eps
+                    new = sigma**self.gamma
+                    prev = self.u[k][j]
+                    self.u[k][j] = new if prev is None else self.beta3 * prev + (1 - self.beta3) * new
+                    self.s[k][j] = 0.0
+                v = self.u[k][j] ** -0.5
+                theta -= self.lr * v * self.m[k][j] / (1 - self.b1**t)
+                if self.bounds is not None:
+                    lo, hi = self.bounds
+                    theta = max(lo, theta) if lo is not None else theta
+                    theta = min(hi, theta) if hi is not None else theta
+                param[j] = theta
+        if refresh:
+            self.t_prev = t
+
+    def preconditioner(self, k: int) -> list[float]:
+        return [u**-0.5 for u in self.u[k]]
+
+
+def gradient_sequence(shapes_numel: list[int], steps: int, seed: int = 0) -> list[list[list[float]]]:
+    """Deterministic gradients, some entries exactly zero and a wide spread of magnitudes."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        step = []
+        for n in shapes_numel:
+            step.append([0.0 if rng.random() < 0.05 else rng.gauss(0, 1) * 10 ** rng.uniform(-3, 1) for _ in range(n)])
+        out.append(step)
+    return out
+
+
+def quadratic_grad(theta: float, noise: float, curvature: float) -> float:
+    """The gradient of 0.5 * curvature * theta**2 plus noise: ties each gradient to the trajectory."""
+    return curvature * theta + noise
+
+
+def curvatures(numel: int, seed: int) -> list[float]:
+    return [0.5 + math.sin(seed + j) ** 2 for j in range(numel)]
