@@ -1,0 +1,1 @@
+"""Optional integrations with the Hugging Face stack. Each submodule imports its dependency only when used."""
