@@ -109,7 +109,9 @@ def _refresh_(
             eps=eps,
             beta3=beta3,
         )
-        if not _all_finite(new_precond):
+        # A non-finite accumulator poisons the running mean for good even where the power maps it to a finite
+        # number (inf**-0.5 == 0), so both the input and the result are checked.
+        if not (_all_finite(exp_avg_sqs[i]) and _all_finite(new_precond)):
             if on_nonfinite == "raise":
                 position = i if tensor_positions is None else tensor_positions[i]
                 raise NonFinitePreconditionerError(step, position, tuple(preconds[i].shape))
