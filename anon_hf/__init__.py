@@ -9,10 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch
+
+from ._import_hooks import when_imported
 from ._schedule import refresh_steps
 from ._sync import RefreshOutOfSyncError
 from .functional import NonFinitePreconditionerError, anon
 from .optimizer import Anon
+from .param_groups import create_anon_optimizer
 
 __version__ = "0.1.0.dev0"
 
@@ -22,11 +26,51 @@ __all__ = [
     "RefreshOutOfSyncError",
     "__version__",
     "anon",
+    "create_anon_optimizer",
     "refresh_steps",
+    "register",
 ]
 
 # Names that live in optional integrations: resolved on first access so that `import anon_hf` stays light.
-_LAZY_NAMES: dict[str, str] = {}
+_LAZY_NAMES: dict[str, str] = {
+    "AnonCallback": ".integrations.trainer_callback",
+}
+
+# DeepSpeed builds `"optimizer": {"type": "Anon"}` from getattr(torch.optim, "Anon"); an attribute costs nothing.
+torch.optim.Anon = Anon
+
+
+def _integration_hook(integration: str, function: str):
+    """A post-import callback that loads ``anon_hf.integrations.<integration>`` only when it fires."""
+
+    def callback(module):
+        getattr(importlib.import_module(f".integrations.{integration}", __name__), function)(module)
+
+    return callback
+
+
+# `--optim anon` registers itself the moment the user's code imports transformers, so `import anon_hf` stays
+# light and `import anon_hf` (or `anon-hf run`) is all a script needs; `register()` forces it now.
+when_imported("transformers.training_args", _integration_hook("transformers", "on_training_args_imported"))
+when_imported("transformers.trainer_optimizer", _integration_hook("transformers", "on_trainer_optimizer_imported"))
+when_imported("transformers.trainer", _integration_hook("transformers", "on_trainer_imported"))
+
+
+def register() -> None:
+    """Register Anon with the installed libraries now, instead of when they are imported.
+
+    Makes ``"anon"`` a real ``transformers.training_args.OptimizerNames`` member and plugs Anon into the
+    Trainer's optimizer construction (importing transformers if it is installed; nothing to do if it is not).
+    Idempotent, thread-safe, and free after the first call. ``import anon_hf`` alone already registers lazily,
+    at the user's own import of transformers; call this to fail early when the installed transformers cannot
+    take ``optim="anon"``.
+
+    Raises:
+        RuntimeError: the installed transformers is outside the supported range and the registration failed.
+    """
+    from .integrations.transformers import register as _register_transformers
+
+    _register_transformers()
 
 
 def __getattr__(name: str) -> Any:
