@@ -1,0 +1,388 @@
+"""Gamma sweep: run a recipe with Anon at several gammas next to AdamW and SGD with momentum, then plot.
+
+For each optimizer configuration (Anon at each gamma, AdamW, SGD with momentum 0.9) the sweep
+
+1. tunes the learning rate on one seed (``--tune_seed``) over a half-decade grid (lr = 10^(j/2)), extending the
+   grid while the best lr sits on its edge (at most ``--max_extensions`` times per side), then
+2. runs the best lr on the report seeds (``--seeds``, disjoint from the tuning seed), and
+3. writes ``<task>.json`` (everything, curves included), ``<task>_runs.csv``, ``<task>_lr_grid.csv``,
+   ``<task>_summary.csv`` and the plots (``plots.py``) into ``--out_dir``.
+
+All runs of one task share the recipe's settings (model, data, batch, steps, schedule, warmup, gradient clipping,
+weight decay 0); only the optimizer, its lr and the seed change. The starting grid for each configuration is
+placed by a rule of thumb, not by peeking: with a gradient RMS near 1e-2, Anon's step scales as lr * 10^(2 (1 -
+gamma)) relative to gamma = 1, so its grid is shifted by 4 (1 - gamma) half-decades from AdamW's; SGD (momentum 0.9,
+no dampening) sits two half-decades below gamma = 0 (lr scaled by 1 - beta1). The extension fixes a wrong guess.
+
+    python recipes/sweep/sweep.py --task causal_lm --out_dir docs/assets/sweep
+    python recipes/sweep/sweep.py --task causal_lm --tiny --out_dir /tmp/sweep   # seconds: checks the plumbing
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import json
+import logging
+import math
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # `recipes.<task>.train` resolves as a namespace package from the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+logger = logging.getLogger("sweep")
+
+DEFAULT_GAMMAS = (-0.25, 0.0, 0.5, 1.0, 1.25)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One optimizer configuration: the Trainer's ``--optim`` and ``--optim_args`` plus the grid offset."""
+
+    name: str
+    optim: str
+    optim_args: str | None
+    gamma: float | None  # None for the baselines
+    grid_offset: int  # half-decades relative to AdamW's starting grid
+
+
+@dataclass
+class Task:
+    """How to run one recipe: its module, fixed argv, the metric to report and AdamW's starting lr grid."""
+
+    name: str
+    module: str
+    metric: str
+    higher_is_better: bool
+    adamw_grid: tuple[int, int]  # half-decade indices j (lr = 10^(j/2)), inclusive
+    base_argv: list[str] = field(default_factory=list)
+    tiny_argv: list[str] = field(default_factory=list)
+
+    def runner(self) -> Callable[[list[str]], dict[str, Any]]:
+        return importlib.import_module(self.module).main
+
+
+TASKS = {
+    "causal_lm": Task(
+        name="causal_lm",
+        module="recipes.causal_lm.train",
+        metric="eval_loss",
+        higher_is_better=False,
+        adamw_grid=(-6, -3),  # 1e-3 .. 3.2e-2
+        base_argv=["--per_device_train_batch_size", "16", "--block_size", "64", "--warmup_steps", "0.1"],
+        tiny_argv=[
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "16",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_hidden_layers",
+            "1",
+        ],
+    ),
+    "classification": Task(
+        name="classification",
+        module="recipes.classification.train",
+        metric="eval_accuracy",
+        higher_is_better=True,
+        adamw_grid=(-9, -6),  # 3.2e-5 .. 1e-3
+        base_argv=["--warmup_steps", "0.1"],
+        tiny_argv=["--max_train_samples", "64", "--max_eval_samples", "32"],
+    ),
+}
+
+
+def configs(gammas: list[float]) -> list[Config]:
+    """Anon at each gamma, then AdamW and SGD with momentum 0.9, with their grid offsets (see module doc)."""
+    out = [Config(f"anon(gamma={g:g})", "anon", f"gamma={g:g}", float(g), round(4 * (1 - g))) for g in sorted(gammas)]
+    out.append(Config("adamw", "adamw_torch", None, None, 0))
+    out.append(Config("sgd(momentum=0.9)", "sgd", "momentum=0.9", None, round(4 * (1 - 0.0)) - 2))
+    return out
+
+
+def lr_of(j: int) -> float:
+    return float(f"{10 ** (j / 2):.3g}")
+
+
+def _finite_or(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else default
+
+
+def run_one(task: Task, config: Config, lr: float, seed: int, args: argparse.Namespace, work_dir: Path) -> dict:
+    """One training run in this process; returns the metric, the final losses and the training-loss curve."""
+    argv = list(task.base_argv) + (list(task.tiny_argv) if args.tiny else [])
+    argv += ["--optim", config.optim, "--learning_rate", repr(lr), "--seed", str(seed)]
+    argv += ["--max_steps", str(args.max_steps), "--logging_steps", str(args.logging_steps)]
+    argv += ["--output_dir", str(work_dir / "run"), "--save_final_model", "false", "--disable_tqdm", "true"]
+    argv += ["--report_to", "none", "--log_level", "error"]
+    if config.optim_args:
+        argv += ["--optim_args", config.optim_args]
+    argv += args.extra
+    record = {"config": config.name, "optimizer": config.optim, "gamma": config.gamma, "lr": lr, "seed": seed}
+    started = time.perf_counter()
+    log_path = work_dir / f"{task.name}_{config.optim}_{config.gamma}_{lr:g}_{seed}.log"
+    try:
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            result = task.runner()(argv)
+    except FloatingPointError as err:  # NonFinitePreconditionerError: the lr was too large for this gamma
+        logger.info("%s lr=%g seed=%d diverged: %s", config.name, lr, seed, err)
+        return {
+            **record,
+            "metric": None,
+            "eval_loss": None,
+            "train_loss": None,
+            "diverged": True,
+            "curve": {"step": [], "loss": []},
+            "seconds": time.perf_counter() - started,
+        }
+    curve = regular_curve(result["log_history"], args.logging_steps)
+    metric = result["eval"].get(task.metric)
+    diverged = not all(math.isfinite(loss) for _, loss in curve) or metric is None or not math.isfinite(metric)
+    record.update(
+        metric=metric,
+        eval_loss=result["eval"].get("eval_loss"),
+        train_loss=curve[-1][1] if curve else None,
+        diverged=diverged,
+        curve={"step": [s for s, _ in curve], "loss": [loss for _, loss in curve]},
+        seconds=time.perf_counter() - started,
+    )
+    logger.info("%-18s lr=%-8g seed=%d %s=%s (%.1f s)", config.name, lr, seed, task.metric, metric, record["seconds"])
+    return record
+
+
+def regular_curve(log_history: list[dict], every: int) -> list[tuple[int, float]]:
+    """Training loss averaged over windows of ``every`` steps, from the Trainer's log history.
+
+    Each logged ``loss`` is the mean over the steps since the previous log. Anon's callback adds log lines at its
+    refresh steps (1, 2, 4, ...), so the raw entries cover uneven spans; re-weighting them by span gives every
+    optimizer the same windows. A trailing partial window is dropped.
+    """
+    entries = sorted((h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h)
+    curve, previous, total = [], 0, 0.0
+    for step, loss in entries:
+        total += loss * (step - previous)
+        previous = step
+        if step % every == 0:
+            curve.append((step, total / every))
+            total = 0.0
+    return curve
+
+
+def tune_lr(task: Task, config: Config, args: argparse.Namespace, work_dir: Path) -> tuple[float, list[dict]]:
+    """Best lr on the tuning seed over a half-decade grid, extended while the best sits on an edge."""
+    lo, hi = task.adamw_grid
+    lo, hi = lo + config.grid_offset, hi + config.grid_offset
+    if args.lr_points is not None:  # a narrower grid centred in the default one (the tiny mode)
+        lo = (lo + hi + 1 - args.lr_points) // 2
+        hi = lo + args.lr_points - 1
+    worst = -math.inf if task.higher_is_better else math.inf
+    scores: dict[int, float] = {}
+    records: list[dict] = []
+    extensions = {"down": 0, "up": 0}
+    todo = list(range(lo, hi + 1))
+    while todo:
+        for j in todo:
+            rec = run_one(task, config, lr_of(j), args.tune_seed, args, work_dir)
+            records.append(rec)
+            scores[j] = worst if rec["diverged"] else _finite_or(rec["metric"], worst)
+        pick = max if task.higher_is_better else min
+        best = pick(sorted(scores), key=lambda k: scores[k])
+        todo = []
+        if best == min(scores) and extensions["down"] < args.max_extensions:
+            extensions["down"] += 1
+            todo = [best - 1]
+        elif best == max(scores) and extensions["up"] < args.max_extensions and scores[best] != worst:
+            extensions["up"] += 1
+            todo = [best + 1]
+    best = (max if task.higher_is_better else min)(sorted(scores), key=lambda k: scores[k])
+    return lr_of(best), records
+
+
+def summarize(task: Task, cfgs: list[Config], runs: list[dict], best_lr: dict[str, float]) -> list[dict]:
+    """Mean/std/min/max of the metric over the report seeds, and a verdict against AdamW."""
+    rows = []
+    for cfg in cfgs:
+        values = [r["metric"] if not r["diverged"] else math.nan for r in runs if r["config"] == cfg.name]
+        finite = [v for v in values if math.isfinite(v)]
+        row = {
+            "config": cfg.name,
+            "optimizer": cfg.optim,
+            "gamma": cfg.gamma,
+            "lr": best_lr[cfg.name],
+            "n_seeds": len(values),
+            "n_diverged": len(values) - len(finite),
+            "mean": statistics.fmean(finite) if finite else math.nan,
+            "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+            "min": min(finite) if finite else math.nan,
+            "max": max(finite) if finite else math.nan,
+        }
+        rows.append(row)
+    ref = next(r for r in rows if r["config"] == "adamw")
+    for row in rows:
+        row["vs_adamw"] = verdict(row, ref, task.higher_is_better)
+    return rows
+
+
+def verdict(row: dict, ref: dict, higher_is_better: bool) -> str:
+    """'win', 'loss' or 'tie' vs ``ref``: a tie when the means differ by less than two standard errors."""
+    if row is ref or row["config"] == ref["config"]:
+        return "baseline"
+    if min(row["n_seeds"], ref["n_seeds"]) < 2:
+        return "n/a (1 seed)"
+    if row["n_diverged"] or not math.isfinite(row["mean"]):
+        return "loss"
+    n = max(1, row["n_seeds"])
+    standard_error = math.sqrt(row["std"] ** 2 / n + ref["std"] ** 2 / max(1, ref["n_seeds"]))
+    diff = row["mean"] - ref["mean"]
+    if abs(diff) <= 2 * standard_error:
+        return "tie"
+    return "win" if (diff > 0) == higher_is_better else "loss"
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _versions() -> dict[str, str]:
+    import os
+
+    import torch
+    import transformers
+
+    import anon_hf
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "anon_hf": anon_hf.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+    }
+
+
+def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
+    """Tune, run the seeds, write numbers and plots; return the results dict written to ``<task>.json``."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfgs = configs(args.gammas)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"sweep-{task.name}-") as tmp:
+        work_dir = Path(tmp)
+        grid_records, best_lr, runs = [], {}, []
+        for cfg in cfgs:
+            best_lr[cfg.name], records = tune_lr(task, cfg, args, work_dir)
+            grid_records += records
+        for cfg in cfgs:
+            for seed in args.seeds:
+                runs.append(run_one(task, cfg, best_lr[cfg.name], seed, args, work_dir))
+    summary = summarize(task, cfgs, runs, best_lr)
+    results = {
+        "task": task.name,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "command": command,
+        "settings": {
+            "max_steps": args.max_steps,
+            "seeds": args.seeds,
+            "tune_seed": args.tune_seed,
+            "gammas": args.gammas,
+            "tiny": args.tiny,
+            "base_argv": task.base_argv,
+            "extra_argv": args.extra,
+            "max_extensions": args.max_extensions,
+        },
+        "versions": _versions(),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "summary": summary,
+        "lr_grid": grid_records,
+        "runs": runs,
+    }
+    with open(out_dir / f"{task.name}.json", "w") as f:
+        json.dump(results, f, indent=1, allow_nan=True)
+    columns = [
+        "config",
+        "optimizer",
+        "gamma",
+        "lr",
+        "seed",
+        "metric",
+        "eval_loss",
+        "train_loss",
+        "diverged",
+        "seconds",
+    ]
+    _write_csv(out_dir / f"{task.name}_runs.csv", runs, columns)
+    _write_csv(out_dir / f"{task.name}_lr_grid.csv", grid_records, columns)
+    _write_csv(out_dir / f"{task.name}_summary.csv", summary, list(summary[0]))
+    from recipes.sweep.plots import plot_results  # matplotlib is imported only here
+
+    plot_results(results, out_dir)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--task", choices=sorted(TASKS), nargs="+", default=["causal_lm"])
+    parser.add_argument("--out_dir", default="docs/assets/sweep")
+    parser.add_argument("--gammas", type=float, nargs="+", default=list(DEFAULT_GAMMAS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="report seeds")
+    parser.add_argument("--tune_seed", type=int, default=0, help="seed of the lr search (not reported)")
+    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument(
+        "--max_extensions", type=int, default=2, help="grid extensions per side when best is on an edge"
+    )
+    parser.add_argument("--lr_points", type=int, default=None, help="use only this many grid points (centred)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a plumbing check in seconds: tiny model and data, 4 steps, gammas 0 and 1, one seed",
+    )
+    args, extra = parser.parse_known_args(argv)
+    args.extra = extra  # passed through to the recipe, e.g. --weight_decay 0.01
+    if args.tiny:
+        args.max_steps, args.logging_steps, args.seeds = 4, 1, args.seeds[:1]
+        args.lr_points, args.max_extensions = args.lr_points or 1, 0
+        if args.gammas == list(DEFAULT_GAMMAS):
+            args.gammas = [0.0, 1.0]
+    if args.tune_seed in args.seeds:
+        parser.error(f"--tune_seed {args.tune_seed} is also a report seed; report seeds must not be tuned on")
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    args, _ = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    # Bind the library loggers' handlers to the real stderr now: each run's output is redirected to a log file.
+    logging.getLogger("recipes").setLevel(logging.WARNING)
+    logging.getLogger("anon_hf").setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    command = "python recipes/sweep/sweep.py " + shlex.join(argv)
+    return {name: sweep(TASKS[name], args, command) for name in args.task}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The causal-LM recipe and the gamma sweep, run as written with small step counts on CPU.
+
+The classification recipe and the launch configs are tested by their own test files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anon_hf.import_utils import is_transformers_available
+
+REPO = Path(__file__).resolve().parents[1]
+CAUSAL_LM = REPO / "recipes" / "causal_lm" / "train.py"
+SWEEP = REPO / "recipes" / "sweep" / "sweep.py"
+MASTER_PORT = 29570  # this file's range is 29570-29589
+
+require_transformers = pytest.mark.skipif(
+    not is_transformers_available(), reason="the recipes need transformers (pip install -e '.[transformers]')"
+)
+
+# A tiny run: the 0.2M-parameter default Llama on 64 examples; a few seconds after the imports.
+TINY = ["--max_train_samples", "64", "--max_eval_samples", "16", "--disable_tqdm", "true", "--report_to", "none"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def causal_lm():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from recipes.causal_lm import train
+
+    return train
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causal LM: data preparation (no training)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@require_transformers
+def test_passages_respect_the_length_limit_and_keep_the_text(causal_lm):
+    text = "First paragraph.\n\n" + "word " * 100 + "\n\n  \n\nLast one."
+    passages = causal_lm._split_passages(text, max_chars=60)
+    assert all(len(p) <= 60 for p in passages)
+    assert " ".join(" ".join(passages).split()) == " ".join(text.split())
+
+
+@require_transformers
+def test_encode_masks_prompt_and_padding(causal_lm):
+    tokenizer = causal_lm.train_tokenizer(["alpha beta gamma delta " * 20], vocab_size=300, block_size=32)
+    prompt, response = "alpha beta\n", "gamma delta"
+    features = causal_lm.encode([{"prompt": prompt, "response": response}], tokenizer, 32, completion_only_loss=True)
+    (feature,) = features
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    n_response = len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1  # + eos
+    assert len(feature["input_ids"]) == len(feature["labels"]) == len(feature["attention_mask"]) == 32
+    assert feature["labels"][:n_prompt] == [-100] * n_prompt
+    assert (
+        feature["labels"][n_prompt : n_prompt + n_response] == feature["input_ids"][n_prompt : n_prompt + n_response]
+    )
+    assert feature["labels"][n_prompt + n_response - 1] == tokenizer.eos_token_id
+    assert feature["labels"][n_prompt + n_response :] == [-100] * (32 - n_prompt - n_response)
+    assert feature["attention_mask"] == [1] * (n_prompt + n_response) + [0] * (32 - n_prompt - n_response)
+    (full,) = causal_lm.encode([{"prompt": prompt, "response": response}], tokenizer, 32, completion_only_loss=False)
+    assert full["labels"][:n_prompt] == full["input_ids"][:n_prompt]
+
+
+@require_transformers
+def test_pydoc_split_is_disjoint_and_deterministic(causal_lm):
+    args = causal_lm.DataArguments(block_size=64)
+    train_a, eval_a = causal_lm._load_raw(args)
+    train_b, eval_b = causal_lm._load_raw(args)
+    assert train_a == train_b and eval_a == eval_b
+    assert 1500 < len(train_a) and 150 < len(eval_a) < len(train_a) / 5
+    train_texts = {ex["response"] for ex in train_a}
+    assert not any(ex["response"] in train_texts for ex in eval_a)  # passages recurring across topics kept once
+
+
+@require_transformers
+def test_prompt_column_without_response_column_is_refused(causal_lm, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"q": "a", "r": "b"}) + "\n")
+    argv = ["--dataset_name", "json", "--data_files", str(data), "--prompt_column", "q", "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="--prompt_column needs --response_column"):
+        causal_lm.main(argv)
+    with pytest.raises(ValueError, match=r"Column\(s\) \['nope'\] not in the data set"):
+        causal_lm.main(argv[:4] + ["--text_column", "nope", "--output_dir", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causal LM: training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@require_transformers
+def test_causal_lm_trains_with_anon_and_optim_args(causal_lm, tmp_path):
+    argv = ["--optim", "anon", "--optim_args", "gamma=1.1,eps=1e-12", "--learning_rate", "1e-2", "--max_steps", "30"]
+    argv += ["--logging_steps", "5", "--output_dir", str(tmp_path), "--save_final_model", "false"] + TINY
+    result = causal_lm.main(argv)
+    assert result["optimizer"] == "Anon"
+    assert result["optimizer_defaults"]["gamma"] == pytest.approx(1.1)
+    assert result["optimizer_defaults"]["eps"] == pytest.approx(1e-12)
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    # From ~ln(vocab) = 6.2 at random init; 30 steps on 64 examples go well below it.
+    assert losses[0] > 5.5 and losses[-1] < losses[0] - 1.0, losses
+    refreshes = [h["anon/refresh_step"] for h in result["log_history"] if "anon/refresh_step" in h]
+    assert refreshes == [1, 2, 4, 8, 16]
+    assert math.isfinite(result["eval"]["eval_loss"]) and result["eval"]["eval_loss"] < losses[0]
+
+
+@require_transformers
+def test_causal_lm_cli_offline_then_from_saved_model_and_local_file(tmp_path):
+    first = tmp_path / "first"
+    cmd = [sys.executable, str(CAUSAL_LM), "--optim", "anon", "--optim_args", "gamma=1.1", "--max_steps", "4"]
+    proc = _run(cmd + ["--logging_steps", "1", "--output_dir", str(first)] + TINY)
+    assert "anon/refresh_step" in proc.stdout  # AnonCallback logged: the Trainer trained with Anon
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "all_results.json"):
+        assert (first / name).is_file(), name
+    assert math.isfinite(json.loads((first / "all_results.json").read_text())["eval_loss"])
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"q": f"Repeat {i}:", "a": f"{i} {i} {i}"}) for i in range(40)))
+    second = tmp_path / "second"
+    cmd = [sys.executable, str(CAUSAL_LM), "--model_name_or_path", str(first), "--dataset_name", "json"]
+    cmd += ["--data_files", str(data), "--prompt_column", "q", "--response_column", "a", "--optim", "anon"]
+    _run(cmd + ["--max_steps", "2", "--output_dir", str(second), "--disable_tqdm", "true"])
+    results = json.loads((second / "all_results.json").read_text())
+    assert math.isfinite(results["eval_loss"])
+    # The saved tiny Llama was loaded, not a new model built: same config, same vocabulary.
+    assert (
+        json.loads((second / "config.json").read_text())["vocab_size"]
+        == json.loads((first / "config.json").read_text())["vocab_size"]
+    )
+
+
+@require_transformers
+@pytest.mark.distributed
+def test_causal_lm_under_torchrun_ddp(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(MASTER_PORT)]
+    cmd += [str(CAUSAL_LM), "--optim", "anon", "--max_steps", "3", "--output_dir", str(tmp_path)]
+    proc = _run(cmd + ["--log_level", "info", "--save_final_model", "false"] + TINY, timeout=400)
+    log = proc.stdout + proc.stderr
+    # Two ranks of batch 16 each: the Trainer reports the global batch.
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 32" in log, log[-3000:]
+    assert "anon/refresh_step" in log
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from recipes.sweep import sweep
+
+    return sweep
+
+
+def test_sweep_grid_offsets_follow_the_lr_rule(sweep):
+    offsets = {cfg.name: cfg.grid_offset for cfg in sweep.configs([-0.25, 0.0, 0.5, 1.0, 1.25])}
+    # 4 (1 - gamma) half-decades from AdamW's grid; SGD two half-decades (a factor 1 - beta1 = 0.1) below gamma 0.
+    assert offsets == {
+        "anon(gamma=-0.25)": 5,
+        "anon(gamma=0)": 4,
+        "anon(gamma=0.5)": 2,
+        "anon(gamma=1)": 0,
+        "anon(gamma=1.25)": -1,
+        "adamw": 0,
+        "sgd(momentum=0.9)": 2,
+    }
+    assert [sweep.lr_of(j) for j in (-6, -5, 0, 1)] == [0.001, 0.00316, 1.0, 3.16]
+
+
+def test_sweep_curve_reweights_uneven_log_spans(sweep):
+    # Anon's callback logs at refresh steps 1, 2, 4, 8 besides the regular steps 5 and 10.
+    history = [
+        {"step": 1, "loss": 10.0},
+        {"step": 2, "loss": 8.0},
+        {"step": 4, "loss": 6.0},  # mean over steps 3-4
+        {"step": 5, "loss": 5.0},
+        {"step": 8, "loss": 4.0},  # steps 6-8
+        {"step": 10, "loss": 1.0},  # steps 9-10
+        {"step": 10, "eval_loss": 3.0},
+    ]
+    assert sweep.regular_curve(history, every=5) == [(5, (10 + 8 + 2 * 6 + 5) / 5), (10, (3 * 4 + 2 * 1) / 5)]
+
+
+def test_sweep_lr_search_extends_past_the_edge(sweep, monkeypatch, tmp_path):
+    import argparse
+
+    task = sweep.Task("fake", "unused", "eval_loss", higher_is_better=False, adamw_grid=(-6, -3))
+    cfg = sweep.Config("adamw", "adamw_torch", None, None, 0)
+    tried = []
+
+    def fake_run(task, config, lr, seed, args, work_dir):
+        tried.append(lr)
+        diverged = lr > 0.05
+        metric = None if diverged else abs(math.log10(lr) - math.log10(0.1)) + 1  # best at lr 0.1, unstable above
+        return {"config": config.name, "lr": lr, "seed": seed, "metric": metric, "diverged": diverged}
+
+    monkeypatch.setattr(sweep, "run_one", fake_run)
+    args = argparse.Namespace(lr_points=None, tune_seed=0, max_extensions=2)
+    best, records = sweep.tune_lr(task, cfg, args, tmp_path)
+    # Grid 1e-3 .. 3.16e-2; the best (3.16e-2) is on the upper edge, so 0.1 is tried, diverges, and the search stops.
+    assert tried == [0.001, 0.00316, 0.01, 0.0316, 0.1]
+    assert best == 0.0316 and len(records) == 5
+
+
+def test_sweep_verdict_needs_two_standard_errors(sweep):
+    ref = {"config": "adamw", "mean": 3.0, "std": 0.1, "n_seeds": 3, "n_diverged": 0}
+    row = {"config": "anon", "mean": 2.9, "std": 0.1, "n_seeds": 3, "n_diverged": 0}
+    assert sweep.verdict(row, ref, higher_is_better=False) == "tie"  # 0.1 < 2 * 0.082
+    assert sweep.verdict({**row, "mean": 2.7}, ref, higher_is_better=False) == "win"
+    assert sweep.verdict({**row, "mean": 2.7}, ref, higher_is_better=True) == "loss"
+    assert sweep.verdict({**row, "n_diverged": 1}, ref, higher_is_better=False) == "loss"
+
+
+@require_transformers
+def test_sweep_tiny_mode_writes_numbers_and_plots(tmp_path):
+    proc = _run([sys.executable, str(SWEEP), "--task", "causal_lm", "--tiny", "--out_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "causal_lm.json").read_text())
+    assert results["command"] == f"python recipes/sweep/sweep.py --task causal_lm --tiny --out_dir {tmp_path}"
+    names = ["anon(gamma=0)", "anon(gamma=1)", "adamw", "sgd(momentum=0.9)"]
+    with open(tmp_path / "causal_lm_summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [row["config"] for row in summary] == names
+    with open(tmp_path / "causal_lm_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted(row["config"] for row in runs) == sorted(names)
+    assert all(row["seed"] == "1" and math.isfinite(float(row["metric"])) for row in runs)
+    assert all(run["curve"]["step"] == [1, 2, 3, 4] for run in results["runs"])
+    assert {run["seed"] for run in results["lr_grid"]} == {0}  # tuned on a seed that is not reported
+    for name in ("loss_curves", "metric_vs_gamma", "lr_grid"):
+        png = (tmp_path / f"causal_lm_{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+    assert "anon(gamma=1)" in proc.stderr  # progress is logged per run
