@@ -1,0 +1,202 @@
+"""`anon-hf run` / `python -m anon_hf run`: scripts, modules and console commands, single- and multi-process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anon_hf import cli
+from anon_hf.import_utils import is_accelerate_available, is_transformers_available
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "tests" / "scripts"
+TRAIN = SCRIPTS / "train_tiny_llama.py"
+BIN = Path(sys.executable).parent
+ANON_HF = BIN / "anon-hf"
+
+requires_transformers = pytest.mark.skipif(not is_transformers_available(), reason="transformers is not installed")
+TRAIN_ARGS = [
+    "--optim", "anon", "--optim_args", "gamma=0.5", "--max_steps", "3", "--per_device_train_batch_size", "4",
+    "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "100",
+    "--use_cpu", "true",
+]  # fmt: skip
+
+
+def env(**extra):
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    environment.update(extra)
+    return environment
+
+
+def run(command, **kwargs):
+    return subprocess.run(command, capture_output=True, text=True, env=kwargs.pop("env", env()), **kwargs)
+
+
+def read_results(output_dir, world_size):
+    return [json.loads((output_dir / f"result_rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def assert_trained_with_anon(result, world_size):
+    assert result["optimizer"] == "Anon"
+    assert result["optim"] == "anon"
+    assert result["world_size"] == world_size
+    assert [g["gamma"] for g in result["groups"]] == [0.5, 0.5]
+    assert result["callbacks"][0] == "AnonCallback"
+    assert [h["anon/refresh_step"] for h in result["log_history"] if "anon/refresh_step" in h] == [1, 2]
+
+
+@pytest.fixture
+def fake_console_script(tmp_path):
+    """A console script `anon-hf-test-parse` -> parse_args:main, declared by a throwaway dist-info on sys.path."""
+    site = tmp_path / "site"
+    dist_info = site / "anon_hf_test_fake-0.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: anon-hf-test-fake\nVersion: 0.0\n")
+    (dist_info / "entry_points.txt").write_text("[console_scripts]\nanon-hf-test-parse = parse_args:main\n")
+    return site
+
+
+# --- in process ------------------------------------------------------------------------------------------------
+
+
+def test_usage_version_and_errors(capsys):
+    assert cli.main([]) == 2
+    assert "usage: anon-hf run SCRIPT.py" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    assert "anon-hf run -m MODULE" in capsys.readouterr().out
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("anon-hf 0.")
+    assert cli.main(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+    assert cli.main(["run"]) == 2
+    assert "missing the script" in capsys.readouterr().err
+    assert cli.main(["run", "-m"]) == 2
+    assert "missing the module name" in capsys.readouterr().err
+    assert cli.main(["run", "--optim", "anon"]) == 2
+    assert "unknown option '--optim'" in capsys.readouterr().err
+    assert cli.main(["run", "no-such-command-anon-hf"]) == 2
+    assert "neither a file nor an installed console script" in capsys.readouterr().err
+
+
+def test_run_script_gets_its_own_argv_name_and_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    script = tmp_path / "target.py"
+    out = tmp_path / "out.json"
+    script.write_text(
+        "import json, sys\n"
+        "import helper_next_to_target\n"  # the script's own folder is importable, as with `python target.py`
+        f"json.dump({{'argv': sys.argv, 'name': __name__}}, open({str(out)!r}, 'w'))\n"
+    )
+    (tmp_path / "helper_next_to_target.py").write_text("")
+    assert cli.main(["run", str(script), "--optim", "anon", "-x"]) == 0
+    assert json.loads(out.read_text()) == {"argv": [str(script), "--optim", "anon", "-x"], "name": "__main__"}
+
+
+def test_run_propagates_the_targets_exit_status(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", str(script)])
+    assert info.value.code == 3
+
+
+# --- real processes: the registration must happen in the target's own process ----------------------------------
+
+
+@requires_transformers
+def test_plain_python_rejects_optim_anon_but_the_launcher_accepts_it(tmp_path):
+    argv = [str(SCRIPTS / "parse_args.py"), "--output_dir", str(tmp_path), "--optim", "anon"]
+    plain = run([sys.executable, *argv])
+    assert plain.returncode == 2
+    assert "invalid choice: 'anon'" in plain.stderr
+    launched = run([sys.executable, "-m", "anon_hf", "run", *argv, "--optim_args", "gamma=0"])
+    assert launched.returncode == 0, launched.stderr
+    assert json.loads(launched.stdout.splitlines()[-1]) == {
+        "optim": "anon",
+        "optim_args": "gamma=0",
+        "argv0": argv[0],
+    }
+
+
+@requires_transformers
+def test_run_module_and_console_command(tmp_path, fake_console_script):
+    pythonpath = os.pathsep.join([str(fake_console_script), str(SCRIPTS), os.environ.get("PYTHONPATH", "")])
+    module = run(
+        [sys.executable, "-m", "anon_hf", "run", "-m", "parse_args", "--output_dir", str(tmp_path), "--optim", "anon"],
+        cwd=SCRIPTS,
+    )
+    assert module.returncode == 0, module.stderr
+    result = json.loads(module.stdout.splitlines()[-1])
+    assert result["optim"] == "anon" and result["argv0"] == str(SCRIPTS / "parse_args.py")
+
+    command = run(
+        [
+            sys.executable,
+            "-m",
+            "anon_hf",
+            "run",
+            "anon-hf-test-parse",
+            "--output_dir",
+            str(tmp_path),
+            "--optim",
+            "anon",
+        ],
+        env=env(PYTHONPATH=pythonpath),
+    )
+    assert command.returncode == 0, command.stderr
+    assert json.loads(command.stdout.splitlines()[-1]) == {
+        "optim": "anon",
+        "optim_args": None,
+        "argv0": "anon-hf-test-parse",
+    }
+
+
+@requires_transformers
+@pytest.mark.skipif(not ANON_HF.is_file(), reason="the anon-hf console script is not installed in this environment")
+def test_console_script_trains_an_unmodified_trainer_script(tmp_path):
+    result = run(
+        [str(ANON_HF), "run", str(TRAIN), "--output_dir", str(tmp_path), *TRAIN_ARGS[:-2], "--max_steps", "2"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_trained_with_anon(read_results(tmp_path, 1)[0], world_size=1)
+
+
+@requires_transformers
+@pytest.mark.distributed
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is not installed")
+def test_torchrun_two_processes_each_register(tmp_path):
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29511", "-m", "anon_hf", "run"]
+    result = run([*command, str(TRAIN), "--output_dir", str(tmp_path), *TRAIN_ARGS], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = read_results(tmp_path, 2)
+    for rank in ranks:
+        assert_trained_with_anon(rank, world_size=2)
+    # The statistics are all-reduced, so every rank logs the same numbers.
+    refresh_logs = [[h for h in rank["log_history"] if "anon/refresh_step" in h] for rank in ranks]
+    assert refresh_logs[0] == refresh_logs[1]
+
+
+@requires_transformers
+@pytest.mark.distributed
+@pytest.mark.skipif(not is_accelerate_available() or not ANON_HF.is_file(), reason="accelerate or anon-hf missing")
+def test_accelerate_launch_runs_the_console_script_on_two_processes(tmp_path):
+    command = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29512",
+    ]
+    result = run([*command, str(ANON_HF), "run", str(TRAIN), "--output_dir", str(tmp_path), *TRAIN_ARGS], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in read_results(tmp_path, 2):
+        assert_trained_with_anon(rank, world_size=2)
