@@ -37,5 +37,8 @@ style: install  ## apply lint fixes and formatting
 	$(VENV)/bin/ruff check --fix anon_hf tests benchmarks recipes
 	$(VENV)/bin/ruff format anon_hf tests benchmarks recipes
 
+docs: install  ## build the documentation site into site/ (mkdocs --strict: fails on a broken link or anchor)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache build *.egg-info
