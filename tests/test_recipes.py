@@ -157,11 +157,23 @@ def test_causal_lm_cli_offline_then_from_saved_model_and_local_file(tmp_path):
 def test_causal_lm_under_torchrun_ddp(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(MASTER_PORT)]
     cmd += [str(CAUSAL_LM), "--optim", "anon", "--max_steps", "3", "--output_dir", str(tmp_path)]
-    proc = _run(cmd + ["--log_level", "info", "--save_final_model", "false"] + TINY, timeout=400)
+    cmd += ["--log_level", "info", "--save_final_model", "false"] + TINY
+    # Without --use_cpu the Trainer does not wrap the model in DDP on a CPU-only machine: refused, not run twice.
+    if not _has_cuda():
+        refused = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+        assert refused.returncode != 0 and "pass --use_cpu true" in refused.stderr, refused.stderr[-3000:]
+        cmd += ["--use_cpu", "true"]
+    proc = _run(cmd, timeout=400)
     log = proc.stdout + proc.stderr
     # Two ranks of batch 16 each: the Trainer reports the global batch.
     assert "Total train batch size (w. parallel, distributed & accumulation) = 32" in log, log[-3000:]
     assert "anon/refresh_step" in log
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------------------------------

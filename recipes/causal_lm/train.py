@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -222,8 +223,12 @@ def encode(examples: list[dict[str, str]], tokenizer, block_size: int, completio
     """Token ids, attention mask and labels of length ``block_size``; labels are -100 on prompt and padding."""
     features = []
     for ex in examples:
-        prompt_ids = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"] if ex["prompt"] else []
-        response_ids = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        # verbose=False: passages longer than the block are expected here; they are truncated below.
+        prompt_ids = (
+            tokenizer(ex["prompt"], add_special_tokens=False, verbose=False)["input_ids"] if ex["prompt"] else []
+        )
+        response_ids = tokenizer(ex["response"], add_special_tokens=False, verbose=False)["input_ids"]
+        response_ids = response_ids + [tokenizer.eos_token_id]
         ids = (prompt_ids + response_ids)[:block_size]
         labels = ([IGNORE_INDEX] * len(prompt_ids) if completion_only_loss else prompt_ids) + response_ids
         labels = labels[:block_size]
@@ -283,6 +288,14 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate, optionally save; return the metrics, the log history and the optimizer's class and defaults."""
     model_args, data_args, training_args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and training_args.parallel_mode.value != "distributed":
+        # Without a GPU the Trainer does not set up DDP unless told to use the CPU: each rank would train alone.
+        raise ValueError(
+            f"Launched with WORLD_SIZE={world_size}, but the Trainer is not distributed "
+            f"(parallel_mode={training_args.parallel_mode.value}). On a machine without a GPU pass --use_cpu true "
+            "(DDP over gloo)."
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     tokenizer, train, evals = build_datasets(model_args, data_args)
     logger.info("%d train and %d eval examples of %d tokens", len(train), len(evals), data_args.block_size)
