@@ -54,6 +54,15 @@ def _integration_hook(integration: str, function: str):
 when_imported("transformers.training_args", _integration_hook("transformers", "on_training_args_imported"))
 when_imported("transformers.trainer_optimizer", _integration_hook("transformers", "on_trainer_optimizer_imported"))
 when_imported("transformers.trainer", _integration_hook("transformers", "on_trainer_imported"))
+# DeepSpeed: ZeRO accepts Anon, config blocks are checked, the Trainer's "auto" keeps eps, no silent offload swap.
+for _module, _hook in (
+    ("deepspeed.runtime.zero.utils", "on_zero_utils_imported"),
+    ("deepspeed.runtime.engine", "on_engine_imported"),
+    ("accelerate.accelerator", "on_accelerator_imported"),
+    ("transformers.integrations.deepspeed", "on_hf_deepspeed_imported"),
+):
+    when_imported(_module, _integration_hook("deepspeed", _hook))
+del _module, _hook
 
 
 def register() -> None:

@@ -11,20 +11,77 @@ rank publishes how many times ``step()`` had been called and the step it refresh
 itself with its two neighbours (rank - 1 and rank + 1) if they have already published their n-th refresh.
 Whichever rank of a disagreeing pair publishes second sees the mismatch and raises. That costs a few store
 round trips per refresh, O(log T) over a ``"pow2"`` run, and nothing between refreshes.
+
+DTensor parameters (FSDP2, tensor parallel) change that: the refresh itself runs collectives (the finiteness
+verdict on a sharded preconditioner is reduced across ranks), so a rank that refreshes alone blocks in them
+while its neighbours block in the next forward, and nobody reaches the check. For those, the check runs
+*before* the refresh and waits (at most ``ANON_HF_SYNC_TIMEOUT`` seconds, default 60) for the neighbours to
+publish the same refresh; a neighbour that does not arrive is out of sync. In a healthy run the wait is the
+skew between ranks, which the refresh's own collectives would have waited for anyway.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+from datetime import timedelta
+from typing import Any
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["RefreshOutOfSyncError", "RefreshSyncChecker"]
+from ._schedule import is_refresh_step
+
+__all__ = ["RefreshOutOfSyncError", "RefreshSyncChecker", "upcoming_collective_refresh"]
 
 logger = logging.getLogger(__name__)
 
 _instance_ids = itertools.count()
+
+TIMEOUT_ENV = "ANON_HF_SYNC_TIMEOUT"
+_DEFAULT_TIMEOUT_S = 60.0
+
+
+def _wait_timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else _DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"Invalid {TIMEOUT_ENV} value: {raw!r} (allowed: a number of seconds > 0)") from None
+    if not seconds > 0:
+        raise ValueError(f"Invalid {TIMEOUT_ENV} value: {raw!r} (allowed: a number of seconds > 0)")
+    return timedelta(seconds=seconds)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be one
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def upcoming_collective_refresh(param_groups: list[dict[str, Any]], state: Any) -> int | None:
+    """The step this ``step()`` call will refresh at, if the refresh runs collectives (DTensor params); else None.
+
+    Mirrors the refresh rule of :func:`anon_hf.functional.anon`: a tensor with a gradient refreshes at its next
+    step when that step is on its group's schedule and the group keeps a preconditioner.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    upcoming = None
+    for group in param_groups:
+        for p in group["params"]:
+            if p.grad is None or not _is_dtensor(p):
+                continue
+            tensor_state = state[p] if p in state else {}
+            if group["gamma"] == 0 and "precond" not in tensor_state:
+                continue
+            step = int(tensor_state["step"].item()) + 1 if "step" in tensor_state else 1
+            if is_refresh_step(step, group["refresh"]):
+                upcoming = step if upcoming is None else max(upcoming, step)
+    return upcoming
 
 
 class RefreshOutOfSyncError(RuntimeError):
@@ -59,8 +116,12 @@ class RefreshSyncChecker:
                 logger.warning("Anon cannot reach the process group's store (%s); refresh sync is not verified.", err)
         return self._store
 
-    def check(self, step: int) -> None:
-        """Publish this rank's n-th refresh at ``step`` and compare with the neighbours that published theirs."""
+    def check(self, step: int, *, wait: bool = False) -> None:
+        """Publish this rank's n-th refresh at ``step`` and compare with the neighbours that published theirs.
+
+        With ``wait=True`` (before a refresh that runs collectives) the neighbours' n-th refresh is awaited, up to
+        ``ANON_HF_SYNC_TIMEOUT`` seconds; a neighbour that does not publish it by then is out of sync.
+        """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
         store = self._get_store()
@@ -70,9 +131,17 @@ class RefreshSyncChecker:
         index = self._refreshes
         self._refreshes += 1
         store.set(f"refresh{index}/rank{rank}", f"{self.calls},{step}")
-        for other in {(rank - 1) % world, (rank + 1) % world} - {rank}:
+        for other in sorted({(rank - 1) % world, (rank + 1) % world} - {rank}):
             key = f"refresh{index}/rank{other}"
-            if not store.check([key]):
+            if wait:
+                timeout = _wait_timeout()
+                try:
+                    store.wait([key], timeout)
+                except Exception as err:  # the store's timeout error type differs across torch versions
+                    raise RefreshOutOfSyncError(
+                        self._missing_message(store, index, rank, other, step, timeout)
+                    ) from err
+            elif not store.check([key]):
                 continue
             other_calls, other_step = (int(v) for v in store.get(key).decode().split(","))
             if other_calls != self.calls or other_step != step:
@@ -81,7 +150,24 @@ class RefreshSyncChecker:
                     f"Anon's preconditioner refresh is out of sync across ranks: refresh #{index + 1} ran on rank "
                     f"{rank} at step {step} (its step() call {self.calls}) but on rank {other} at step "
                     f"{other_step} (its step() call {other_calls}); rank {rank}'s step counter is "
-                    f"{'ahead of' if lead > 0 else 'behind'} rank {other}'s by {abs(lead)}. Every rank must load the "
-                    "same optimizer checkpoint and step together. Pass verify_sync=False to Anon to skip this check "
-                    "(e.g. when ranks train independent models)."
+                    f"{'ahead of' if lead > 0 else 'behind'} rank {other}'s by {abs(lead)}. {_ADVICE}"
                 )
+
+    def _missing_message(self, store, index: int, rank: int, other: int, step: int, timeout: timedelta) -> str:
+        last = "it has not refreshed yet"
+        if index > 0 and store.check([f"refresh{index - 1}/rank{other}"]):
+            other_calls, other_step = store.get(f"refresh{index - 1}/rank{other}").decode().split(",")
+            last = f"its last refresh, #{index}, was at step {other_step} (its step() call {other_calls})"
+        return (
+            f"Anon's preconditioner refresh is out of sync across ranks: rank {rank} is about to run refresh "
+            f"#{index + 1} at step {step} (its step() call {self.calls}), but rank {other} did not reach its refresh "
+            f"#{index + 1} within {timeout.total_seconds():g} s ({last}): its step counter differs, so it will not "
+            f"join this refresh's collectives. (A rank slower than that is also reported here: raise "
+            f"{TIMEOUT_ENV}.) {_ADVICE}"
+        )
+
+
+_ADVICE = (
+    "Every rank must load the same optimizer checkpoint and step together. Pass verify_sync=False to Anon to skip "
+    "this check (e.g. when ranks train independent models)."
+)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._docs import eps_doc, foreach_doc, gamma_doc, maximize_doc, refresh_doc, weight_decay_doc
 from ._schedule import RefreshSchedule, validate_refresh
-from ._sync import RefreshSyncChecker
+from ._sync import RefreshSyncChecker, upcoming_collective_refresh
 from .functional import _NONFINITE_POLICIES, NonFinitePreconditionerError, anon
 
 try:
@@ -332,6 +332,14 @@ class Anon(torch.optim.Optimizer):
                 loss = closure()
 
         self._sync.count_call()
+        # A refresh on DTensor shards runs collectives: check the ranks agree before entering them, or a rank
+        # refreshing alone would block there and never reach the check below.
+        checked_before = False
+        if self.verify_sync:
+            upcoming = upcoming_collective_refresh(self.param_groups, self.state)
+            if upcoming is not None:
+                self._sync.check(upcoming, wait=True)
+                checked_before = True
         refreshed_steps: list[int] = []
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
@@ -373,7 +381,7 @@ class Anon(torch.optim.Optimizer):
             last = max(refreshed_steps)
             if not self.refresh_history or self.refresh_history[-1] < last:
                 self.refresh_history.append(last)
-            if self.verify_sync:
+            if self.verify_sync and not checked_before:
                 self._sync.check(last)
         return loss
 

@@ -1,0 +1,194 @@
+"""DeepSpeed: ``"optimizer": {"type": "Anon", "params": {...}}`` in a DeepSpeed config, under ZeRO 1, 2 and 3.
+
+DeepSpeed builds an optimizer it does not know as ``getattr(torch.optim, type)(model_parameters, **params)``
+(``import anon_hf`` sets ``torch.optim.Anon``), and ZeRO refuses an optimizer whose type is not in
+``deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS`` unless ``zero_allow_untested_optimizer`` is set.
+This module, run by ``anon_hf``'s post-import hooks when the user's code imports each library, does four things:
+
+* adds Anon to ``ZERO_SUPPORTED_OPTIMIZERS`` (its state is elementwise, so ZeRO's flat partitions are fine);
+* checks a config's ``optimizer.params`` for Anon before DeepSpeed builds it: an unknown key or a leftover
+  ``"auto"`` stops with a ``ValueError`` listing the valid keys;
+* under the Trainer (``--deepspeed ds.json``), keeps its ``"auto"`` filling to lr, betas and weight_decay:
+  ``"eps": "auto"`` would become Adam's ``adam_epsilon`` (1e-8) while Anon's eps sits inside the power
+  (default 1e-16), so it is refused, and an explicit eps is not compared with ``adam_epsilon``;
+* stops accelerate from swapping a client Anon for ``DeepSpeedCPUAdam`` under ``offload_optimizer`` (it does
+  so silently while ``"zero_force_ds_cpu_optimizer"`` is true, its default), with an error naming the setting.
+
+Nothing here imports DeepSpeed, accelerate or transformers: each patch receives the module it patches.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..optimizer import Anon
+
+__all__ = ["IMPORT_HOOKS", "OFFLOAD_SWAP_MESSAGE", "anon_param_keys", "validate_anon_params"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_TYPE = "Anon"
+# The keys the Trainer fills when they are "auto" (transformers.integrations.deepspeed.trainer_config_process).
+TRAINER_AUTO_KEYS = ("lr", "betas", "weight_decay")
+
+OFFLOAD_SWAP_MESSAGE = (
+    "accelerate would silently replace the Anon optimizer by DeepSpeedCPUAdam: the DeepSpeed config offloads "
+    "the optimizer (zero_optimization.offload_optimizer.device = {device!r}) and leaves "
+    '"zero_force_ds_cpu_optimizer" at true (its default). Either set "zero_force_ds_cpu_optimizer": false in the '
+    "DeepSpeed config (Anon then runs on the CPU partitions), or name Anon in the config's optimizer block "
+    '({{"optimizer": {{"type": "Anon", "params": {{...}}}}}}), or remove offload_optimizer.'
+)
+
+
+def anon_param_keys() -> tuple[str, ...]:
+    """The keyword arguments ``Anon`` takes besides ``params``: what ``optimizer.params`` may hold."""
+    return tuple(name for name in inspect.signature(Anon.__init__).parameters if name not in ("self", "params"))
+
+
+def validate_anon_params(params: Mapping[str, Any], *, allow_auto: bool = False, where: str = "optimizer.params"):
+    """Raise ``ValueError`` if ``params`` (a config's Anon ``optimizer.params``) has an unknown key or a bad "auto".
+
+    Args:
+        params: the mapping DeepSpeed will pass to ``Anon(model_parameters, **params)``.
+        allow_auto: whether ``"auto"`` may stand for lr, betas and weight_decay (the Trainer fills those).
+        where: how the error names the block.
+    """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"Invalid {where}: {params!r} (allowed: a JSON object of Anon arguments)")
+    valid = anon_param_keys()
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        hint = ""
+        if "max_grad_norm" in unknown:
+            hint = ' Gradient clipping is the top-level DeepSpeed setting "gradient_clipping".'
+        raise ValueError(
+            f"Unknown key(s) {unknown} in the DeepSpeed config's {where} for Anon (valid keys: {', '.join(valid)}).{hint}"
+        )
+    if params.get("eps") == "auto":
+        raise ValueError(
+            f'"eps": "auto" in {where} for Anon would be filled with the Trainer\'s adam_epsilon (1e-8, Adam\'s eps), '
+            "but Anon's eps sits inside the power (sigma = s / bias_correction + eps; default 1e-16). Remove eps to "
+            "keep Anon's default, or give a number."
+        )
+    autos = sorted(key for key, value in params.items() if value == "auto")
+    if autos and not allow_auto:
+        raise ValueError(
+            f'{where} for Anon still holds "auto" for {autos}: only the Trainer (--deepspeed) fills "auto", and only '
+            f"for {', '.join(TRAINER_AUTO_KEYS)}. Give numbers when calling deepspeed.initialize yourself."
+        )
+    bad_autos = sorted(set(autos) - set(TRAINER_AUTO_KEYS))
+    if bad_autos:
+        raise ValueError(
+            f'{where} for Anon holds "auto" for {bad_autos}, which the Trainer does not fill (it fills only '
+            f"{', '.join(TRAINER_AUTO_KEYS)}). Give numbers for them."
+        )
+
+
+def _is_anon_type(name: object) -> bool:
+    return isinstance(name, str) and name.lower() == CONFIG_TYPE.lower()
+
+
+def _check_type_spelling(name: str) -> None:
+    if name != CONFIG_TYPE:
+        raise ValueError(
+            f'Invalid optimizer type {name!r} in the DeepSpeed config: write "{CONFIG_TYPE}" (DeepSpeed looks names '
+            "it does not know up as attributes of torch.optim, case-sensitively)."
+        )
+
+
+def _wrap_once(owner: Any, attribute: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, attribute)
+    if getattr(original, "_anon_hf_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper._anon_hf_wrapped = True
+    setattr(owner, attribute, wrapper)
+
+
+def on_zero_utils_imported(module: ModuleType) -> None:
+    """``deepspeed.runtime.zero.utils``: ZeRO 1/2/3 accept Anon without ``zero_allow_untested_optimizer``."""
+    supported = module.ZERO_SUPPORTED_OPTIMIZERS
+    if Anon not in supported:
+        supported.append(Anon)
+
+
+def on_engine_imported(module: ModuleType) -> None:
+    """``deepspeed.runtime.engine``: validate a config-named Anon before DeepSpeed builds it."""
+
+    def make_wrapper(original):
+        def _configure_basic_optimizer(self, model_parameters, *args, **kwargs):
+            name = self.optimizer_name()
+            if _is_anon_type(name):
+                _check_type_spelling(name)
+                validate_anon_params(self.optimizer_params() or {})
+                if getattr(torch.optim, CONFIG_TYPE, None) is not Anon:
+                    setattr(torch.optim, CONFIG_TYPE, Anon)
+            return original(self, model_parameters, *args, **kwargs)
+
+        return _configure_basic_optimizer
+
+    _wrap_once(module.DeepSpeedEngine, "_configure_basic_optimizer", make_wrapper)
+
+
+def on_accelerator_imported(module: ModuleType) -> None:
+    """``accelerate.accelerator``: refuse to let accelerate turn a client Anon into DeepSpeedCPUAdam."""
+
+    def make_wrapper(original):
+        def map_pytorch_optim_to_deepspeed(optimizer, *args, **kwargs):
+            if isinstance(getattr(optimizer, "optimizer", optimizer), Anon) or isinstance(optimizer, Anon):
+                device = "cpu"
+                try:
+                    from accelerate.state import AcceleratorState
+
+                    config = AcceleratorState().deepspeed_plugin.deepspeed_config
+                    device = config["zero_optimization"]["offload_optimizer"]["device"]
+                except Exception:  # the message only quotes the device; "cpu" is what reaches this path
+                    pass
+                raise ValueError(OFFLOAD_SWAP_MESSAGE.format(device=device))
+            return original(optimizer, *args, **kwargs)
+
+        return map_pytorch_optim_to_deepspeed
+
+    _wrap_once(module, "map_pytorch_optim_to_deepspeed", make_wrapper)
+
+
+def on_hf_deepspeed_imported(module: ModuleType) -> None:
+    """``transformers.integrations.deepspeed``: the Trainer's "auto" filling leaves Anon's eps alone."""
+
+    def make_wrapper(original):
+        def trainer_config_process(self, args, *rest, **kwargs):
+            block = self.config.get("optimizer") if isinstance(self.config, dict) else None
+            if not (isinstance(block, dict) and _is_anon_type(block.get("type"))):
+                return original(self, args, *rest, **kwargs)
+            _check_type_spelling(block["type"])
+            params = block.get("params") or {}
+            validate_anon_params(params, allow_auto=True)
+            # The Trainer compares a numeric eps with adam_epsilon and reports a mismatch; Anon's eps is not
+            # Adam's, so it is kept out of that comparison and put back untouched.
+            has_eps = "eps" in params
+            eps = params.pop("eps", None)
+            try:
+                return original(self, args, *rest, **kwargs)
+            finally:
+                if has_eps:
+                    params["eps"] = eps
+
+        return trainer_config_process
+
+    _wrap_once(module.HfTrainerDeepSpeedConfig, "trainer_config_process", make_wrapper)
+
+
+# Module -> patch; anon_hf/__init__.py registers these with its post-import hooks.
+IMPORT_HOOKS: dict[str, Callable[[ModuleType], None]] = {
+    "deepspeed.runtime.zero.utils": on_zero_utils_imported,
+    "deepspeed.runtime.engine": on_engine_imported,
+    "accelerate.accelerator": on_accelerator_imported,
+    "transformers.integrations.deepspeed": on_hf_deepspeed_imported,
+}
