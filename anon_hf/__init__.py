@@ -54,15 +54,18 @@ def _integration_hook(integration: str, function: str):
 when_imported("transformers.training_args", _integration_hook("transformers", "on_training_args_imported"))
 when_imported("transformers.trainer_optimizer", _integration_hook("transformers", "on_trainer_optimizer_imported"))
 when_imported("transformers.trainer", _integration_hook("transformers", "on_trainer_imported"))
-# DeepSpeed: ZeRO accepts Anon, config blocks are checked, the Trainer's "auto" keeps eps, no silent offload swap.
-for _module, _hook in (
-    ("deepspeed.runtime.zero.utils", "on_zero_utils_imported"),
-    ("deepspeed.runtime.engine", "on_engine_imported"),
-    ("accelerate.accelerator", "on_accelerator_imported"),
-    ("transformers.integrations.deepspeed", "on_hf_deepspeed_imported"),
+# DeepSpeed: ZeRO accepts Anon, config blocks are checked, the Trainer's "auto" keeps eps, no silent offload swap,
+# universal checkpoints keep the preconditioner.
+for _module, _integration, _hook in (
+    ("deepspeed.runtime.zero.utils", "deepspeed", "on_zero_utils_imported"),
+    ("deepspeed.runtime.engine", "deepspeed", "on_engine_imported"),
+    ("accelerate.accelerator", "deepspeed", "on_accelerator_imported"),
+    ("transformers.integrations.deepspeed", "deepspeed", "on_hf_deepspeed_imported"),
+    ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed_universal", "on_zero12_imported"),
+    ("deepspeed.runtime.zero.stage3", "deepspeed_universal", "on_zero3_imported"),
 ):
-    when_imported(_module, _integration_hook("deepspeed", _hook))
-del _module, _hook
+    when_imported(_module, _integration_hook(_integration, _hook))
+del _module, _integration, _hook
 
 
 def register() -> None:

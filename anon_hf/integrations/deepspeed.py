@@ -3,7 +3,8 @@
 DeepSpeed builds an optimizer it does not know as ``getattr(torch.optim, type)(model_parameters, **params)``
 (``import anon_hf`` sets ``torch.optim.Anon``), and ZeRO refuses an optimizer whose type is not in
 ``deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS`` unless ``zero_allow_untested_optimizer`` is set.
-This module, run by ``anon_hf``'s post-import hooks when the user's code imports each library, does four things:
+Its ``on_*_imported`` functions, which ``anon_hf/__init__.py`` registers as post-import hooks (each runs when the
+user's code imports the module it patches), do four things:
 
 * adds Anon to ``ZERO_SUPPORTED_OPTIMIZERS`` (its state is elementwise, so ZeRO's flat partitions are fine);
 * checks a config's ``optimizer.params`` for Anon before DeepSpeed builds it: an unknown key or a leftover
@@ -30,7 +31,7 @@ import torch
 
 from ..optimizer import Anon
 
-__all__ = ["IMPORT_HOOKS", "OFFLOAD_SWAP_MESSAGE", "anon_param_keys", "validate_anon_params"]
+__all__ = ["OFFLOAD_SWAP_MESSAGE", "anon_param_keys", "validate_anon_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +184,3 @@ def on_hf_deepspeed_imported(module: ModuleType) -> None:
         return trainer_config_process
 
     _wrap_once(module.HfTrainerDeepSpeedConfig, "trainer_config_process", make_wrapper)
-
-
-# Module -> patch; anon_hf/__init__.py registers these with its post-import hooks.
-IMPORT_HOOKS: dict[str, Callable[[ModuleType], None]] = {
-    "deepspeed.runtime.zero.utils": on_zero_utils_imported,
-    "deepspeed.runtime.engine": on_engine_imported,
-    "accelerate.accelerator": on_accelerator_imported,
-    "transformers.integrations.deepspeed": on_hf_deepspeed_imported,
-}

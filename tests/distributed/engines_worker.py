@@ -246,6 +246,13 @@ def zero_full_params(engine, stage: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().float() for n, p in engine.module.named_parameters()}
 
 
+def zero_full_state(engine, stage: int, key: str) -> dict[str, torch.Tensor]:
+    """One optimizer state key of every parameter, gathered from the partitions (a collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return {n: safe_get_full_optimizer_state(p, key).detach().clone() for n, p in engine.module.named_parameters()}
+
+
 def ds_train(engine, chunk, rank, world):
     for batch in chunk:
         loss = causal_lm_loss(engine, local_rows(batch, rank, world))
@@ -264,6 +271,9 @@ def run_zero(stage, rank, world, batches, reference, report, out_dir, offload=Fa
     ckpt_dir = os.path.join(out_dir, f"{name}_ckpt")
     ds_train(engine, batches[:SAVE_AT], rank, world)
     engine.save_checkpoint(ckpt_dir, tag=f"step{SAVE_AT}")
+    precond = zero_full_state(engine, stage, "precond")
+    if rank == 0:  # what a universal resume on another world size must load
+        torch.save(precond, os.path.join(out_dir, f"{name}_precond_step{SAVE_AT}.pt"))
     calls_before = anon._sync.calls
     ds_train(engine, batches[SAVE_AT : SAVE_AT + 1], rank, world)
     calls_per_iteration = anon._sync.calls - calls_before
