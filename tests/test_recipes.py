@@ -203,6 +203,11 @@ def test_sweep_grid_offsets_follow_the_lr_rule(sweep):
         "sgd(momentum=0.9)": 2,
     }
     assert [sweep.lr_of(j) for j in (-6, -5, 0, 1)] == [0.001, 0.00316, 1.0, 3.16]
+    cfgs = {c.name: c for c in sweep.configs([0.0, 1.0], anon_optim_args="eps=1e-8", default_eps_gammas=(1.0,))}
+    assert cfgs["anon(gamma=1)"].optim_args == "gamma=1,eps=1e-8"
+    assert cfgs["anon(gamma=1, default eps)"].optim_args == "gamma=1"
+    assert cfgs["anon(gamma=1, default eps)"].variant == "default eps"
+    assert cfgs["sgd(momentum=0.9)"].optim_args == "momentum=0.9"
 
 
 def test_sweep_curve_reweights_uneven_log_spans(sweep):

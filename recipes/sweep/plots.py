@@ -33,7 +33,12 @@ BASELINE_STYLE = {
 METRIC_LABELS = {"eval_loss": "eval loss (lower is better)", "eval_accuracy": "eval accuracy (higher is better)"}
 
 
-def _style(config: str, gamma: float | None, gammas: list[float]) -> dict:
+VARIANT_STYLE = {"color": "tab:red", "linestyle": ":"}
+
+
+def _style(config: str, gamma: float | None, gammas: list[float], variant: str | None = None) -> dict:
+    if variant is not None:
+        return VARIANT_STYLE
     if gamma is None:
         return BASELINE_STYLE.get(config, {"color": "tab:brown", "linestyle": ":"})
     cmap = matplotlib.colormaps["viridis"]
@@ -56,7 +61,7 @@ def _mean_curve(runs: list[dict]) -> tuple[list[int], list[float], list[float], 
 
 
 def plot_loss_curves(results: dict, path: Path) -> None:
-    gammas = [row["gamma"] for row in results["summary"] if row["gamma"] is not None]
+    gammas = [row["gamma"] for row in results["summary"] if row["gamma"] is not None and not row.get("variant")]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     tail_values = []
     for row in results["summary"]:
@@ -64,7 +69,7 @@ def plot_loss_curves(results: dict, path: Path) -> None:
         steps, mean, lo, hi = _mean_curve(runs)
         if not steps:
             continue
-        style = _style(row["config"], row["gamma"], gammas)
+        style = _style(row["config"], row["gamma"], gammas, row.get("variant"))
         for ax in axes:
             ax.plot(steps, mean, label=_label(row), linewidth=1.8, **style)
             ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.12, linewidth=0)
@@ -90,7 +95,8 @@ def plot_loss_curves(results: dict, path: Path) -> None:
 def plot_metric_vs_gamma(results: dict, path: Path) -> None:
     metric = results["metric"]
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    anon = [row for row in results["summary"] if row["gamma"] is not None]
+    anon = [row for row in results["summary"] if row["gamma"] is not None and not row.get("variant")]
+    variants = [row for row in results["summary"] if row.get("variant")]
     for row in results["summary"]:
         if row["gamma"] is not None:
             continue
@@ -112,9 +118,24 @@ def plot_metric_vs_gamma(results: dict, path: Path) -> None:
         marker="o",
         capsize=4,
         linewidth=1.8,
-        label="Anon: mean ± std over seeds (dots: seeds)",
+        label=f"Anon, {results['settings'].get('anon_optim_args') or 'default eps'}: mean ± std (dots: seeds)",
         zorder=4,
     )
+    for row in variants:
+        values = [r["metric"] for r in results["runs"] if r["config"] == row["config"] and not r["diverged"]]
+        ax.scatter([row["gamma"]] * len(values), values, color="tab:red", alpha=0.45, s=18, marker="x", zorder=3)
+        if math.isfinite(row["mean"]):
+            ax.errorbar(
+                [row["gamma"]],
+                [row["mean"]],
+                yerr=[row["std"]],
+                color="tab:red",
+                marker="s",
+                capsize=4,
+                linestyle="none",
+                label=f"{_label(row)}: {row['mean']:.4g} ± {row['std']:.2g}",
+                zorder=4,
+            )
     for row in finite:
         ax.annotate(
             f"lr {row['lr']:g}",
@@ -139,15 +160,15 @@ def plot_metric_vs_gamma(results: dict, path: Path) -> None:
 
 def plot_lr_grid(results: dict, path: Path) -> None:
     metric = results["metric"]
-    gammas = [row["gamma"] for row in results["summary"] if row["gamma"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    gammas = [row["gamma"] for row in results["summary"] if row["gamma"] is not None and not row.get("variant")]
+    fig, ax = plt.subplots(figsize=(11, 5), constrained_layout=True)
     crosses = []
     for row in results["summary"]:
         points = sorted(
             (r["lr"], r["metric"]) for r in results["lr_grid"] if r["config"] == row["config"] and not r["diverged"]
         )
         diverged = sorted(r["lr"] for r in results["lr_grid"] if r["config"] == row["config"] and r["diverged"])
-        style = _style(row["config"], row["gamma"], gammas)
+        style = _style(row["config"], row["gamma"], gammas, row.get("variant"))
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{row['config']} (best lr {row['lr']:g})", **style)
         crosses += [(lr, style["color"]) for lr in diverged]
@@ -159,7 +180,7 @@ def plot_lr_grid(results: dict, path: Path) -> None:
     ax.set_ylabel(f"final {METRIC_LABELS.get(metric, metric)}")
     ax.set_title(f"{results['task']}: lr search on seed {results['settings']['tune_seed']} (x: diverged)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

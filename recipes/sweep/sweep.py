@@ -56,6 +56,7 @@ class Config:
     optim_args: str | None
     gamma: float | None  # None for the baselines
     grid_offset: int  # half-decades relative to AdamW's starting grid
+    variant: str | None = None  # set for the Anon runs at the library's default eps, drawn apart in the plots
 
 
 @dataclass
@@ -100,16 +101,45 @@ TASKS = {
         module="recipes.classification.train",
         metric="eval_accuracy",
         higher_is_better=True,
-        adamw_grid=(-9, -6),  # 3.2e-5 .. 1e-3
-        base_argv=["--warmup_steps", "0.1"],
+        adamw_grid=(-8, -6),  # 1e-4 .. 1e-3
+        # MiniLM (22.7M parameters) costs ~100x the tiny Llama per step on a CPU: short texts, a 2,000-tweet
+        # subset and 400 held-out tweets keep a run near half a minute on one thread.
+        base_argv=[
+            "--per_device_train_batch_size",
+            "16",
+            "--max_length",
+            "32",
+            "--max_train_samples",
+            "2000",
+            "--max_eval_samples",
+            "400",
+            "--eval_before",
+            "false",
+            "--warmup_steps",
+            "0.1",
+        ],
         tiny_argv=["--max_train_samples", "64", "--max_eval_samples", "32"],
     ),
 }
 
 
-def configs(gammas: list[float]) -> list[Config]:
-    """Anon at each gamma, then AdamW and SGD with momentum 0.9, with their grid offsets (see module doc)."""
-    out = [Config(f"anon(gamma={g:g})", "anon", f"gamma={g:g}", float(g), round(4 * (1 - g))) for g in sorted(gammas)]
+def configs(
+    gammas: list[float], anon_optim_args: str = "", default_eps_gammas: tuple[float, ...] = ()
+) -> list[Config]:
+    """Anon at each gamma, then AdamW and SGD with momentum 0.9, with their grid offsets (see module doc).
+
+    ``anon_optim_args`` (e.g. ``"eps=1e-8"``) is added to every Anon configuration except those of
+    ``default_eps_gammas``, which run with the library's defaults besides gamma and show what the setting changes.
+    """
+    extra = f",{anon_optim_args}" if anon_optim_args else ""
+    out = [
+        Config(f"anon(gamma={g:g})", "anon", f"gamma={g:g}{extra}", float(g), round(4 * (1 - g)))
+        for g in sorted(gammas)
+    ]
+    out += [
+        Config(f"anon(gamma={g:g}, default eps)", "anon", f"gamma={g:g}", float(g), round(4 * (1 - g)), "default eps")
+        for g in sorted(default_eps_gammas)
+    ]
     out.append(Config("adamw", "adamw_torch", None, None, 0))
     out.append(Config("sgd(momentum=0.9)", "sgd", "momentum=0.9", None, round(4 * (1 - 0.0)) - 2))
     return out
@@ -223,6 +253,8 @@ def summarize(task: Task, cfgs: list[Config], runs: list[dict], best_lr: dict[st
             "config": cfg.name,
             "optimizer": cfg.optim,
             "gamma": cfg.gamma,
+            "variant": cfg.variant,
+            "optim_args": cfg.optim_args,
             "lr": best_lr[cfg.name],
             "n_seeds": len(values),
             "n_diverged": len(values) - len(finite),
@@ -284,7 +316,7 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
     """Tune, run the seeds, write numbers and plots; return the results dict written to ``<task>.json``."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfgs = configs(args.gammas)
+    cfgs = configs(args.gammas, args.anon_optim_args, tuple(args.default_eps_gammas))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{task.name}-") as tmp:
         work_dir = Path(tmp)
@@ -301,11 +333,16 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
         "command": command,
+        "configs": [
+            {"config": c.name, "optim": c.optim, "optim_args": c.optim_args, "variant": c.variant} for c in cfgs
+        ],
         "settings": {
             "max_steps": args.max_steps,
             "seeds": args.seeds,
             "tune_seed": args.tune_seed,
             "gammas": args.gammas,
+            "anon_optim_args": args.anon_optim_args,
+            "default_eps_gammas": args.default_eps_gammas,
             "tiny": args.tiny,
             "base_argv": task.base_argv,
             "extra_argv": args.extra,
@@ -345,6 +382,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--task", choices=sorted(TASKS), nargs="+", default=["causal_lm"])
     parser.add_argument("--out_dir", default="docs/assets/sweep")
     parser.add_argument("--gammas", type=float, nargs="+", default=list(DEFAULT_GAMMAS))
+    parser.add_argument(
+        "--anon_optim_args",
+        default="eps=1e-8",
+        help="added to every Anon run's --optim_args (default eps=1e-8: see docs/hyperparameters.md, eps); '' for none",
+    )
+    parser.add_argument(
+        "--default_eps_gammas",
+        type=float,
+        nargs="*",
+        default=[1.0],
+        help="gammas also run without --anon_optim_args (the library's eps 1e-16), to show what it changes",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="report seeds")
     parser.add_argument("--tune_seed", type=int, default=0, help="seed of the lr search (not reported)")
     parser.add_argument("--max_steps", type=int, default=300)
@@ -365,6 +414,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         args.lr_points, args.max_extensions = args.lr_points or 1, 0
         if args.gammas == list(DEFAULT_GAMMAS):
             args.gammas = [0.0, 1.0]
+        args.default_eps_gammas = []
     if args.tune_seed in args.seeds:
         parser.error(f"--tune_seed {args.tune_seed} is also a report seed; report seeds must not be tuned on")
     return args, extra
