@@ -1,6 +1,16 @@
 """Docstring fragments shared by the optimizer class, the functional API and the integrations."""
 
-__all__ = ["gamma_doc", "refresh_doc", "eps_doc", "weight_decay_doc", "foreach_doc", "maximize_doc"]
+__all__ = [
+    "gamma_doc",
+    "refresh_doc",
+    "eps_doc",
+    "weight_decay_doc",
+    "foreach_doc",
+    "fused_doc",
+    "precond_dtype_doc",
+    "moments_dtype_doc",
+    "maximize_doc",
+]
 
 gamma_doc = r"""gamma (float, optional): power applied to the second-moment estimate before it becomes the
             preconditioner, so that :math:`v = (\bar u)^{-1/2}` with :math:`\bar u` a running mean of
@@ -30,3 +40,24 @@ foreach_doc = r"""foreach (bool, optional): whether the foreach implementation (
 
 maximize_doc = r"""maximize (bool, optional): maximize the objective with respect to the params, instead of
             minimizing (default: False)"""
+
+fused_doc = r"""fused (bool, optional): whether the steps between refreshes run as one ``torch.compile``'d (inductor)
+            graph per param group that reads p, g, m, s, v and writes p, m, s once each; state stays one tensor
+            per parameter, so state dicts are unchanged. Refresh steps (O(log T) of them) run the foreach path.
+            The first fused step of a process compiles (~10-40 s on CPU, less with inductor's cache warm; a C++
+            compiler on CPU, Triton on CUDA). Where compiling fails, or for DTensor (FSDP2) or complex params,
+            the foreach path runs and one log line says so. ``None`` never compiles and follows ``foreach``: a
+            default that compiled would add that delay to every short run and test. Cannot be ``True``
+            together with ``foreach`` (default: None)"""
+
+precond_dtype_doc = r"""precond_dtype (torch.dtype or str, optional): storage dtype of the preconditioner ``precond``.
+            ``None`` keeps the param's dtype; ``torch.bfloat16`` (or ``"bf16"``) halves its memory, rounding
+            :math:`v` to 8 significant bits at each refresh (each coordinate's step size is then off by at most
+            2**-9 relative). The update always computes in the param dtype, at least fp32. float16 is refused:
+            :math:`v` can leave its range (default: None)"""
+
+moments_dtype_doc = r"""moments_dtype (torch.dtype or str, optional): storage dtype of ``exp_avg`` and ``exp_avg_sq``;
+            ``None`` keeps the param's dtype, ``torch.bfloat16`` halves their memory. In bf16 an increment
+            ``(1 - beta2) * g**2`` smaller than 2**-9 of the accumulator rounds away, so with ``beta2=0.999``
+            the accumulator under-counts new gradients once a refresh interval passes ~256 steps; see
+            ``docs/performance.md`` for the measured effect on the loss (default: None)"""

@@ -159,15 +159,27 @@ def _single_tensor_anon(
             else:
                 grad = grad.add(param, alpha=weight_decay)
 
-        exp_avg.lerp_(grad, 1 - beta1)
+        # State stored in another dtype than its param (precond_dtype / moments_dtype) is updated in `compute`
+        # and rounded once into its storage; `update` is the first moment in the dtype the param update uses.
+        compute = _compute_dtype(params[i], [exp_avgs[i]] + ([exp_avg_sqs[i], preconds[i]] if preconditioned else []))
+        if compute is None:
+            exp_avg.lerp_(grad, 1 - beta1)
+            update = exp_avg
+        else:
+            grad = grad.to(compute)
+            update = exp_avg.to(compute).lerp_(grad, 1 - beta1)
+            exp_avg.copy_(update)
         step_size = lr / (1 - beta1**step)
         if not preconditioned:
-            param.add_(exp_avg, alpha=-step_size)
+            param.add_(update, alpha=-step_size)
         else:
             exp_avg_sq, precond = exp_avg_sqs[i], preconds[i]
             if torch.is_complex(exp_avg_sq):
                 exp_avg_sq, precond = torch.view_as_real(exp_avg_sq), torch.view_as_real(precond)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            if compute is None:
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            else:
+                exp_avg_sq.copy_(exp_avg_sq.to(compute).mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
             if is_refresh_step(step, refresh):
                 _refresh_(
                     [exp_avg_sq],
@@ -183,7 +195,7 @@ def _single_tensor_anon(
                     tensor_positions=[i],
                 )
                 refreshed.append(step)
-            param.addcmul_(exp_avg, precond, value=-step_size)
+            param.addcmul_(update, precond if compute is None else precond.to(compute), value=-step_size)
 
         if bounds is not None:
             param.clamp_(min=bounds[0], max=bounds[1])
@@ -223,6 +235,7 @@ def _multi_tensor_anon(
     for (device_lists, original_indices) in grouped.values():
         device_params, device_grads, device_exp_avgs, device_steps = device_lists[:4]
         device_exp_avg_sqs, device_preconds = device_lists[4:] if preconditioned else ([], [])
+        compute = _compute_dtype(device_params[0], device_exp_avgs + device_exp_avg_sqs + device_preconds)
         if any(torch.is_complex(p) for p in device_params):
             views = [device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds]
             device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds = (
@@ -243,11 +256,21 @@ def _multi_tensor_anon(
             else:
                 device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
 
-        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+        # State stored in another dtype than the params (precond_dtype / moments_dtype) is updated in `compute`
+        # and rounded once into its storage; the param update reads the `compute` copies.
+        if compute is not None:
+            device_grads = [g.to(compute) for g in device_grads]
+        exp_avgs_c = device_exp_avgs if compute is None else [m.to(compute) for m in device_exp_avgs]
+        torch._foreach_lerp_(exp_avgs_c, device_grads, 1 - beta1)
+        if compute is not None:
+            torch._foreach_copy_(device_exp_avgs, exp_avgs_c)
 
         if preconditioned:
-            torch._foreach_mul_(device_exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, value=1 - beta2)
+            sqs_c = device_exp_avg_sqs if compute is None else [s.to(compute) for s in device_exp_avg_sqs]
+            torch._foreach_mul_(sqs_c, beta2)
+            torch._foreach_addcmul_(sqs_c, device_grads, device_grads, value=1 - beta2)
+            if compute is not None:
+                torch._foreach_copy_(device_exp_avg_sqs, sqs_c)
             refresh_at: dict[int, list[int]] = {}
             for i, step in enumerate(steps):
                 if is_refresh_step(step, refresh):
@@ -267,19 +290,18 @@ def _multi_tensor_anon(
                     tensor_positions=original_indices,
                 )
                 refreshed.add(step)
+        preconds_c = device_preconds if compute is None else [v.to(compute) for v in device_preconds]
 
         if len(set(steps)) == 1:
             step_size = lr / (1 - beta1 ** steps[0])
             if preconditioned:
-                torch._foreach_addcmul_(device_params, device_exp_avgs, device_preconds, value=-step_size)
+                torch._foreach_addcmul_(device_params, exp_avgs_c, preconds_c, value=-step_size)
             else:
-                torch._foreach_add_(device_params, device_exp_avgs, alpha=-step_size)
+                torch._foreach_add_(device_params, exp_avgs_c, alpha=-step_size)
         else:
             # Tensors skipped on earlier steps (grad None) lag behind: each needs its own bias correction.
             neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
-            updates = (
-                torch._foreach_mul(device_exp_avgs, device_preconds) if preconditioned else list(device_exp_avgs)
-            )
+            updates = torch._foreach_mul(exp_avgs_c, preconds_c) if preconditioned else list(exp_avgs_c)
             updates = torch._foreach_mul(updates, neg_step_sizes)
             torch._foreach_add_(device_params, updates)
 
@@ -300,6 +322,7 @@ def anon(
     state_steps: list[Tensor],
     *,
     foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -319,6 +342,9 @@ def anon(
     which means the preconditioner is all ones (``gamma == 0`` from the start: SGD with EMA momentum).
     ``state_steps`` holds one 0-d CPU tensor per parameter and is incremented in place; refreshes follow each
     tensor's own step. Returns the sorted distinct steps at which a refresh happened in this call.
+
+    ``fused=True`` runs the steps between refreshes as a ``torch.compile``'d graph (``anon_hf._fused``), falling
+    back to foreach where it cannot; ``None`` never compiles (see :class:`anon_hf.Anon`).
     """
     if preconds and len(preconds) != len(params):
         raise ValueError(
@@ -326,11 +352,18 @@ def anon(
         )
     if on_nonfinite not in _NONFINITE_POLICIES:
         raise ValueError(f"Invalid on_nonfinite value: {on_nonfinite!r} (allowed: 'raise', 'skip')")
-    if foreach is None:
-        foreach = _default_foreach(params)
-    if foreach and torch.jit.is_scripting():
-        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
-    func = _multi_tensor_anon if foreach else _single_tensor_anon
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused:
+        from ._fused import _fused_anon
+
+        func = _fused_anon
+    else:
+        if foreach is None:
+            foreach = _default_foreach(params)
+        if foreach and torch.jit.is_scripting():
+            raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+        func = _multi_tensor_anon if foreach else _single_tensor_anon
     return func(
         params,
         grads,
@@ -351,6 +384,13 @@ def anon(
         maximize=maximize,
         on_nonfinite=on_nonfinite,
     )
+
+
+def _compute_dtype(param: Tensor, state: list[Tensor]) -> Optional[torch.dtype]:
+    """``None`` when all of ``state`` has ``param``'s dtype (update in place), else the dtype to compute in."""
+    if all(tensor.dtype == param.dtype for tensor in state):
+        return None
+    return torch.promote_types(param.dtype, torch.float32)
 
 
 def _default_foreach(params: list[Tensor]) -> bool:

@@ -10,7 +10,17 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ._docs import eps_doc, foreach_doc, gamma_doc, maximize_doc, refresh_doc, weight_decay_doc
+from ._docs import (
+    eps_doc,
+    foreach_doc,
+    fused_doc,
+    gamma_doc,
+    maximize_doc,
+    moments_dtype_doc,
+    precond_dtype_doc,
+    refresh_doc,
+    weight_decay_doc,
+)
 from ._schedule import RefreshSchedule, validate_refresh
 from ._sync import RefreshSyncChecker, upcoming_collective_refresh
 from .functional import _NONFINITE_POLICIES, NonFinitePreconditionerError, anon
@@ -39,6 +49,18 @@ Bounds = Optional[tuple[Optional[float], Optional[float]]]
 
 # Keys each tensor's state may hold; `exp_avg_sq` and `precond` exist only where gamma != 0 (or once did).
 STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "precond"})
+# Storage dtypes `precond_dtype` / `moments_dtype` accept (None: the param's dtype). float16 cannot hold squared
+# gradients (they underflow) nor preconditioners above 65504, so it is refused.
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
+_STATE_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                      "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def _state_dtype(value: object) -> object:
+    """Map a dtype name (``"bf16"``, ``"bfloat16"``, ...) to its torch.dtype; anything else is returned as is."""
+    return _STATE_DTYPE_NAMES.get(value.removeprefix("torch."), value) if isinstance(value, str) else value
+
+
 # Group keys that tell Anon's state dicts from other optimizers' (AdamW has lr/betas/eps/weight_decay too).
 _ANON_GROUP_KEYS = ("gamma", "refresh", "beta3")
 
@@ -92,6 +114,16 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid {flag} value: {group[flag]!r} (allowed: True or False)")
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"Invalid foreach value: {group['foreach']!r} (allowed: None, True or False)")
+    if group.get("fused") not in (None, True, False):
+        raise ValueError(f"Invalid fused value: {group['fused']!r} (allowed: None, True or False)")
+    if group.get("fused") and group["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    for name in ("precond_dtype", "moments_dtype"):
+        if group.get(name) not in _STATE_DTYPES:
+            raise ValueError(
+                f"Invalid {name} value: {group[name]!r} (allowed: None for the param dtype, torch.float32, "
+                "torch.bfloat16 or torch.float64, or their names 'float32', 'bf16', 'bfloat16', 'float64')"
+            )
 
 
 class Anon(torch.optim.Optimizer):
@@ -160,6 +192,15 @@ class Anon(torch.optim.Optimizer):
         """
         + foreach_doc
         + r"""
+        """
+        + fused_doc
+        + r"""
+        """
+        + precond_dtype_doc
+        + r"""
+        """
+        + moments_dtype_doc
+        + r"""
         on_nonfinite (str, optional): what a refresh does when the new preconditioner of a tensor holds nan or
             inf (a non-finite gradient since the previous refresh). ``"raise"`` stops with
             :class:`~anon_hf.NonFinitePreconditionerError` naming the group, the tensor and the step, before
@@ -176,7 +217,8 @@ class Anon(torch.optim.Optimizer):
 
     * ``step``: 0-d float32 CPU tensor, steps taken by this tensor (a parameter whose grad is None is skipped
       and its step does not advance);
-    * ``exp_avg``: first moment :math:`m`, shaped and typed like the parameter;
+    * ``exp_avg``: first moment :math:`m`, shaped like the parameter, in ``moments_dtype`` (default: the
+      parameter's dtype; ``exp_avg_sq`` likewise, ``precond`` in ``precond_dtype``);
     * ``exp_avg_sq``: the accumulator :math:`s` since the last refresh (reset to zero at each refresh);
     * ``precond``: the preconditioner :math:`v`, reused between refreshes.
 
@@ -209,6 +251,9 @@ class Anon(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        precond_dtype: Optional[Union[torch.dtype, str]] = None,
+        moments_dtype: Optional[Union[torch.dtype, str]] = None,
         on_nonfinite: str = "raise",
         verify_sync: bool = True,
     ):
@@ -224,6 +269,9 @@ class Anon(torch.optim.Optimizer):
             bounds=tuple(bounds) if isinstance(bounds, list) else bounds,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
+            precond_dtype=_state_dtype(precond_dtype),
+            moments_dtype=_state_dtype(moments_dtype),
             on_nonfinite=on_nonfinite,
             differentiable=False,  # read by torch's step decorator; Anon's step always runs under no_grad
         )
@@ -238,6 +286,9 @@ class Anon(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its own hyperparameters are validated like the constructor's, before it is added."""
         if isinstance(param_group, dict):
+            for name in ("precond_dtype", "moments_dtype"):
+                if name in param_group:
+                    param_group[name] = _state_dtype(param_group[name])
             overrides = {key: value for key, value in param_group.items() if key != "params"}
             _validate_hyperparameters({**self.defaults, **overrides})
         super().add_param_group(param_group)
@@ -248,6 +299,9 @@ class Anon(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("precond_dtype", None)
+            group.setdefault("moments_dtype", None)
             group.setdefault("bounds", None)
             group.setdefault("on_nonfinite", "raise")
             group.setdefault("differentiable", False)
@@ -281,6 +335,11 @@ class Anon(torch.optim.Optimizer):
                 if saved_id in state:
                     _validate_tensor_state(state[saved_id], param, saved_id)
         super().load_state_dict(state_dict)
+        # torch casts loaded state to each param's dtype; put state kept in precond_dtype / moments_dtype back.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    _cast_state(self.state[p], group, p)
 
     def _init_group(
         self,
@@ -297,6 +356,15 @@ class Anon(torch.optim.Optimizer):
         preconditioned = group["gamma"] != 0 or any(
             "precond" in self.state[p] for p in group["params"] if p.grad is not None
         )
+        moments_dtype, precond_dtype = group.get("moments_dtype"), group.get("precond_dtype")
+        if moments_dtype is not None or precond_dtype is not None:
+            for p in group["params"]:
+                if torch.is_complex(p):
+                    raise ValueError(
+                        f"precond_dtype/moments_dtype ({precond_dtype}, {moments_dtype}) apply to real "
+                        f"parameters, but this group holds a {p.dtype} parameter of shape {tuple(p.shape)}: put "
+                        "complex parameters in a param group with precond_dtype=None and moments_dtype=None."
+                    )
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -306,10 +374,11 @@ class Anon(torch.optim.Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
             if preconditioned and "precond" not in state:
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["precond"] = torch.ones_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
+                state["precond"] = torch.ones_like(p, dtype=precond_dtype, memory_format=torch.preserve_format)
+            _cast_state(state, group, p)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -360,6 +429,7 @@ class Anon(torch.optim.Optimizer):
                     preconds,
                     state_steps,
                     foreach=group["foreach"],
+                    fused=group["fused"],
                     lr=lr,
                     beta1=beta1,
                     beta2=beta2,
@@ -384,6 +454,20 @@ class Anon(torch.optim.Optimizer):
             if self.verify_sync and not checked_before:
                 self._sync.check(last)
         return loss
+
+
+def _cast_state(tensor_state: dict[str, Any], group: dict[str, Any], param: Tensor) -> None:
+    """Keep ``exp_avg``/``exp_avg_sq`` in the group's ``moments_dtype`` and ``precond`` in its ``precond_dtype``.
+
+    ``None`` means the param's dtype. Converts only what differs: state just loaded (torch casts it to the param
+    dtype) or written before the group's option changed.
+    """
+    moments_dtype = group.get("moments_dtype") or param.dtype
+    precond_dtype = group.get("precond_dtype") or param.dtype
+    for key, dtype in (("exp_avg", moments_dtype), ("exp_avg_sq", moments_dtype), ("precond", precond_dtype)):
+        value = tensor_state.get(key)
+        if isinstance(value, Tensor) and value.dtype != dtype and not torch.is_complex(value):
+            tensor_state[key] = value.to(dtype)
 
 
 def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id: Any) -> None:
