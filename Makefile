@@ -29,8 +29,18 @@ install: $(STAMP)  ## create .venv (CPU torch if none) and install anon-hf with 
 demo: install  ## fine-tune the pretrained all-MiniLM-L6-v2 on 38k tweets with --optim anon, offline (~3-5 min, 2 cores)
 	HF_HUB_OFFLINE=1 $(PY) recipes/classification/train.py --optim anon --output_dir outputs/demo $(DEMO_ARGS)
 
-test: install  ## run the whole test suite
+# DeepSpeed on CPU JIT-builds its shared-memory comm op at init_distributed (~60 s cold, then cached in
+# TORCH_EXTENSIONS_DIR): build it once here rather than inside the first multi-process test.
+DS_SHM_STAMP := $(VENV)/.deepspeed-shm-comm-built
+$(DS_SHM_STAMP): $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	touch $@
+
+test: install $(DS_SHM_STAMP)  ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-dist: install $(DS_SHM_STAMP)  ## the multi-process tests: DDP, FSDP2, ZeRO-1/2/3, Trainer+DeepSpeed (2 gloo CPU ranks)
+	$(PY) -m pytest -m distributed $(PYTEST_ARGS)
 
 test-fast: install  ## the suite without the slow and multi-process tests
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
