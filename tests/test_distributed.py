@@ -428,6 +428,28 @@ def test_no_collective_refresh_is_expected_without_a_process_group():
     assert anon_hf._sync.upcoming_collective_refresh(opt.param_groups, opt.state) is None
 
 
+@pytest.mark.parametrize("name", ["ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json"])
+def test_recipe_deepspeed_configs_name_anon_and_leave_eps_to_it(name):
+    with open(os.path.join(ROOT, "recipes", "configs", name)) as handle:
+        config = json.load(handle)
+    block = config["optimizer"]
+    assert block["type"] == "Anon"
+    assert "eps" not in block["params"]  # the Trainer would fill "auto" with Adam's 1e-8
+    assert {key for key, value in block["params"].items() if value == "auto"} == {"lr", "betas", "weight_decay"}
+    ds_integration.validate_anon_params(block["params"], allow_auto=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="needs accelerate installed")
+@pytest.mark.parametrize("name, kind", [("accelerate_ddp.yaml", "MULTI_GPU"), ("accelerate_fsdp2.yaml", "FSDP")])
+def test_recipe_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(os.path.join(ROOT, "recipes", "configs", name))
+    assert config.distributed_type.value == kind and config.num_processes == 2
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
 # --------------------------------------------------------------------------------------- accelerate FSDP2 (GPU)
 
 

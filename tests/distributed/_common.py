@@ -72,15 +72,15 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
     return model(input_ids=input_ids, labels=input_ids).loss
 
 
-def reference_run(steps: int = STEPS) -> dict[str, torch.Tensor]:
-    """Single-process Anon on the full global batch: the final parameters by name (fp32, CPU)."""
-    model = tiny_llama()
+def reference_run(steps: int = STEPS, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Single-process Anon on the full global batch: the final parameters by name (fp32, on CPU)."""
+    model = tiny_llama().to(device)
     opt = Anon(model.parameters(), **ANON_KWARGS, verify_sync=False)
     for batch in global_batches(steps):
-        causal_lm_loss(model, batch).backward()
+        causal_lm_loss(model, batch.to(device)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
 def max_abs_diff(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
