@@ -305,6 +305,11 @@ class Anon(torch.optim.Optimizer):
             group.setdefault("bounds", None)
             group.setdefault("on_nonfinite", "raise")
             group.setdefault("differentiable", False)
+        # A step saved as a plain number (hand-made or older state dicts) becomes the tensor step() expects.
+        for tensor_state in self.state.values():
+            step = tensor_state.get("step") if isinstance(tensor_state, dict) else None
+            if step is not None and not torch.is_tensor(step):
+                tensor_state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
         self.__dict__.setdefault("verify_sync", True)
         self.__dict__.setdefault("refresh_history", [])
         if "_sync" not in self.__dict__:
@@ -315,9 +320,16 @@ class Anon(torch.optim.Optimizer):
 
         Raises:
             ValueError: the state dict lacks Anon's group keys (``gamma``, ``refresh``, ``beta3``): it was
-                written by another optimizer, e.g. AdamW; or a tensor's state has the wrong keys or shapes.
+                written by another optimizer, e.g. AdamW; a saved group holds a hyperparameter outside its range;
+                or a tensor's state has the wrong keys, types, shapes or values.
         """
-        saved_groups = state_dict.get("param_groups", [])
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            found = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"Invalid state dict for Anon: expected a dict with 'state' and 'param_groups' (what "
+                f"optimizer.state_dict() returns), got {found}."
+            )
+        saved_groups = state_dict["param_groups"]
         for index, group in enumerate(saved_groups):
             missing = [key for key in _ANON_GROUP_KEYS if key not in group]
             if missing:
@@ -327,9 +339,14 @@ class Anon(torch.optim.Optimizer):
                     "wrong; start Anon from fresh state instead, or load the checkpoint with the optimizer that "
                     "wrote it."
                 )
+            # The saved hyperparameters replace the constructor's on load: hold them to the same ranges.
+            try:
+                _validate_hyperparameters({**self.defaults, **{k: v for k, v in group.items() if k != "params"}})
+            except ValueError as err:
+                raise ValueError(f"Param group {index} of the state dict: {err}") from None
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in saved_groups for i in group["params"]]
-        state = state_dict.get("state", {})
+        state = state_dict["state"]
         if len(saved_ids) == len(params):
             for param, saved_id in zip(params, saved_ids):
                 if saved_id in state:
@@ -470,7 +487,20 @@ def _cast_state(tensor_state: dict[str, Any], group: dict[str, Any], param: Tens
             tensor_state[key] = value.to(dtype)
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (no collective), the tensor itself otherwise."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
 def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id: Any) -> None:
+    if not isinstance(tensor_state, dict):
+        raise ValueError(
+            f"State of param {saved_id} is a {type(tensor_state).__name__}, not a dict of tensors: not a state dict "
+            "written by Anon."
+        )
+    if not tensor_state:  # no state yet (torch.optim writes one for a param merely looked up in `state`)
+        return
     unknown = set(tensor_state) - STATE_KEYS
     if unknown:
         raise ValueError(
@@ -484,11 +514,37 @@ def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id
             f"State of param {saved_id} has only one of 'exp_avg_sq' and 'precond'. AdamW's state has exp_avg_sq "
             "but no precond; Anon's has both (or neither when gamma == 0). Start Anon from fresh state instead."
         )
+    step = tensor_state["step"]
+    if isinstance(step, Tensor):
+        step = _local(step).item() if step.numel() == 1 else None
+    if not _is_real_number(step) or not (math.isfinite(step) and step >= 0 and step == int(step)):
+        raise ValueError(
+            f"State 'step' of param {saved_id} is {tensor_state['step']!r} (allowed: a whole number >= 0, as a "
+            "0-d tensor or a number): the state dict is corrupted or was not written by Anon."
+        )
     for key in ("exp_avg", "exp_avg_sq", "precond"):
-        value = tensor_state.get(key)
-        if isinstance(value, Tensor) and value.shape != param.shape:
+        if key not in tensor_state:
+            continue
+        value = tensor_state[key]
+        if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+            kind = f"a tensor of dtype {value.dtype}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+            raise ValueError(
+                f"State '{key}' of param {saved_id} is {kind} (allowed: a floating-point tensor, complex for a "
+                "complex parameter): the state dict is corrupted or was not written by Anon."
+            )
+        if value.shape != param.shape:
             raise ValueError(
                 f"State '{key}' of param {saved_id} has shape {tuple(value.shape)} but the parameter has shape "
                 f"{tuple(param.shape)}: the state dict belongs to another model or another sharding."
             )
+    precond = tensor_state.get("precond")
+    if precond is not None:
+        precond = _local(precond)
+        precond = torch.view_as_real(precond) if precond.is_complex() else precond  # complex: both parts real v
+    # A refresh never stores a non-finite preconditioner (see on_nonfinite), and u ** -0.5 is never negative.
+    if precond is not None and not bool((torch.isfinite(precond) & (precond >= 0)).all()):
+        raise ValueError(
+            f"State 'precond' of param {saved_id} holds nan, inf or negative values, which Anon never stores: the "
+            "state dict is corrupted or was not written by Anon. Resume from an earlier checkpoint."
+        )
 
