@@ -13,9 +13,9 @@ training logic here. Every process of a multi-process launch registers, because 
     torchrun --nproc_per_node 2 -m anon_hf run train.py --optim anon ...
     torchrun --nproc_per_node 2 $(which anon-hf) run train.py --optim anon ...
     accelerate launch --num_processes 2 -m anon_hf run train.py --optim anon ...
-    deepspeed --module anon_hf run train.py --optim anon ...
+    deepspeed --num_gpus 2 --module anon_hf run train.py --optim anon ...
 
-Also available as ``python -m anon_hf``.
+The ``--local_rank=N`` that the DeepSpeed launcher inserts after the program is handed on to the target. Also available as ``python -m anon_hf``.
 """
 
 from __future__ import annotations
@@ -67,18 +67,33 @@ def _run_entry_point(name: str, entry_point: importlib.metadata.EntryPoint, args
     return result if isinstance(result, int) else 0 if result is None else 1
 
 
-def run(argv: list[str]) -> int:
-    """Run ``argv`` (``SCRIPT.py ARGS``, ``-m MODULE ARGS`` or ``COMMAND ARGS``) after ``import anon_hf``."""
+def _split_launcher_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the ``--local_rank=N`` the DeepSpeed launcher puts right after the program, to hand to the target."""
+    forwarded: list[str] = []
+    while argv and argv[0].split("=")[0] in ("--local_rank", "--local-rank"):
+        take = 1 if "=" in argv[0] else 2
+        forwarded += argv[:take]
+        argv = argv[take:]
+    return forwarded, argv
+
+
+def run(argv: list[str], forwarded: list[str] | None = None) -> int:
+    """Run ``argv`` (``SCRIPT.py ARGS``, ``-m MODULE ARGS`` or ``COMMAND ARGS``) after ``import anon_hf``.
+
+    ``forwarded`` (a launcher's ``--local_rank=N``) goes first in the target's arguments, where the launcher
+    would have put it had it started the target itself.
+    """
     if not argv:
         raise UsageError("anon-hf run: missing the script, -m MODULE or command to run")
     import anon_hf  # noqa: F401  (installs the post-import hooks that register Anon)
 
-    target, args = argv[0], argv[1:]
-    if target == "-m":
-        if not args:
+    forwarded = forwarded or []
+    if argv[0] == "-m":
+        if len(argv) < 2:
             raise UsageError("anon-hf run -m: missing the module name")
-        _run_module(args[0], args[1:])
+        _run_module(argv[1], forwarded + argv[2:])
         return 0
+    target, args = argv[0], forwarded + argv[1:]
     if target.startswith("-"):
         raise UsageError(f"anon-hf run: unknown option {target!r}; the target comes first, its options after it")
     if os.path.isfile(target):
@@ -96,6 +111,7 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``anon-hf`` console script and of ``python -m anon_hf``."""
     argv = sys.argv[1:] if argv is None else argv
+    forwarded, argv = _split_launcher_args(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anon-hf: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        return run(argv[1:])
+        return run(argv[1:], forwarded)
     except UsageError as err:
         print(f"{err}\n{USAGE}", file=sys.stderr)
         return 2

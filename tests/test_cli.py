@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from anon_hf import cli
-from anon_hf.import_utils import is_accelerate_available, is_transformers_available
+from anon_hf.import_utils import is_accelerate_available, is_deepspeed_available, is_transformers_available
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -95,6 +95,19 @@ def test_run_script_gets_its_own_argv_name_and_path(tmp_path, monkeypatch):
     (tmp_path / "helper_next_to_target.py").write_text("")
     assert cli.main(["run", str(script), "--optim", "anon", "-x"]) == 0
     assert json.loads(out.read_text()) == {"argv": [str(script), "--optim", "anon", "-x"], "name": "__main__"}
+
+
+def test_a_launchers_local_rank_is_handed_to_the_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    script = tmp_path / "target.py"
+    out = tmp_path / "argv.json"
+    script.write_text(f"import json, sys\njson.dump(sys.argv[1:], open({str(out)!r}, 'w'))\n")
+    # The DeepSpeed launcher runs `python -u -m anon_hf --local_rank=N run ...`.
+    assert cli.main(["--local_rank=1", "run", str(script), "--optim", "anon"]) == 0
+    assert json.loads(out.read_text()) == ["--local_rank=1", "--optim", "anon"]
+    assert cli.main(["--local-rank", "0", "run", str(script)]) == 0
+    assert json.loads(out.read_text()) == ["--local-rank", "0"]
 
 
 def test_run_propagates_the_targets_exit_status(tmp_path, monkeypatch):
@@ -197,6 +210,21 @@ def test_accelerate_launch_runs_the_console_script_on_two_processes(tmp_path):
         "29512",
     ]
     result = run([*command, str(ANON_HF), "run", str(TRAIN), "--output_dir", str(tmp_path), *TRAIN_ARGS], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in read_results(tmp_path, 2):
+        assert_trained_with_anon(rank, world_size=2)
+
+
+@requires_transformers
+@pytest.mark.distributed
+@pytest.mark.skipif(
+    not is_deepspeed_available() or not (BIN / "deepspeed").is_file(), reason="the deepspeed launcher is not installed"
+)
+def test_deepspeed_launcher_runs_the_module_on_two_processes(tmp_path):
+    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29513", "--module", "anon_hf", "run"]
+    result = run(
+        [*command, str(TRAIN), "--output_dir", str(tmp_path), *TRAIN_ARGS], timeout=600, env=env(DS_ACCELERATOR="cpu")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in read_results(tmp_path, 2):
         assert_trained_with_anon(rank, world_size=2)
