@@ -228,3 +228,35 @@ def test_deepspeed_launcher_runs_the_module_on_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in read_results(tmp_path, 2):
         assert_trained_with_anon(rank, world_size=2)
+
+
+@requires_transformers
+@pytest.mark.distributed
+@pytest.mark.skipif(not is_deepspeed_available(), reason="deepspeed is not installed")
+def test_zero2_under_torchrun_trains_with_anon_and_the_callback_finds_it(tmp_path):
+    """The Trainer builds Anon (no optimizer block in the config) and DeepSpeed wraps it twice; stats still log."""
+    config = tmp_path / "zero2.json"
+    config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+            }
+        )
+    )
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29514", "-m", "anon_hf", "run"]
+    out = tmp_path / "out"
+    result = run(
+        [*command, str(TRAIN), "--output_dir", str(out), *TRAIN_ARGS, "--deepspeed", str(config)],
+        timeout=600,
+        env=env(DS_ACCELERATOR="cpu"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = read_results(out, 2)
+    for rank in ranks:
+        assert_trained_with_anon(rank, world_size=2)
+    refresh_logs = [[h for h in rank["log_history"] if "anon/refresh_step" in h] for rank in ranks]
+    assert refresh_logs[0] == refresh_logs[1]
+    assert all(0 < h["anon/group0/precond_min"] <= h["anon/group0/precond_median"] for h in refresh_logs[0])

@@ -391,7 +391,8 @@ def test_callback_is_added_first_and_logs_each_refresh_into_log_history(tmp_path
 
 def test_callback_can_be_removed(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=2)
-    trainer.remove_callback(AnonCallback)
+    assert anon_hf.AnonCallback is AnonCallback  # the lazy public name
+    trainer.remove_callback(anon_hf.AnonCallback)
     assert not any(isinstance(c, AnonCallback) for c in trainer.callback_handler.callbacks)
     trainer.train()
     assert type(find_anon(trainer.optimizer)) is Anon
