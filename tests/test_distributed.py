@@ -301,9 +301,8 @@ def test_trainer_zero2_config_optimizer_block_fills_auto_and_keeps_anon_eps(trai
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack
-def test_trainer_zero3_config_optimizer_block_with_explicit_eps(trainer_runs):
-    # eps 1e-12 in the block is neither compared with adam_epsilon (1e-8) nor replaced by it.
-    _check_trainer_run(_section(trainer_runs, "zero3_block"), eps=1e-12)
+def test_trainer_zero3_config_optimizer_block(trainer_runs):
+    _check_trainer_run(_section(trainer_runs, "zero3_block"))
 
 
 @pytest.mark.slow
@@ -338,8 +337,10 @@ def test_accelerate_offload_swap_to_deepspeed_cpu_adam_is_refused(trainer_runs):
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack
-def test_trainer_rejects_eps_auto_and_unknown_keys_when_arguments_are_built(trainer_runs):
-    for result in _section(trainer_runs, "bad_params"):
+def test_trainer_config_checks_eps_auto_unknown_keys_and_explicit_eps(trainer_runs):
+    for result in _section(trainer_runs, "config_checks"):
+        # eps 1e-12 in the block is neither compared with adam_epsilon (1e-8) nor replaced by it.
+        assert result["explicit_eps"] == {"eps": 1e-12, "lr": 2e-3, "betas": [0.8, 0.99]}
         assert result["eps_auto"].startswith("ValueError") and "adam_epsilon" in result["eps_auto"]
         assert result["unknown_key"].startswith("ValueError") and "['momentum']" in result["unknown_key"]
         assert "gamma" in result["unknown_key"] and "refresh" in result["unknown_key"]

@@ -11,7 +11,8 @@ Cases (all by default):
 * ``offload_swap``: ``--optim anon`` with offload_optimizer and ``zero_force_ds_cpu_optimizer`` left true, where
   accelerate would swap Anon for DeepSpeedCPUAdam: must stop with the error naming that setting;
 * ``offload_flag_false``: the same with ``"zero_force_ds_cpu_optimizer": false``: runs Anon on CPU partitions;
-* ``bad_params``: ``"eps": "auto"`` and an unknown key in the optimizer block fail when TrainingArguments is built.
+* ``config_checks``: ``"eps": "auto"`` and an unknown key in the optimizer block fail when TrainingArguments is
+  built; an explicit eps stays as given while "auto" lr and betas are filled.
 """
 
 from __future__ import annotations
@@ -92,10 +93,11 @@ def train(out_dir: str, deepspeed, max_steps: int = STEPS, **overrides) -> dict:
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset())
     calls = {}
     original_step = Anon.step
-    trainer_state = trainer.state
+    current = {"trainer": trainer}  # train() replaces trainer.state, so look it up at each call
 
     def counting_step(self, *a, **k):  # how many times ZeRO calls the inner step() in one iteration
-        calls[trainer_state.global_step] = calls.get(trainer_state.global_step, 0) + 1
+        step = current["trainer"].state.global_step
+        calls[step] = calls.get(step, 0) + 1
         return original_step(self, *a, **k)
 
     Anon.step = counting_step
@@ -113,6 +115,7 @@ def train(out_dir: str, deepspeed, max_steps: int = STEPS, **overrides) -> dict:
         "refresh_history": inner.refresh_history,
         "inner_step_calls_per_iteration": sorted(set(calls.values())),
     }
+    current.clear()
     del trainer, inner
     reset_accelerate_state()
     return result
@@ -126,6 +129,15 @@ def expect_error(build) -> str:
     finally:
         reset_accelerate_state()
     return "no error"
+
+
+def explicit_eps_after_auto_filling(out_dir: str, config: dict):
+    """The eps the Trainer leaves in the optimizer block (it must not compare it with adam_epsilon or replace it)."""
+    try:
+        params = training_args(out_dir, config).hf_deepspeed_config.config["optimizer"]["params"]
+        return {"eps": params.get("eps"), "lr": params["lr"], "betas": params["betas"]}
+    finally:
+        reset_accelerate_state()
 
 
 def without_optimizer(config: dict, **extra) -> dict:
@@ -145,16 +157,18 @@ def main(out_dir: str, cases: list[str]) -> None:
     rank, _ = init_process_group()
     report = Report(out_dir, "trainer", rank)
     run_dir = os.path.join(out_dir, "trainer_runs")
-    zero3_explicit_eps = recipe("ds_zero3.json")
-    zero3_explicit_eps["optimizer"]["params"]["eps"] = 1e-12
+    explicit_eps = recipe("ds_zero3.json")
+    explicit_eps["optimizer"]["params"]["eps"] = 1e-12
     bad_eps = recipe("ds_zero2.json")
     bad_eps["optimizer"]["params"]["eps"] = "auto"
     bad_key = recipe("ds_zero2.json")
     bad_key["optimizer"]["params"]["momentum"] = 0.9
     runs = {
         "zero2_block": lambda: train(run_dir, os.path.join(ROOT, "recipes", "configs", "ds_zero2.json")),
-        "zero3_block": lambda: train(run_dir, zero3_explicit_eps),
-        "zero3_offload_block": lambda: train(run_dir, recipe("ds_zero3_offload.json")),
+        "zero3_block": lambda: train(run_dir, os.path.join(ROOT, "recipes", "configs", "ds_zero3.json")),
+        "zero3_offload_block": lambda: train(
+            run_dir, os.path.join(ROOT, "recipes", "configs", "ds_zero3_offload.json")
+        ),
         "zero2_optim_anon": lambda: train(
             run_dir, without_optimizer(recipe("ds_zero2.json")), optim="anon", optim_args="gamma=0.5"
         ),
@@ -172,9 +186,10 @@ def main(out_dir: str, cases: list[str]) -> None:
             3,
             optim="anon",
         ),
-        "bad_params": lambda: {
+        "config_checks": lambda: {
             "eps_auto": expect_error(lambda: training_args(run_dir, bad_eps)),
             "unknown_key": expect_error(lambda: training_args(run_dir, bad_key)),
+            "explicit_eps": explicit_eps_after_auto_filling(run_dir, explicit_eps),
         },
     }
     for name, run in runs.items():
