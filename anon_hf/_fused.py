@@ -1,9 +1,14 @@
-"""Anon's fused step: the update between refreshes as one ``torch.compile``'d graph per bucket of tensors.
+"""Anon's fused step: the update as ``torch.compile``'d graphs, one per bucket of tensors and kind of step.
 
 Between two refreshes an Anon step reads p, g, m, s, v and writes p, m, s: 8 memory passes where fused AdamW makes 7.
 The eager paths spend one pass per op (6 to 8 ops per tensor). Here the update of every tensor of a bucket (one
 device, one param dtype, one set of shapes) is traced once by dynamo and compiled by inductor into one loop per
 tensor that touches each byte once, all launched from a single Python call.
+
+A refresh step (2, 4, 8, ... for ``"pow2"``) runs two more graphs: one reduction that tells, per tensor, whether the
+new accumulator and preconditioner are finite (so ``on_nonfinite="raise"`` raises before anything is written), then
+the step with the refresh folded in. It computes the power directly where fp32 cannot overflow (gamma == 1 needs no
+power at all; |gamma| <= 1 with eps >= 1e-30 uses ``pow``) and in log space otherwise, as the eager routine does.
 
 Measured before choosing this (numbers in ``benchmarks/README.md``):
 
@@ -19,7 +24,7 @@ the sign for ``maximize``) enters the graph as a tensor, so each bucket compiles
 dtypes, whether a preconditioner exists and whether L2 decay is on are baked in. Each bucket gets a code object of
 its own, because dynamo keeps its cache and its recompile limit per code object: buckets never evict each other.
 
-Refresh steps (1, 2, 4, 8, ... for ``"pow2"``: log-space, >= fp32, non-finite check) and what the graph does not
+The first refresh (step 1, once per run), refreshes of tensors whose step counters differ, and what the graphs do not
 cover (DTensor and complex parameters, running inside an outer ``torch.compile``, a compiler that fails) run the
 eager foreach path, which computes the same update.
 
@@ -40,14 +45,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._schedule import RefreshSchedule, is_refresh_step
+from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 
 __all__ = ["fused_unavailable_reason", "stats"]
 
 logger = logging.getLogger(__name__)
 
-#: How many ``_fused_anon`` calls took each path in this process: ``"compiled"`` (a compiled graph ran),
-#: ``"refresh"`` (a refresh step ran the eager foreach path), ``"fallback"`` (the fused path could not run for
+#: How often each path ran in this process: ``"compiled"`` (a bucket's step or refresh graph ran),
+#: ``"refresh_eager"`` (a refresh ran the eager foreach path), ``"fallback"`` (the fused path could not run for
 #: these tensors and foreach ran instead) and ``"compiles"`` (graphs built). For tests and benchmarks.
 stats: collections.Counter = collections.Counter()
 
@@ -59,38 +64,91 @@ _graph_ids = itertools.count()
 _disabled_reason: str | None = None
 _logged: set[str] = set()
 
+# Slots of the `scalars` tensor every graph takes (1-D, on the params' device, in the compute dtype).
+_DECAY, _WEIGHT1, _BETA2, _WEIGHT2, _SIGN, _WEIGHT_DECAY, _LO, _HI = range(8)
+# Refresh graphs append: 1 / (1 - beta2**n), eps, gamma, beta3 (weight of u_prev), weight of the new estimate.
+_INV_BIAS2, _EPS, _GAMMA, _WEIGHT_PREV, _WEIGHT_NEW = range(8, 13)
 
-def _update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    preconds: list[Tensor],
-    scalars: Tensor,
-    neg_step_sizes: Tensor,
-    l2: bool,
-) -> None:
-    """The non-refresh update of each tensor, computed in ``scalars.dtype`` and rounded once into each storage.
 
-    ``scalars`` holds (decay, 1 - beta1, beta2, 1 - beta2, sign, weight_decay, lo, hi), 1-D on the params' device;
-    ``neg_step_sizes[i] = -lr / (1 - beta1**step_i)``. ``exp_avg_sqs`` and ``preconds`` are both empty when the
-    preconditioner is all ones (gamma == 0). ``l2`` adds ``weight_decay * param`` to the gradient.
+def _moments(params, grads, exp_avgs, exp_avg_sqs, i: int, scalars: Tensor, l2: bool, preconditioned: bool):
+    """Tensor ``i``'s param, new first moment and new accumulator (``None`` without a preconditioner), in
+    ``scalars.dtype``; nothing is written."""
+    compute = scalars.dtype
+    param = params[i].to(compute)
+    grad = grads[i].to(compute) * scalars[_SIGN]
+    if l2:
+        grad = grad + param * scalars[_WEIGHT_DECAY]
+    exp_avg = torch.lerp(exp_avgs[i].to(compute), grad, scalars[_WEIGHT1])
+    exp_avg_sq = None
+    if preconditioned:
+        exp_avg_sq = exp_avg_sqs[i].to(compute) * scalars[_BETA2] + grad * grad * scalars[_WEIGHT2]
+    return param, exp_avg, exp_avg_sq
+
+
+def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, gamma_mode: str, has_prev: bool) -> Tensor:
+    """``v = u**-0.5`` with ``u = w_prev * precond**-2 + w_new * sigma**gamma`` (see ``functional``).
+
+    ``gamma_mode`` is ``"one"`` (gamma == 1: no power at all), ``"pow"`` (|gamma| <= 1: ``sigma**gamma`` cannot
+    leave the range of fp32 for sigma >= eps >= 1e-30) or ``"log"`` (the eager path's log-space arithmetic).
     """
     compute = scalars.dtype
-    decay, weight1, beta2, weight2 = scalars[0], scalars[1], scalars[2], scalars[3]
-    sign, weight_decay, lo, hi = scalars[4], scalars[5], scalars[6], scalars[7]
+    sigma = exp_avg_sq * scalars[_INV_BIAS2] + scalars[_EPS]
+    if gamma_mode == "log":
+        log_u = torch.log(sigma) * scalars[_GAMMA] + torch.log(scalars[_WEIGHT_NEW])
+        if has_prev:
+            log_prev = torch.log(precond.to(compute)) * -2.0 + torch.log(scalars[_WEIGHT_PREV])
+            log_u = torch.logaddexp(log_prev, log_u)
+        return torch.exp(log_u * -0.5)
+    u = (sigma if gamma_mode == "one" else torch.pow(sigma, scalars[_GAMMA])) * scalars[_WEIGHT_NEW]
+    if has_prev:
+        inverse = torch.reciprocal(precond.to(compute))
+        u = u + inverse * inverse * scalars[_WEIGHT_PREV]
+    return torch.rsqrt(u)
+
+
+def _step_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, l2: bool) -> None:
+    """The update between refreshes, rounded once into each storage. ``neg_step_sizes[i] = -lr / (1 - beta1**t_i)``;
+    ``exp_avg_sqs`` and ``preconds`` are both empty when the preconditioner is all ones (gamma == 0)."""
+    preconditioned = len(preconds) > 0
     for i in range(len(params)):
-        param = params[i].to(compute)
-        grad = grads[i].to(compute) * sign
-        if l2:
-            grad = grad + param * weight_decay
-        exp_avg = torch.lerp(exp_avgs[i].to(compute), grad, weight1)
+        param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, l2, preconditioned)
         exp_avgs[i].copy_(exp_avg)
         update = exp_avg
-        if len(preconds) > 0:
-            exp_avg_sqs[i].copy_(exp_avg_sqs[i].to(compute) * beta2 + grad * grad * weight2)
-            update = exp_avg * preconds[i].to(compute)
-        params[i].copy_(torch.clamp(param * decay + update * neg_step_sizes[i], lo, hi))
+        if preconditioned:
+            exp_avg_sqs[i].copy_(exp_avg_sq)
+            update = exp_avg * preconds[i].to(scalars.dtype)
+        new_param = param * scalars[_DECAY] + update * neg_step_sizes[i]
+        params[i].copy_(torch.clamp(new_param, scalars[_LO], scalars[_HI]))
+
+
+def _flags_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, l2: bool, gamma_mode: str, has_prev: bool):
+    """Per tensor, whether this refresh's accumulator and new preconditioner are all finite; writes nothing."""
+    flags = []
+    for i in range(len(params)):
+        _, _, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, l2, True)
+        precond = _new_precond(exp_avg_sq, preconds[i], scalars, gamma_mode, has_prev)
+        # s * 0 is nan exactly where s is inf or nan: one reduction covers both tensors, with no temporary.
+        flags.append(torch.isfinite(exp_avg_sq * 0.0 + precond).all())
+    return torch.stack(flags)
+
+
+def _refresh_graph(
+    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, keep, l2: bool, gamma_mode, has_prev
+) -> None:
+    """A refresh step: moments, the new preconditioner (the old one where ``keep[i]`` is False), accumulator reset,
+    then the update with the preconditioner as stored."""
+    compute = scalars.dtype
+    for i in range(len(params)):
+        param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, l2, True)
+        exp_avgs[i].copy_(exp_avg)
+        precond = _new_precond(exp_avg_sq, preconds[i], scalars, gamma_mode, has_prev)
+        preconds[i].copy_(torch.where(keep[i], precond, preconds[i].to(compute)))
+        exp_avg_sqs[i].zero_()
+        new_param = param * scalars[_DECAY] + exp_avg * preconds[i].to(compute) * neg_step_sizes[i]
+        params[i].copy_(torch.clamp(new_param, scalars[_LO], scalars[_HI]))
+
+
+_KINDS = {"step": _step_graph, "flags": _flags_graph, "refresh": _refresh_graph}
 
 
 def _graph_for(key: tuple) -> Callable:
@@ -99,8 +157,9 @@ def _graph_for(key: tuple) -> Callable:
         _graphs.move_to_end(key)
         return graph
     # A code object of its own per bucket: dynamo's cache and recompile limit live on the code object.
-    code = _update.__code__.replace(co_name=f"_anon_fused_update_{next(_graph_ids)}")
-    graph = torch.compile(types.FunctionType(code, _update.__globals__), fullgraph=True, dynamic=False)
+    base = _KINDS[key[0]]
+    code = base.__code__.replace(co_name=f"_anon_fused_{key[0]}_{next(_graph_ids)}")
+    graph = torch.compile(types.FunctionType(code, base.__globals__), fullgraph=True, dynamic=True)
     _graphs[key] = graph
     while len(_graphs) > _MAX_GRAPHS:
         old_key, _ = _graphs.popitem(last=False)
@@ -108,10 +167,45 @@ def _graph_for(key: tuple) -> Callable:
     return graph
 
 
+class _CompileFailed(Exception):
+    pass
+
+
+def _run(key: tuple, *args):
+    """Run the graph for ``key``; a failure on its first call (tracing or compiling, before anything is written)
+    disables the fused path for the process and raises :class:`_CompileFailed`."""
+    graph = _graph_for(key)
+    if key in _ran:
+        return graph(*args)
+    started = time.perf_counter()
+    try:
+        result = graph(*args)
+    except Exception as err:
+        _disable(f"torch.compile failed ({type(err).__name__}: {(str(err).strip() or '?').splitlines()[0][:300]})")
+        raise _CompileFailed from err
+    _ran.add(key)
+    stats["compiles"] += 1
+    _log_once(
+        logging.INFO,
+        "Anon fused=True: the step runs torch.compile'd graphs (inductor), compiled once per param group, device "
+        "and dtype; the first refresh (step 1) runs the eager foreach path.",
+    )
+    logger.debug(
+        "Anon fused: compiled a %s graph for %d tensors in %.1f s", key[0], len(args[0]), time.perf_counter() - started
+    )
+    return result
+
+
 def _log_once(level: int, message: str, *args) -> None:
     if message not in _logged:
         _logged.add(message)
         logger.log(level, message, *args)
+
+
+def _disable(reason: str) -> None:
+    global _disabled_reason
+    _disabled_reason = reason
+    logger.warning("Anon fused=True: %s; every later step takes the foreach path instead.", reason)
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -134,9 +228,9 @@ def fused_unavailable_reason(params: list[Tensor] | None = None) -> str | None:
         return "the step is already being traced by an outer torch.compile"
     for param in params or ():
         if _is_dtensor(param):
-            return "DTensor parameters (FSDP2 shards) are not handled by the compiled graph"
+            return "DTensor parameters (FSDP2 shards) are not handled by the compiled graphs"
         if torch.is_complex(param):
-            return "complex parameters are not handled by the compiled graph"
+            return "complex parameters are not handled by the compiled graphs"
     return None
 
 
@@ -161,8 +255,12 @@ def _fused_anon(
     maximize: bool,
     on_nonfinite: str,
 ) -> list[int]:
-    """Same signature and results as ``functional._multi_tensor_anon``; runs the compiled graph between refreshes."""
-    from .functional import _multi_tensor_anon
+    """Same signature and results as ``functional._multi_tensor_anon``, through compiled graphs.
+
+    A refresh with ``on_nonfinite="raise"`` that finds a non-finite accumulator or preconditioner raises before
+    anything of this step is written (state, params and step counters are as before the call).
+    """
+    from .functional import NonFinitePreconditionerError, _multi_tensor_anon
 
     kwargs = dict(
         lr=lr,
@@ -180,21 +278,28 @@ def _fused_anon(
     )
     if len(params) == 0:
         return []
+
+    def eager(indices: list[int] | None = None) -> list[int]:
+        if indices is None:
+            return _multi_tensor_anon(params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps, **kwargs)
+        pick = [[tensors[i] for i in indices] if tensors else [] for tensors in tensor_lists]
+        return _multi_tensor_anon(*pick[:3], *(pick[4:] or [[], []]), pick[3], **kwargs)
+
     reason = fused_unavailable_reason(params)
     if reason is not None:
         stats["fallback"] += 1
         _log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", reason)
-        return _multi_tensor_anon(params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps, **kwargs)
+        return eager()
     preconditioned = len(preconds) > 0
     steps = [int(step.item()) + 1 for step in state_steps]
-    if preconditioned and any(is_refresh_step(step, refresh) for step in steps):
-        # O(log T) refreshes in a run: they keep the eager, log-space, non-finite-checked routine.
-        stats["refresh"] += 1
-        return _multi_tensor_anon(params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps, **kwargs)
+    refreshing = preconditioned and any(is_refresh_step(step, refresh) for step in steps)
+    prev = previous_refresh_step(steps[0], refresh) if refreshing else 0
+    if refreshing and (len(set(steps)) > 1 or prev == 0):
+        # Tensors at different steps, or a first refresh (one step per run): the eager routine does it.
+        stats["refresh_eager"] += 1
+        return eager()
 
     decoupled = decoupled_weight_decay or weight_decay == 0
-    lo = -math.inf if bounds is None or bounds[0] is None else bounds[0]
-    hi = math.inf if bounds is None or bounds[1] is None else bounds[1]
     scalar_values = [
         1.0 - lr * weight_decay if decoupled else 1.0,
         1.0 - beta1,
@@ -202,69 +307,110 @@ def _fused_anon(
         1.0 - beta2,
         -1.0 if maximize else 1.0,
         0.0 if decoupled else weight_decay,
-        lo,
-        hi,
+        -math.inf if bounds is None or bounds[0] is None else bounds[0],
+        math.inf if bounds is None or bounds[1] is None else bounds[1],
     ]
+    gamma_mode = has_prev = None
+    if refreshing:
+        has_prev = beta3 > 0.0
+        gamma_mode = "one" if gamma == 1.0 else "pow" if abs(gamma) <= 1.0 and eps >= 1e-30 else "log"
+        # The weights enter as logarithms in log space; log(1) = 0 stands in for "no previous term".
+        scalar_values += [1.0 / (1.0 - beta2 ** (steps[0] - prev)), eps, gamma]
+        scalar_values += [beta3 if has_prev else 1.0, 1.0 - beta3 if has_prev else 1.0]
     tensor_lists = [params, grads, exp_avgs, state_steps] + ([exp_avg_sqs, preconds] if preconditioned else [])
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)
-    left_over: list[int] = []
-    for (device, dtype), (lists, indices) in grouped.items():
-        if left_over:  # an earlier bucket failed to compile: the rest follow it onto the foreach path
-            left_over += indices
-            continue
-        bucket_params, bucket_grads, bucket_exp_avgs, bucket_steps = lists[:4]
-        bucket_exp_avg_sqs, bucket_preconds = lists[4:] if preconditioned else ([], [])
+    chunks, eager_only, done = _plan(params, grads, exp_avgs, exp_avg_sqs, preconds)
+    work = []
+    for group_key, indices in chunks:
+        device, dtype = group_key[0], group_key[1]
         compute = torch.promote_types(dtype, torch.float32)
         scalars = torch.tensor(scalar_values, dtype=compute, device=device)
         neg_step_sizes = torch.tensor([-lr / (1 - beta1 ** steps[i]) for i in indices], dtype=compute, device=device)
-        state_dtypes = (bucket_exp_avgs[0].dtype, bucket_preconds[0].dtype if preconditioned else None)
-        key = (device, dtype, state_dtypes, preconditioned, not decoupled, tuple(p.shape for p in bucket_params))
-        graph = _graph_for(key)
-        first = key not in _ran
-        started = time.perf_counter()
+        torch._dynamo.mark_static(scalars)
+        torch._dynamo.mark_static(neg_step_sizes)
+        tensors = [[tensors[i] for i in indices] if tensors else [] for tensors in tensor_lists[:3]]
+        tensors += [[exp_avg_sqs[i] for i in indices], [preconds[i] for i in indices]] if preconditioned else [[], []]
+        work.append((group_key + (not decoupled, len(indices)), indices, tensors, scalars, neg_step_sizes))
+
+    keeps = []
+    if refreshing:
+        # Every verdict first, so that a raise leaves the step unwritten.
+        for key, indices, tensors, scalars, _ in work:
+            try:
+                flags = _run(("flags", gamma_mode, has_prev) + key, *tensors, scalars, key[-2], gamma_mode, has_prev)
+            except _CompileFailed:
+                stats["fallback"] += 1
+                return eager()
+            bad = [position for position, ok in enumerate(flags.tolist()) if not ok]
+            if bad and on_nonfinite == "raise":
+                raise NonFinitePreconditionerError(steps[0], indices[bad[0]], tuple(tensors[4][bad[0]].shape))
+            keeps.append(flags)
+
+    for number, (key, indices, tensors, scalars, neg_step_sizes) in enumerate(work):
         try:
-            graph(
-                bucket_params,
-                bucket_grads,
-                bucket_exp_avgs,
-                bucket_exp_avg_sqs,
-                bucket_preconds,
-                scalars,
-                neg_step_sizes,
-                not decoupled,
-            )
-        except Exception as err:
-            if not first:
-                raise
-            # Tracing and compiling happen before the graph runs, so nothing was written: foreach can take over.
-            _disable(f"torch.compile failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})")
-            left_over += indices
-            continue
-        torch._foreach_add_(bucket_steps, 1)
+            if refreshing:
+                run_key = ("refresh", gamma_mode, has_prev) + key
+                _run(run_key, *tensors, scalars, neg_step_sizes, keeps[number], key[-2], gamma_mode, has_prev)
+            else:
+                _run(("step",) + key, *tensors, scalars, neg_step_sizes, key[-2])
+        except _CompileFailed:  # nothing of this call was written: it and the rest take the foreach path
+            eager_only += [i for _, later, *_ in work[number:] for i in later]
+            break
+        done += indices
+    if done:
+        torch._foreach_add_([state_steps[i] for i in done], 1)
         stats["compiled"] += 1
-        if first:
-            _ran.add(key)
-            stats["compiles"] += 1
-            _log_once(
-                logging.INFO,
-                "Anon fused=True: the step between refreshes runs a torch.compile'd graph (inductor); refresh steps "
-                "run the eager foreach path.",
-            )
-            logger.debug(
-                "Anon fused: compiled a graph for %d tensors (%s, %s) in %.1f s",
-                len(bucket_params),
-                device,
-                dtype,
-                time.perf_counter() - started,
-            )
-    if left_over:
+    if eager_only:
         stats["fallback"] += 1
-        pick = [[tensors[i] for i in left_over] if tensors else [] for tensors in tensor_lists]
-        return _multi_tensor_anon(*pick[:3], *(pick[4:] or [[], []]), pick[3], **kwargs)
-    return []
+        eager(sorted(eager_only))
+    return [steps[0]] if refreshing else []
 
 
-def _disable(reason: str) -> None:
-    global _disabled_reason
-    _disabled_reason = reason
-    logger.warning("Anon fused=True: %s; every later step takes the foreach path instead.", reason)
+def _chunk_sizes(count: int, numel: int) -> list[int]:
+    """Split ``count`` same-shaped tensors into calls of power-of-two sizes, at most 16 tensors and about 2**22
+    elements per call, so that few graphs (one per size) serve every shape and large tensors cost one call each."""
+    largest = 1 << max(0, min(4, (_CHUNK_ELEMENTS // max(numel, 1)).bit_length() - 1))
+    sizes = [largest] * (count // largest)
+    rest = count % largest
+    while rest:
+        size = 1 << (rest.bit_length() - 1)
+        sizes.append(size)
+        rest -= size
+    return sizes
+
+
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _plan(
+    params, grads, exp_avgs, exp_avg_sqs, preconds
+) -> tuple[list[tuple[tuple, list[int]]], list[int], list[int]]:
+    """Group tensor indices into graph calls: same device, dtypes and shape, then chunks (``_chunk_sizes``).
+
+    Returns ``(chunks, eager_only, empty)``: each chunk is ``(key, indices)``; tensors whose gradient or state is
+    laid out unlike the param (strides differ) are in ``eager_only``; empty tensors (only their step advances) in
+    ``empty``.
+    """
+    preconditioned = len(preconds) > 0
+    groups: dict[tuple, list[int]] = {}
+    eager_only, empty = [], []
+    for i, param in enumerate(params):
+        grad, exp_avg = grads[i], exp_avgs[i]
+        state = (exp_avg, exp_avg_sqs[i], preconds[i]) if preconditioned else (exp_avg,)
+        stride = param.stride()
+        if param.numel() == 0:
+            empty.append(i)
+            continue
+        if grad.stride() != stride or any(t.stride() != stride for t in state):
+            eager_only.append(i)
+            continue
+        dtypes = (grad.dtype,) + tuple(t.dtype for t in state)
+        key = (param.device, param.dtype, dtypes, preconditioned, param.dim(), tuple(param.shape))
+        groups.setdefault(key, []).append(i)
+    chunks = []
+    for key, indices in groups.items():
+        start = 0
+        for size in _chunk_sizes(len(indices), params[indices[0]].numel()):
+            # The shape leaves the key: graphs are compiled with dynamic shapes and serve every shape of a rank.
+            chunks.append((key[:5], indices[start : start + size]))
+            start += size
+    return chunks, eager_only, empty
