@@ -226,6 +226,47 @@ def test_trainer_checkpoint_written_by_adamw_is_refused_by_an_anon_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
 
 
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers and accelerate installed")
+def test_trainer_checkpoint_with_a_param_that_never_had_a_gradient_resumes(tmp_path):
+    """AnonCallback looks every param up in ``optimizer.state``, which leaves ``{}`` for one without a gradient; the
+    Trainer saves that in optimizer.pt, and the resume must accept it (it used to stop with "lacks 'step'")."""
+    from transformers import Trainer, TrainingArguments
+
+    from anon_hf.integrations.trainer_callback import find_anon
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.used, self.unused = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return {"loss": self.used(x).pow(2).mean()}
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            return {"x": torch.full((4,), float(index))}
+
+    def trainer(max_steps):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), optim="anon", max_steps=max_steps, save_strategy="steps", save_steps=2,
+            report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=1, per_device_train_batch_size=4,
+        )  # fmt: skip
+        return Trainer(model=Model(), args=args, train_dataset=Data())
+
+    trainer(2).train()
+    saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt")["state"]
+    assert {} in saved.values()  # the entry of a param without a gradient
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    anon = find_anon(resumed.optimizer)
+    assert anon.state[resumed.model.used.weight]["step"].item() == 4
+
+
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed installed")
 def test_deepspeed_checkpoints_that_anon_cannot_resume_stop_with_an_error(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=DS_PORT, PYTHONUNBUFFERED="1")
