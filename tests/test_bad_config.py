@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crash.ports import free_port
 
 from anon_hf import Anon, create_anon_optimizer
 
@@ -28,7 +29,6 @@ DS_WORKER = ROOT / "tests" / "crash" / "bad_config_worker.py"
 HAS_TRANSFORMERS = all(importlib.util.find_spec(name) for name in ("transformers", "accelerate"))
 HAS_DEEPSPEED = HAS_TRANSFORMERS and importlib.util.find_spec("deepspeed") is not None
 requires_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers and accelerate installed")
-DS_PORT = "29609"  # from this file's range (29590-29609)
 
 OPTIM_ARGS_KEYS = ("gamma", "eps", "beta3", "refresh", "decoupled_weight_decay", "bounds", "foreach", "on_nonfinite")
 DS_PARAM_KEYS = ("lr", "betas", "gamma", "eps", "weight_decay", "decoupled_weight_decay", "refresh", "beta3")
@@ -147,7 +147,7 @@ def test_anon_hf_run_command_line_stops_at_argument_parsing(tmp_path, optim_args
 @pytest.fixture(scope="module")
 def deepspeed_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bad_config")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=DS_PORT, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, str(DS_WORKER), str(out)], capture_output=True, text=True, env=env, timeout=600
     )

@@ -13,37 +13,23 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from crash.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "crash" / "trainer_worker.py"
 ZERO2_CONFIG = ROOT / "recipes" / "configs" / "ds_zero2.json"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-PORTS = range(29590, 29610)  # this file's own range, so parallel launches of other test files do not collide
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "precond")
 
 HAS_TRANSFORMERS = all(importlib.util.find_spec(name) for name in ("transformers", "accelerate"))
 HAS_DEEPSPEED = HAS_TRANSFORMERS and importlib.util.find_spec("deepspeed") is not None
 requires_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers and accelerate installed")
-
-
-def free_port(used=()) -> int:
-    for port in PORTS:
-        if port in used:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def launch(command: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -109,8 +95,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise_exact(tmp_path):
     assert len(differences(full["params"], control["params"])) == len(full["params"])
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.distributed  # 35-55 s on the 2-core machine: two torchrun launches of 2 ranks
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed, transformers and accelerate installed")
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed next to this Python")
 def test_zero2_sigkill_after_checkpoint_then_resume_is_bitwise_exact(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crash.ports import free_port
 
 from anon_hf import Anon
 
@@ -24,7 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DS_WORKER = ROOT / "tests" / "crash" / "ds_wrong_state_worker.py"
 HAS_TRANSFORMERS = all(importlib.util.find_spec(name) for name in ("transformers", "accelerate"))
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-DS_PORT = "29608"  # from this file's range (29590-29609)
 
 
 def trained(steps: int = 3, **kwargs) -> tuple[torch.nn.Parameter, Anon]:
@@ -269,7 +269,9 @@ def test_trainer_checkpoint_with_a_param_that_never_had_a_gradient_resumes(tmp_p
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed installed")
 def test_deepspeed_checkpoints_that_anon_cannot_resume_stop_with_an_error(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=DS_PORT, PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1"
+    )
     result = subprocess.run(
         [sys.executable, str(DS_WORKER), str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
     )
