@@ -145,13 +145,11 @@ def build_trainer(run_dir: str, deepspeed: str | None, seed: int, callbacks=()):
         report_to="none",
         disable_tqdm=True,
         seed=0,
+        # No GPU here: without use_cpu, accelerate finds no backend under DeepSpeed and counts one process per rank.
+        use_cpu=True,
         # Without DeepSpeed: --optim anon with Anon's own hyperparameters in optim_args. With it: the config's
         # optimizer block {"type": "Anon", "params": {"lr": "auto", ...}} builds Anon inside DeepSpeed.
-        **(
-            dict(deepspeed=deepspeed)
-            if deepspeed
-            else dict(optim="anon", optim_args="gamma=0.5,refresh=pow2", use_cpu=True)
-        ),
+        **(dict(deepspeed=deepspeed) if deepspeed else dict(optim="anon", optim_args="gamma=0.5,refresh=pow2")),
     )
     return Trainer(model=tiny_llama(seed), args=args, train_dataset=TokenDataset(), callbacks=list(callbacks))
 
@@ -202,27 +200,6 @@ def reset_between_trainers() -> None:
     gc.collect()
 
 
-def count_cpu_ranks_in_accelerate() -> None:
-    """Make accelerate count the torchrun ranks of a CPU DeepSpeed run (test-machine workaround, no GPU here).
-
-    accelerate's ``PartialState._prepare_backend`` finds no backend on a CPU-only host unless ``cpu=True``, and with
-    ``cpu=True`` it refuses DeepSpeed; so a Trainer with ``--deepspeed`` under torchrun on CPU sees
-    ``num_processes == 1`` on every rank: it fills ``train_batch_size`` for one process (DeepSpeed's batch check
-    then fails) and does not shard the data. The gloo group is already up here, so report it as the backend.
-    """
-    from accelerate.state import DistributedType, PartialState
-
-    original = PartialState._prepare_backend
-
-    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-        found, distributed_type = original(self, cpu, sagemaker_dp, backend)
-        if found is None and dist.is_initialized():
-            return dist.get_backend(), DistributedType.MULTI_CPU
-        return found, distributed_type
-
-    PartialState._prepare_backend = _prepare_backend
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
@@ -238,7 +215,6 @@ def main() -> None:
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="gloo")
-            count_cpu_ranks_in_accelerate()
     rank, _ = rank_and_world()
     for phase in cli.phases:
         if phase == "full":
