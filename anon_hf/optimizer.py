@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, Optional, Union
 
@@ -66,7 +67,8 @@ _ANON_GROUP_KEYS = ("gamma", "refresh", "beta3")
 
 
 def _is_real_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real admits numpy scalars (a gamma from np.linspace); bool is an int but never a hyperparameter.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -124,6 +126,15 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
                 f"Invalid {name} value: {group[name]!r} (allowed: None for the param dtype, torch.float32, "
                 "torch.bfloat16 or torch.float64, or their names 'float32', 'bf16', 'bfloat16', 'float64')"
             )
+
+
+def _as_python_numbers(group: dict[str, Any]) -> None:
+    """Store numpy scalars as Python floats, so state dicts load with ``torch.load(weights_only=True)``."""
+    for key in ("lr", "gamma", "eps", "weight_decay", "beta3"):
+        if key in group and _is_real_number(group[key]) and type(group[key]) is not float:
+            group[key] = float(group[key])
+    if isinstance(group.get("betas"), (tuple, list)):
+        group["betas"] = tuple(float(b) if _is_real_number(b) else b for b in group["betas"])
 
 
 class Anon(torch.optim.Optimizer):
@@ -276,6 +287,7 @@ class Anon(torch.optim.Optimizer):
             differentiable=False,  # read by torch's step decorator; Anon's step always runs under no_grad
         )
         _validate_hyperparameters(defaults)
+        _as_python_numbers(defaults)
         if not isinstance(verify_sync, bool):
             raise ValueError(f"Invalid verify_sync value: {verify_sync!r} (allowed: True or False)")
         super().__init__(params, defaults)
@@ -291,6 +303,7 @@ class Anon(torch.optim.Optimizer):
                     param_group[name] = _state_dtype(param_group[name])
             overrides = {key: value for key, value in param_group.items() if key != "params"}
             _validate_hyperparameters({**self.defaults, **overrides})
+            _as_python_numbers(param_group)
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -294,3 +294,19 @@ def test_import_stays_light():
     code = "import sys, anon_hf; print(sorted(m for m in ('transformers', 'accelerate', 'deepspeed', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_floats():
+    np = pytest.importorskip("numpy", reason="numpy is not installed")
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = Anon([param], lr=np.float64(0.01), gamma=np.float32(1.5), betas=(np.float32(0.9), 0.99))
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "eps": np.float64(1e-12)})
+    param.grad = torch.randn(3)
+    opt.step()
+    groups = opt.state_dict()["param_groups"]
+    assert type(groups[0]["gamma"]) is float and type(groups[0]["betas"][0]) is float
+    assert type(groups[1]["eps"]) is float
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # numpy scalars would be refused by the weights-only unpickler
