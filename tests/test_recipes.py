@@ -170,6 +170,38 @@ def test_causal_lm_under_torchrun_ddp(tmp_path):
     assert "anon/refresh_step" in log
 
 
+@require_transformers
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["accelerate_ddp", "deepspeed_zero2"])
+def test_causal_lm_under_the_recipe_configs(launcher, tmp_path):
+    """The launch lines of recipes/README.md, on 2 CPU processes (--use_cpu true; gloo)."""
+    port = str(MASTER_PORT + (2 if launcher == "deepspeed_zero2" else 3))
+    if launcher == "accelerate_ddp":
+        config = REPO / "recipes" / "configs" / "accelerate_ddp.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+        cmd += ["--main_process_port", port, str(CAUSAL_LM), "--optim", "anon"]
+    else:
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+        config = REPO / "recipes" / "configs" / "ds_zero2.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        cmd += [str(CAUSAL_LM), "--deepspeed", str(config)]
+    if not config.is_file():
+        pytest.skip(f"{config.name} is not in recipes/configs (issue 4 owns it)")
+    cmd += ["--use_cpu", "true", "--max_steps", "3", "--output_dir", str(tmp_path), "--log_level", "info"]
+    proc = subprocess.run(
+        cmd + ["--save_final_model", "false"] + TINY,
+        cwd=REPO,
+        env=dict(_env(), DS_ACCELERATOR="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 32" in log, log[-3000:]
+    assert "anon/refresh_step" in log  # Anon, not a replacement, took the steps
+
+
 def _has_cuda() -> bool:
     import torch
 
