@@ -60,6 +60,7 @@ stats: collections.Counter = collections.Counter()
 _MAX_GRAPHS = 64
 _graphs: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
 _ran: set[tuple] = set()  # keys whose graph has compiled and run at least once
+_dead: set[tuple] = set()  # keys whose graph failed to recompile: their tensors take the foreach path
 _graph_ids = itertools.count()
 _disabled_reason: str | None = None
 _logged: set[str] = set()
@@ -171,28 +172,53 @@ class _CompileFailed(Exception):
     pass
 
 
+def _dynamo_settings() -> dict:
+    """Config for tracing our graphs: parameters get dynamic shapes like any tensor (dynamo keeps an
+    ``nn.Parameter``'s shape static by default, which would compile one graph per shape), and each graph may hold
+    the few variants that 0/1 specialization and equal dimensions produce."""
+    config = torch._dynamo.config
+    settings = {"force_parameter_static_shapes": False}
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    settings[limit] = max(getattr(config, limit), 32)
+    return {name: value for name, value in settings.items() if hasattr(config, name)}
+
+
 def _run(key: tuple, *args):
-    """Run the graph for ``key``; a failure on its first call (tracing or compiling, before anything is written)
-    disables the fused path for the process and raises :class:`_CompileFailed`."""
+    """Run the graph for ``key``, raising :class:`_CompileFailed` (nothing written) when dynamo or inductor fail.
+
+    A failure on a graph's first call (the compiler itself) disables the fused path for the process; a later one
+    (a recompile for a new shape that fails or exceeds the limit) retires that graph only.
+    """
+    if key in _dead:
+        raise _CompileFailed
     graph = _graph_for(key)
-    if key in _ran:
-        return graph(*args)
+    first = key not in _ran
     started = time.perf_counter()
     try:
-        result = graph(*args)
+        with torch._dynamo.config.patch(**_dynamo_settings()):
+            result = graph(*args)
     except Exception as err:
-        _disable(f"torch.compile failed ({type(err).__name__}: {(str(err).strip() or '?').splitlines()[0][:300]})")
+        # Dynamo traces and inductor compiles before a graph runs, so nothing of this call was written.
+        message = f"{type(err).__name__}: {(str(err).strip() or '?').splitlines()[0][:300]}"
+        if first:
+            _disable(f"torch.compile failed ({message})")
+        else:
+            _dead.add(key)
+            logger.warning(
+                "Anon fused=True: recompiling a %s graph failed (%s); its tensors take the foreach path.",
+                key[0],
+                message,
+            )
         raise _CompileFailed from err
-    _ran.add(key)
-    stats["compiles"] += 1
-    _log_once(
-        logging.INFO,
-        "Anon fused=True: the step runs torch.compile'd graphs (inductor), compiled once per param group, device "
-        "and dtype; the first refresh (step 1) runs the eager foreach path.",
-    )
-    logger.debug(
-        "Anon fused: compiled a %s graph for %d tensors in %.1f s", key[0], len(args[0]), time.perf_counter() - started
-    )
+    if first:
+        _ran.add(key)
+        stats["compiles"] += 1
+        logger.debug(
+            "Anon fused: compiled a %s graph for %d tensors in %.1f s",
+            key[0],
+            len(args[0]),
+            time.perf_counter() - started,
+        )
     return result
 
 
@@ -359,6 +385,11 @@ def _fused_anon(
     if done:
         torch._foreach_add_([state_steps[i] for i in done], 1)
         stats["compiled"] += 1
+        _log_once(
+            logging.INFO,
+            "Anon fused=True: steps run torch.compile'd graphs (inductor, compiled on first use per dtype, rank and "
+            "chunk size); the first refresh (step 1) runs the eager foreach path.",
+        )
     if eager_only:
         stats["fallback"] += 1
         eager(sorted(eager_only))
