@@ -180,6 +180,7 @@ def test_mixed_param_dtypes_in_one_group():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles graphs for chunks of 16 and 4 tensors; chunks of 2 are covered by the fast tests
 def test_many_same_shaped_tensors_are_chunked_and_match_foreach():
     assert _fused._chunk_sizes(37, 16) == [16, 16, 4, 1]
     assert _fused._chunk_sizes(3, 1 << 22) == [1, 1, 1]
