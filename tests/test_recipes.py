@@ -277,6 +277,31 @@ def test_sweep_lr_search_extends_past_the_edge(sweep, monkeypatch, tmp_path):
     assert best == 0.0316 and len(records) == 5
 
 
+def test_sweep_reuses_runs_only_with_the_same_settings(sweep, tmp_path):
+    import argparse
+
+    task = sweep.TASKS["causal_lm"]
+    cfgs = sweep.configs([1.0], anon_optim_args="eps=1e-8")
+    args = argparse.Namespace(max_steps=300, logging_steps=10, extra=[], tiny=False, tune_seed=0)
+    run = {"config": "anon(gamma=1)", "lr": 0.00316, "seed": 1, "metric": 3.3}
+    old = {
+        "task": "causal_lm",
+        "settings": {"max_steps": 300, "base_argv": task.base_argv, "extra_argv": [], "tiny": False, "tune_seed": 0},
+        "configs": [{"config": "anon(gamma=1)", "optim_args": "gamma=1,eps=1e-8"}],
+        "lr_grid": [],
+        "runs": [run],
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {
+        ("anon(gamma=1)", "gamma=1,eps=1e-8", 0.00316, 1): run
+    }
+    # Other Anon options: the run is not the same run.
+    assert sweep.load_reusable_runs(str(path), task, args, sweep.configs([1.0], anon_optim_args="")) == {}
+    with pytest.raises(ValueError, match="other settings"):
+        sweep.load_reusable_runs(str(path), task, argparse.Namespace(**{**vars(args), "max_steps": 200}), cfgs)
+
+
 def test_sweep_verdict_needs_two_standard_errors(sweep):
     ref = {"config": "adamw", "mean": 3.0, "std": 0.1, "n_seeds": 3, "n_diverged": 0}
     row = {"config": "anon", "mean": 2.9, "std": 0.1, "n_seeds": 3, "n_diverged": 0}

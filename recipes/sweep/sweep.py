@@ -164,6 +164,10 @@ def run_one(task: Task, config: Config, lr: float, seed: int, args: argparse.Nam
         argv += ["--optim_args", config.optim_args]
     argv += args.extra
     record = {"config": config.name, "optimizer": config.optim, "gamma": config.gamma, "lr": lr, "seed": seed}
+    cached = getattr(args, "cache", {}).get((config.name, config.optim_args, lr, seed))
+    if cached is not None:  # the same run (same settings) in the results given to --reuse
+        logger.info("%-18s lr=%-8g seed=%d reused: %s=%s", config.name, lr, seed, task.metric, cached["metric"])
+        return {**cached, "reused": True}
     started = time.perf_counter()
     log_path = work_dir / f"{task.name}_{config.optim}_{config.gamma}_{lr:g}_{seed}.log"
     try:
@@ -312,11 +316,44 @@ def _versions() -> dict[str, str]:
     }
 
 
+def load_reusable_runs(path: str, task: Task, args: argparse.Namespace, cfgs: list[Config]) -> dict[tuple, dict]:
+    """Runs of an earlier ``<task>.json`` keyed by (config, optim_args, lr, seed), after checking its settings match.
+
+    A run is deterministic on CPU given its argv, so a sweep with more lr points or seeds can reuse what was done.
+    """
+    with open(path) as f:
+        old = json.load(f)
+    old_settings = old["settings"]
+    mismatches = {
+        key: (old_settings.get(key, default), new)
+        for key, default, new in (
+            ("max_steps", None, args.max_steps),
+            ("logging_steps", 10, args.logging_steps),
+            ("base_argv", None, task.base_argv),
+            ("extra_argv", None, args.extra),
+            ("tiny", None, args.tiny),
+            ("tune_seed", None, args.tune_seed),
+        )
+        if old_settings.get(key, default) != new
+    }
+    if old["task"] != task.name or mismatches:
+        raise ValueError(f"--reuse {path}: its runs were made with other settings ({old['task']}, {mismatches})")
+    optim_args = {c.name: c.optim_args for c in cfgs}
+    return {
+        (r["config"], optim_args.get(r["config"]), r["lr"], r["seed"]): r
+        for r in old["lr_grid"] + old["runs"]
+        if r["config"] in optim_args
+        and optim_args[r["config"]]
+        == next((c["optim_args"] for c in old.get("configs", []) if c["config"] == r["config"]), None)
+    }
+
+
 def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
     """Tune, run the seeds, write numbers and plots; return the results dict written to ``<task>.json``."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfgs = configs(args.gammas, args.anon_optim_args, tuple(args.default_eps_gammas))
+    args.cache = load_reusable_runs(args.reuse, task, args, cfgs) if args.reuse else {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{task.name}-") as tmp:
         work_dir = Path(tmp)
@@ -338,6 +375,7 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
         ],
         "settings": {
             "max_steps": args.max_steps,
+            "logging_steps": args.logging_steps,
             "seeds": args.seeds,
             "tune_seed": args.tune_seed,
             "gammas": args.gammas,
@@ -350,6 +388,7 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
         },
         "versions": _versions(),
         "wall_time_s": round(time.perf_counter() - started, 1),
+        "reused_from": args.reuse,
         "summary": summary,
         "lr_grid": grid_records,
         "runs": runs,
@@ -400,6 +439,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument(
         "--max_extensions", type=int, default=2, help="grid extensions per side when best is on an edge"
+    )
+    parser.add_argument(
+        "--reuse", default=None, help="an earlier <task>.json whose runs with the same settings are reused"
     )
     parser.add_argument("--lr_points", type=int, default=None, help="use only this many grid points (centred)")
     parser.add_argument(
