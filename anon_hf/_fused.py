@@ -1,32 +1,29 @@
-"""Anon's fused step: the update as ``torch.compile``'d graphs, one per bucket of tensors and kind of step.
+"""Anon's fused step: the update as ``torch.compile``'d (inductor) graphs over chunks of tensors.
 
 Between two refreshes an Anon step reads p, g, m, s, v and writes p, m, s: 8 memory passes where fused AdamW makes 7.
-The eager paths spend one pass per op (6 to 8 ops per tensor). Here the update of every tensor of a bucket (one
-device, one param dtype, one set of shapes) is traced once by dynamo and compiled by inductor into one loop per
-tensor that touches each byte once, all launched from a single Python call.
+The eager paths spend one pass per op (6 to 8 ops per tensor). Here dynamo traces the update of a chunk of tensors
+once and inductor compiles it into one loop per tensor that touches each byte once.
 
-A refresh step (2, 4, 8, ... for ``"pow2"``) runs two more graphs: one reduction that tells, per tensor, whether the
-new accumulator and preconditioner are finite (so ``on_nonfinite="raise"`` raises before anything is written), then
-the step with the refresh folded in. It computes the power directly where fp32 cannot overflow (gamma == 1 needs no
-power at all; |gamma| <= 1 with eps >= 1e-30 uses ``pow``) and in log space otherwise, as the eager routine does.
+* Graphs see 1-D views and are compiled with dynamic shapes, so a graph depends only on the dtypes, whether a
+  preconditioner exists, whether L2 decay is on, the number of tensors in a call (16, 4 or 1: ``_chunk_sizes``) and
+  the kind of step: three graphs per kind serve every model, every param group and every optimizer of the process.
+* Every hyperparameter that may change between steps (lr and the bias corrections, weight decay, betas, bounds, the
+  sign for ``maximize``) enters as a tensor, so nothing recompiles when a scheduler moves lr.
+* A refresh step runs two graphs: a reduction that tells, per tensor, whether the new accumulator and preconditioner
+  are finite (so ``on_nonfinite="raise"`` raises before anything is written), then the step with the refresh folded
+  in. The power is computed directly where fp32 cannot overflow (gamma == 1 needs none; |gamma| <= 1 with
+  eps >= 1e-30 uses ``pow``) and in log space otherwise, as the eager routine does.
+* Each graph gets a code object of its own, because dynamo keeps its cache and recompile limit per code object.
 
-Measured before choosing this (numbers in ``benchmarks/README.md``):
+Measured before choosing this (``benchmarks/README.md``): flat state buffers (one per device and dtype, with per-tensor
+views) written through slices inside a compiled graph became a ``slice_scatter`` of the whole buffer per tensor,
+hundreds of times slower; one static graph over all of a group's tensors ran a little faster per step but compiled
+for ~0.4 s per tensor, again for every new set of shapes. State therefore stays one tensor per parameter, as in the
+eager paths: ``state_dict()``, ``load_state_dict()`` and ZeRO's flat partitions see exactly what they see without it.
 
-* flat state buffers (one per device and dtype, with per-tensor views) written through slices inside the compiled
-  graph become a ``slice_scatter`` of the whole buffer per tensor: orders of magnitude slower. State therefore stays
-  one tensor per parameter, as in the eager paths, so ``state_dict()``, ``load_state_dict()`` and ZeRO's flat
-  partitions see exactly what they see without ``fused``;
-* compiling the update of a single tensor with dynamic shapes and calling it per tensor costs ~30 us of guard and
-  call overhead per tensor; one graph over the lists costs a few us per tensor.
-
-Every hyperparameter that may change between steps (lr and the bias corrections, weight decay, betas, the bounds,
-the sign for ``maximize``) enters the graph as a tensor, so each bucket compiles once and is reused; only shapes,
-dtypes, whether a preconditioner exists and whether L2 decay is on are baked in. Each bucket gets a code object of
-its own, because dynamo keeps its cache and its recompile limit per code object: buckets never evict each other.
-
-The first refresh (step 1, once per run), refreshes of tensors whose step counters differ, and what the graphs do not
-cover (DTensor and complex parameters, running inside an outer ``torch.compile``, a compiler that fails) run the
-eager foreach path, which computes the same update.
+Tensors the graphs do not cover run the eager foreach path, which computes the same update: refreshes of tensors whose
+step counters differ (some steps skipped with grad None), non-contiguous tensors, DTensor and complex parameters, a
+step traced by an outer ``torch.compile``, and everything after the compiler failed once.
 
 Nothing here imports anything but torch and the standard library; ``torch.compile`` is first touched on the first
 fused step, never at import.
@@ -98,12 +95,13 @@ def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, gamma_mod
         log_u = torch.log(sigma) * scalars[_GAMMA] + torch.log(scalars[_WEIGHT_NEW])
         if has_prev:
             log_prev = torch.log(precond.to(compute)) * -2.0 + torch.log(scalars[_WEIGHT_PREV])
-            log_u = torch.logaddexp(log_prev, log_u)
+            # Weight 0 (the first refresh) must leave log_u alone, not feed -inf into logaddexp.
+            log_u = torch.where(scalars[_WEIGHT_PREV] > 0, torch.logaddexp(log_prev, log_u), log_u)
         return torch.exp(log_u * -0.5)
     u = (sigma if gamma_mode == "one" else torch.pow(sigma, scalars[_GAMMA])) * scalars[_WEIGHT_NEW]
     if has_prev:
         inverse = torch.reciprocal(precond.to(compute))
-        u = u + inverse * inverse * scalars[_WEIGHT_PREV]
+        u = torch.where(scalars[_WEIGHT_PREV] > 0, u + inverse * inverse * scalars[_WEIGHT_PREV], u)
     return torch.rsqrt(u)
 
 
@@ -172,17 +170,6 @@ class _CompileFailed(Exception):
     pass
 
 
-def _dynamo_settings() -> dict:
-    """Config for tracing our graphs: parameters get dynamic shapes like any tensor (dynamo keeps an
-    ``nn.Parameter``'s shape static by default, which would compile one graph per shape), and each graph may hold
-    the few variants that 0/1 specialization and equal dimensions produce."""
-    config = torch._dynamo.config
-    settings = {"force_parameter_static_shapes": False}
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    settings[limit] = max(getattr(config, limit), 32)
-    return {name: value for name, value in settings.items() if hasattr(config, name)}
-
-
 def _run(key: tuple, *args):
     """Run the graph for ``key``, raising :class:`_CompileFailed` (nothing written) when dynamo or inductor fail.
 
@@ -195,8 +182,7 @@ def _run(key: tuple, *args):
     first = key not in _ran
     started = time.perf_counter()
     try:
-        with torch._dynamo.config.patch(**_dynamo_settings()):
-            result = graph(*args)
+        result = graph(*args)
     except Exception as err:
         # Dynamo traces and inductor compiles before a graph runs, so nothing of this call was written.
         message = f"{type(err).__name__}: {(str(err).strip() or '?').splitlines()[0][:300]}"
@@ -320,8 +306,8 @@ def _fused_anon(
     steps = [int(step.item()) + 1 for step in state_steps]
     refreshing = preconditioned and any(is_refresh_step(step, refresh) for step in steps)
     prev = previous_refresh_step(steps[0], refresh) if refreshing else 0
-    if refreshing and (len(set(steps)) > 1 or prev == 0):
-        # Tensors at different steps, or a first refresh (one step per run): the eager routine does it.
+    if refreshing and len(set(steps)) > 1:
+        # Tensors at different steps (some were skipped with grad None): the eager routine handles each one.
         stats["refresh_eager"] += 1
         return eager()
 
@@ -341,8 +327,10 @@ def _fused_anon(
         has_prev = beta3 > 0.0
         gamma_mode = "one" if gamma == 1.0 else "pow" if abs(gamma) <= 1.0 and eps >= 1e-30 else "log"
         # The weights enter as logarithms in log space; log(1) = 0 stands in for "no previous term".
+        # The first refresh (prev == 0) weighs the new estimate fully and the initial preconditioner not at all.
+        weighted = has_prev and prev > 0
         scalar_values += [1.0 / (1.0 - beta2 ** (steps[0] - prev)), eps, gamma]
-        scalar_values += [beta3 if has_prev else 1.0, 1.0 - beta3 if has_prev else 1.0]
+        scalar_values += [beta3 if weighted else 0.0, 1.0 - beta3 if weighted else 1.0]
     tensor_lists = [params, grads, exp_avgs, state_steps] + ([exp_avg_sqs, preconds] if preconditioned else [])
     chunks, eager_only, done = _plan(params, grads, exp_avgs, exp_avg_sqs, preconds)
     work = []
@@ -391,8 +379,8 @@ def _fused_anon(
         stats["compiled"] += 1
         _log_once(
             logging.INFO,
-            "Anon fused=True: steps run torch.compile'd graphs (inductor, compiled on first use per dtype, rank and "
-            "chunk size); the first refresh (step 1) runs the eager foreach path.",
+            "Anon fused=True: steps run torch.compile'd graphs (inductor), compiled on first use per dtypes, chunk "
+            "size and kind of step (ordinary, refresh).",
         )
     if eager_only:
         stats["fallback"] += 1
