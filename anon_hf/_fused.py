@@ -158,7 +158,10 @@ def _graph_for(key: tuple) -> Callable:
     # A code object of its own per bucket: dynamo's cache and recompile limit live on the code object.
     base = _KINDS[key[0]]
     code = base.__code__.replace(co_name=f"_anon_fused_{key[0]}_{next(_graph_ids)}")
-    graph = torch.compile(types.FunctionType(code, base.__globals__), fullgraph=True, dynamic=True)
+    # Dynamo's guards already check every input's size and stride; inductor's own per-input asserts would repeat it.
+    graph = torch.compile(
+        types.FunctionType(code, base.__globals__), fullgraph=True, dynamic=True, options={"size_asserts": False}
+    )
     _graphs[key] = graph
     while len(_graphs) > _MAX_GRAPHS:
         old_key, _ = _graphs.popitem(last=False)
@@ -342,11 +345,10 @@ def _fused_anon(
         torch._dynamo.mark_static(scalars)
         torch._dynamo.mark_static(neg_step_sizes)
         # 1-D views: one graph per chunk size serves every shape (graphs are compiled with dynamic shapes).
-        tensors = [[tensors[i].view(-1) for i in indices] for tensors in (params, grads, exp_avgs)]
-        if preconditioned:
-            tensors += [[exp_avg_sqs[i].view(-1) for i in indices], [preconds[i].view(-1) for i in indices]]
-        else:
-            tensors += [[], []]
+        flat = params[indices[0]].dim() != 1
+        lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
+        tensors = [[t[i].view(-1) for i in indices] if flat else [t[i] for i in indices] for t in lists]
+        tensors += [] if preconditioned else [[], []]
         work.append((group_key + (not decoupled, len(indices)), indices, tensors, scalars, neg_step_sizes))
 
     keeps = []
@@ -430,11 +432,12 @@ def _plan(
             eager_only.append(i)
             continue
         dtypes = (grads[i].dtype,) + tuple(t.dtype for t in state)
-        groups.setdefault((param.device, param.dtype, dtypes, preconditioned, numel), []).append(i)
+        # 1-D tensors go in without a view (one less Python call per tensor): keep them in chunks of their own.
+        groups.setdefault((param.device, param.dtype, dtypes, preconditioned, numel, param.dim() == 1), []).append(i)
     chunks = []
     for key, indices in groups.items():
         start = 0
-        for size in _chunk_sizes(len(indices), key[-1]):
+        for size in _chunk_sizes(len(indices), key[4]):
             chunks.append((key[:4], indices[start : start + size]))
             start += size
     return chunks, eager_only, empty

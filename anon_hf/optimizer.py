@@ -408,7 +408,8 @@ class Anon(torch.optim.Optimizer):
             if preconditioned and "precond" not in state:
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
                 state["precond"] = torch.ones_like(p, dtype=precond_dtype, memory_format=torch.preserve_format)
-            _cast_state(state, group, p)
+            if moments_dtype is not None or precond_dtype is not None or state["exp_avg"].dtype != p.dtype:
+                _cast_state(state, group, p)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
