@@ -147,10 +147,11 @@ def plot_metric_vs_gamma(results: dict, path: Path) -> None:
             color="tab:blue",
         )
     ax.set_xticks(xs)
+    ax.margins(x=0.2)  # room for the lr labels right of the last point
     ax.set_xlabel("gamma (0: SGD-like, 1: Adam-like)")
     ax.set_ylabel(f"final {METRIC_LABELS.get(metric, metric)}")
     ax.set_title(
-        f"{results['task']}: final {metric} vs gamma, {results['settings']['max_steps']} steps, "
+        f"{results['task']}: final {metric} vs gamma\n{results['settings']['max_steps']} steps, "
         f"seeds {results['settings']['seeds']}, lr tuned per configuration"
     )
     ax.grid(alpha=0.3)
