@@ -5,7 +5,7 @@ The eager paths spend one pass per op (6 to 8 ops per tensor). Here dynamo trace
 once and inductor compiles it into one loop per tensor that touches each byte once.
 
 * Graphs see 1-D views and are compiled with dynamic shapes, so a graph depends only on the dtypes, whether a
-  preconditioner exists, whether L2 decay is on, the number of tensors in a call (16, 4 or 1: ``_chunk_sizes``) and
+  preconditioner exists, whether L2 decay and bounds are on, the number of tensors in a call (16, 4 or 1) and
   the kind of step: three graphs per kind serve every model, every param group and every optimizer of the process.
 * Every hyperparameter that may change between steps (lr and the bias corrections, weight decay, betas, bounds, the
   sign for ``maximize``) enters as a tensor, so nothing recompiles when a scheduler moves lr.
@@ -68,15 +68,17 @@ _DECAY, _WEIGHT1, _BETA2, _WEIGHT2, _SIGN, _WEIGHT_DECAY, _LO, _HI = range(8)
 _INV_BIAS2, _EPS, _GAMMA, _WEIGHT_PREV, _WEIGHT_NEW = range(8, 13)
 
 
-def _moments(params, grads, exp_avgs, exp_avg_sqs, i: int, scalars: Tensor, l2: bool, preconditioned: bool):
+def _moments(params, grads, exp_avgs, exp_avg_sqs, i: int, scalars: Tensor, modes: tuple, preconditioned: bool):
     """Tensor ``i``'s param, new first moment and new accumulator (``None`` without a preconditioner), in
     ``scalars.dtype``; nothing is written."""
     compute = scalars.dtype
     param = params[i].to(compute)
     grad = grads[i].to(compute) * scalars[_SIGN]
-    if l2:
+    if modes[0]:  # L2 decay
         grad = grad + param * scalars[_WEIGHT_DECAY]
-    exp_avg = torch.lerp(exp_avgs[i].to(compute), grad, scalars[_WEIGHT1])
+    exp_avg = exp_avgs[i].to(compute)
+    # torch.lerp's own formula for weights < 0.5 (beta1 > 0.5), without its per-element branch.
+    exp_avg = exp_avg + (grad - exp_avg) * scalars[_WEIGHT1]
     exp_avg_sq = None
     if preconditioned:
         exp_avg_sq = exp_avg_sqs[i].to(compute) * scalars[_BETA2] + grad * grad * scalars[_WEIGHT2]
@@ -105,26 +107,33 @@ def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, gamma_mod
     return torch.rsqrt(u)
 
 
-def _step_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, l2: bool) -> None:
+def _project(new_param: Tensor, scalars: Tensor, modes: tuple) -> Tensor:
+    """Clamp to the box ``[lo, hi]`` when ``bounds`` is set (``modes[1]``)."""
+    return torch.clamp(new_param, scalars[_LO], scalars[_HI]) if modes[1] else new_param
+
+
+def _step_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, modes: tuple) -> None:
     """The update between refreshes, rounded once into each storage. ``neg_step_sizes[i] = -lr / (1 - beta1**t_i)``;
     ``exp_avg_sqs`` and ``preconds`` are both empty when the preconditioner is all ones (gamma == 0)."""
     preconditioned = len(preconds) > 0
     for i in range(len(params)):
-        param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, l2, preconditioned)
+        param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, modes, preconditioned)
         exp_avgs[i].copy_(exp_avg)
         update = exp_avg
         if preconditioned:
             exp_avg_sqs[i].copy_(exp_avg_sq)
             update = exp_avg * preconds[i].to(scalars.dtype)
         new_param = param * scalars[_DECAY] + update * neg_step_sizes[i]
-        params[i].copy_(torch.clamp(new_param, scalars[_LO], scalars[_HI]))
+        params[i].copy_(_project(new_param, scalars, modes))
 
 
-def _flags_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, l2: bool, gamma_mode: str, has_prev: bool):
+def _flags_graph(
+    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, modes: tuple, gamma_mode: str, has_prev: bool
+):
     """Per tensor, whether this refresh's accumulator and new preconditioner are all finite; writes nothing."""
     flags = []
     for i in range(len(params)):
-        _, _, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, l2, True)
+        _, _, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, modes, True)
         precond = _new_precond(exp_avg_sq, preconds[i], scalars, gamma_mode, has_prev)
         # s * 0 is nan exactly where s is inf or nan: one reduction covers both tensors, with no temporary.
         flags.append(torch.isfinite(exp_avg_sq * 0.0 + precond).all())
@@ -132,19 +141,19 @@ def _flags_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, l2: bo
 
 
 def _refresh_graph(
-    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, keep, l2: bool, gamma_mode, has_prev
+    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, keep, modes: tuple, gamma_mode, has_prev
 ) -> None:
     """A refresh step: moments, the new preconditioner (the old one where ``keep[i]`` is False), accumulator reset,
     then the update with the preconditioner as stored."""
     compute = scalars.dtype
     for i in range(len(params)):
-        param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, l2, True)
+        param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, modes, True)
         exp_avgs[i].copy_(exp_avg)
         precond = _new_precond(exp_avg_sq, preconds[i], scalars, gamma_mode, has_prev)
         preconds[i].copy_(torch.where(keep[i], precond, preconds[i].to(compute)))
         exp_avg_sqs[i].zero_()
         new_param = param * scalars[_DECAY] + exp_avg * preconds[i].to(compute) * neg_step_sizes[i]
-        params[i].copy_(torch.clamp(new_param, scalars[_LO], scalars[_HI]))
+        params[i].copy_(_project(new_param, scalars, modes))
 
 
 _KINDS = {"step": _step_graph, "flags": _flags_graph, "refresh": _refresh_graph}
@@ -349,7 +358,8 @@ def _fused_anon(
         lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
         tensors = [[t[i].view(-1) for i in indices] if flat else [t[i] for i in indices] for t in lists]
         tensors += [] if preconditioned else [[], []]
-        work.append((group_key + (not decoupled, len(indices)), indices, tensors, scalars, neg_step_sizes))
+        modes = (not decoupled, bounds is not None)
+        work.append((group_key + (modes, len(indices)), indices, tensors, scalars, neg_step_sizes))
 
     keeps = []
     if refreshing:
