@@ -32,47 +32,19 @@ import json
 import os
 import shutil
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
 import anon_hf  # noqa: F401  (registers --optim anon and the DeepSpeed hooks before transformers is imported)
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiny import TokenDataset, tiny_llama  # noqa: E402
+
 STEPS = 20
 SAVE_AT = 6
 KILL_STEP = 8
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """64 fixed sequences of 16 token ids in [0, 256): 16 steps per epoch at a global batch of 4."""
-
-    def __init__(self, size: int = 64, length: int = 16):
-        self.ids = torch.randint(0, 256, (size, length), generator=torch.Generator().manual_seed(1234))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
-
-
-def tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.config.use_cache = False
-    return model
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -20,40 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from anon_hf import Anon  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiny import tiny_llama, tiny_llama_config  # noqa: E402, F401  (workers import both from here)
+
 GLOBAL_BATCH = 4
 SEQ_LEN = 16
 STEPS = 20
 SAVE_AT = 6
 # Anon's hyperparameters in every run: decoupled weight decay on, gamma = 1 (the Adam-like end).
 ANON_KWARGS = dict(lr=1e-3, betas=(0.9, 0.999), gamma=1.0, weight_decay=0.01)
-
-
-def tiny_llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=64,
-        # Tied: every embedding row then gets a gradient at every step. An untied row of a token absent from the
-        # batch has a zero gradient, so a refresh sets its preconditioner to eps**-0.5 = 1e8 and the row jumps
-        # when the token shows up, which makes any comparison of two runs ill-conditioned.
-        tie_word_embeddings=True,
-    )
-
-
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    """The same fp32 weights on every rank and in every call with the same seed."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.config.use_cache = False
-    return model.float()
 
 
 def global_batches(steps: int = STEPS) -> list[torch.Tensor]:
