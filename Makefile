@@ -42,6 +42,9 @@ test: install $(DS_SHM_STAMP)  ## run the whole test suite
 test-dist: install $(DS_SHM_STAMP)  ## the multi-process tests: DDP, FSDP2, ZeRO-1/2/3, Trainer+DeepSpeed (2 gloo CPU ranks)
 	$(PY) -m pytest -m distributed $(PYTEST_ARGS)
 
+test-slow: install $(DS_SHM_STAMP)  ## only the tests marked slow (they also run in `make test`)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
 test-fast: install  ## the suite without the slow and multi-process tests
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
 
