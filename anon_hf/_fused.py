@@ -4,9 +4,9 @@ Between two refreshes an Anon step reads p, g, m, s, v and writes p, m, s: 8 mem
 The eager paths spend one pass per op (6 to 8 ops per tensor). Here dynamo traces the update of a chunk of tensors
 once and inductor compiles it into one loop per tensor that touches each byte once.
 
-* Graphs see 1-D views and are compiled with dynamic shapes, so a graph depends only on the dtypes, whether a
-  preconditioner exists, whether L2 decay and bounds are on, the number of tensors in a call (16, 4 or 1) and
-  the kind of step: three graphs per kind serve every model, every param group and every optimizer of the process.
+* Graphs are compiled with dynamic shapes, so a graph depends only on the dtypes, the rank, whether a
+  preconditioner exists, whether L2 decay and bounds are on, the number of tensors in a call (16, 4 or 1, all of one
+  shape) and the kind of step: a few graphs serve every model, param group and optimizer of the process.
 * Every hyperparameter that may change between steps (lr and the bias corrections, weight decay, betas, bounds, the
   sign for ``maximize``) enters as a tensor, so nothing recompiles when a scheduler moves lr.
 * A refresh step runs two graphs: a reduction that tells, per tensor, whether the new accumulator and preconditioner
@@ -353,10 +353,10 @@ def _fused_anon(
         neg_step_sizes = torch.tensor([-lr / (1 - beta1 ** steps[i]) for i in indices], dtype=compute, device=device)
         torch._dynamo.mark_static(scalars)
         torch._dynamo.mark_static(neg_step_sizes)
-        # 1-D views: one graph per chunk size serves every shape (graphs are compiled with dynamic shapes).
-        flat = params[indices[0]].dim() != 1
+        # detach(): plain tensors (dynamo keeps an nn.Parameter's shape static) that are not views (dynamo guards
+        # on a view's base), so one graph with dynamic shapes serves every shape of a rank.
         lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
-        tensors = [[t[i].view(-1) for i in indices] if flat else [t[i] for i in indices] for t in lists]
+        tensors = [[t[i].detach() for i in indices] for t in lists]
         tensors += [] if preconditioned else [[], []]
         modes = (not decoupled, bounds is not None)
         work.append((group_key + (modes, len(indices)), indices, tensors, scalars, neg_step_sizes))
@@ -422,12 +422,12 @@ _CHUNK_ELEMENTS = 1 << 22
 def _plan(
     params, grads, exp_avgs, exp_avg_sqs, preconds
 ) -> tuple[list[tuple[tuple, list[int]]], list[int], list[int]]:
-    """Group tensor indices into graph calls: same device, dtypes and number of elements, then chunks.
+    """Group tensor indices into graph calls: same device, dtypes and shape, then chunks (``_chunk_sizes``).
 
-    The graphs see every tensor as a 1-D view, so shape and rank do not matter, only the number of elements (for
-    the chunk size). Returns ``(chunks, eager_only, empty)``: each chunk is ``(key, indices)``; tensors that are not
-    all contiguous (a transposed param, a gradient laid out differently) are in ``eager_only``; empty tensors (only
-    their step counter advances) in ``empty``.
+    Returns ``(chunks, eager_only, empty)``: each chunk is ``(key, indices)`` with tensors of one shape, the key
+    naming the graph (device, dtypes, preconditioned, rank); tensors that are not all contiguous (a transposed
+    param, a gradient laid out differently) are in ``eager_only``; empty tensors (only their step counter advances)
+    in ``empty``.
     """
     preconditioned = len(preconds) > 0
     groups: dict[tuple, list[int]] = {}
@@ -442,12 +442,13 @@ def _plan(
             eager_only.append(i)
             continue
         dtypes = (grads[i].dtype,) + tuple(t.dtype for t in state)
-        # 1-D tensors go in without a view (one less Python call per tensor): keep them in chunks of their own.
-        groups.setdefault((param.device, param.dtype, dtypes, preconditioned, numel, param.dim() == 1), []).append(i)
+        # A chunk holds tensors of one shape: their sizes share symbols, and the graph is the same for every shape
+        # of that rank (dims equal to each other or to 1 add a variant or two).
+        groups.setdefault((param.device, param.dtype, dtypes, preconditioned, tuple(param.shape)), []).append(i)
     chunks = []
     for key, indices in groups.items():
         start = 0
-        for size in _chunk_sizes(len(indices), key[4]):
-            chunks.append((key[:4], indices[start : start + size]))
+        for size in _chunk_sizes(len(indices), params[indices[0]].numel()):
+            chunks.append((key[:4] + (len(key[4]),), indices[start : start + size]))
             start += size
     return chunks, eager_only, empty
