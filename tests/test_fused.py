@@ -363,3 +363,21 @@ def test_fused_none_never_compiles():
         opt.step()
     assert opt.param_groups[0]["fused"] is None
     assert dict(_fused.stats) == before
+
+
+def test_flat_partition_like_deepspeed_zero_matches_foreach():
+    # ZeRO-1/2 hand the inner optimizer one flat 1-D fp32 partition per group, crossing tensor boundaries.
+    def run(impl):
+        generator = torch.Generator().manual_seed(4)
+        flat = torch.nn.Parameter(torch.randn(10_007, generator=generator))
+        opt = Anon([flat], lr=0.01, weight_decay=0.1, **IMPLS[impl])
+        for _ in range(12):
+            flat.grad = torch.randn(10_007, generator=generator)
+            opt.step()
+        return flat, opt.state[flat]
+
+    (a, state_a), (b, state_b) = run("foreach"), run("fused")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("exp_avg", "exp_avg_sq", "precond"):
+        assert state_b[key].shape == (10_007,)
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-5, atol=1e-7)
