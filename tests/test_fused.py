@@ -89,12 +89,17 @@ def test_fused_matches_reference_fp32(config):
     _check_against_reference(config, torch.float32)
 
 
+FULL_GRID = [
+    pytest.param(config, dtype, id=f"{config.desc}-{name}")
+    for config in ALL_CONFIGS
+    for dtype, name in ((torch.float32, "fp32"), (torch.float64, "fp64"))
+    if not (dtype == torch.float32 and config.desc in FAST)  # those run in the fast test above
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda c: c.desc)
+@pytest.mark.parametrize("config, dtype", FULL_GRID)
 def test_fused_matches_reference_full_grid(config, dtype):
-    if dtype == torch.float32 and config.desc in FAST:
-        pytest.skip("covered by test_fused_matches_reference_fp32")
     _check_against_reference(config, dtype)
 
 
