@@ -77,6 +77,15 @@ def _split_launcher_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return forwarded, argv
 
 
+def _close_process_group() -> None:
+    """End a process group the target left open: gloo can abort the process at exit otherwise
+    ("terminate called without an active exception"), which torchrun reports as a failed rank."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(argv: list[str], forwarded: list[str] | None = None) -> int:
     """Run ``argv`` (``SCRIPT.py ARGS``, ``-m MODULE ARGS`` or ``COMMAND ARGS``) after ``import anon_hf``.
 
@@ -92,16 +101,20 @@ def run(argv: list[str], forwarded: list[str] | None = None) -> int:
         if len(argv) < 2:
             raise UsageError("anon-hf run -m: missing the module name")
         _run_module(argv[1], forwarded + argv[2:])
+        _close_process_group()
         return 0
     target, args = argv[0], forwarded + argv[1:]
     if target.startswith("-"):
         raise UsageError(f"anon-hf run: unknown option {target!r}; the target comes first, its options after it")
     if os.path.isfile(target):
         _run_path(target, args)
+        _close_process_group()
         return 0
     entry_point = _console_script(target)
     if entry_point is not None:
-        return _run_entry_point(target, entry_point, args)
+        status = _run_entry_point(target, entry_point, args)
+        _close_process_group()
+        return status
     raise UsageError(
         f"anon-hf run: {target!r} is neither a file nor an installed console script "
         "(check the path, or that the package providing the command is installed in this environment)"

@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 import anon_hf  # noqa: F401  (registers `--optim anon` with transformers when the integration is installed)
 
 from transformers import (  # isort: skip  (after anon_hf, so the registration hook sees the import)
@@ -332,3 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # With the group left open, gloo can abort the process at exit and torchrun reports a failed rank.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

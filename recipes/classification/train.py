@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 import anon_hf  # noqa: F401  (registers `--optim anon` with transformers when transformers is imported)
 
@@ -191,3 +192,7 @@ def _print_summary(result: dict[str, Any], n_eval: int, saved: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # With the group left open, gloo can abort the process at exit and torchrun reports a failed rank.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
