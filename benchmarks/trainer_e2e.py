@@ -5,7 +5,7 @@ optimizer, in alternating order, and reads ``train_samples_per_second`` from ``T
 round (discarded) pays for imports, first-use allocations and, for ``fused=true``, compiling. The ratio reported
 for each Anon variant is the median over rounds of its samples/s divided by AdamW's in the same round.
 
-    python benchmarks/trainer_e2e.py                       # CPU, 1 thread, 3 timed rounds of 60 steps
+    python benchmarks/trainer_e2e.py                       # CPU, 1 thread, 3 timed rounds of 200 steps
     python benchmarks/trainer_e2e.py --rounds 5 --steps 100
 
 Writes ``benchmarks/results/trainer_e2e_<device>.json``.
@@ -30,6 +30,7 @@ import anon_hf  # noqa: E402, F401  (registers --optim anon when transformers is
 VARIANTS = {
     "adamw_torch_fused": dict(optim="adamw_torch_fused"),
     "anon": dict(optim="anon"),
+    "anon_foreach": dict(optim="anon", optim_args="foreach=true"),
     "anon_fused": dict(optim="anon", optim_args="fused=true"),
 }
 
@@ -102,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (one more is run first and discarded)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200, help="per run; Anon refreshes at 1, 2, 4, ..., 128")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
@@ -121,7 +122,7 @@ def main(argv=None):
             result = {variant: train_once(variant, args, output_dir) for variant in order}
             rounds.append(result)
             tag = "warm-up (discarded)" if number == 0 else f"round {number}"
-            print(tag, {v: round(r["samples_per_second"], 2) for v, r in result.items()}, flush=True)
+            print(tag, {v: round(r["samples_per_second"], 2) for v, r in result.items()}, flush=True)  # noqa: T201
     timed = rounds[1:]
     summary = {}
     for variant in variants:
