@@ -57,7 +57,6 @@ stats: collections.Counter = collections.Counter()
 _MAX_GRAPHS = 64
 _graphs: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
 _ran: set[tuple] = set()  # keys whose graph has compiled and run at least once
-_dead: set[tuple] = set()  # keys whose graph failed to recompile: their tensors take the foreach path
 _graph_ids = itertools.count()
 _disabled_reason: str | None = None
 _logged: set[str] = set()
@@ -185,11 +184,9 @@ class _CompileFailed(Exception):
 def _run(key: tuple, *args):
     """Run the graph for ``key``, raising :class:`_CompileFailed` (nothing written) when dynamo or inductor fail.
 
-    A failure on a graph's first call (the compiler itself) disables the fused path for the process; a later one
-    (a recompile for a new shape that fails or exceeds the limit) retires that graph only.
+    A failure, on a graph's first call or on a recompile for new shapes (one that fails or exceeds dynamo's
+    recompile limit), disables the fused path for the process: the foreach path takes over from there.
     """
-    if key in _dead:
-        raise _CompileFailed
     graph = _graph_for(key)
     first = key not in _ran
     started = time.perf_counter()
@@ -198,15 +195,7 @@ def _run(key: tuple, *args):
     except Exception as err:
         # Dynamo traces and inductor compiles before a graph runs, so nothing of this call was written.
         message = f"{type(err).__name__}: {(str(err).strip() or '?').splitlines()[0][:300]}"
-        if first:
-            _disable(f"torch.compile failed ({message})")
-        else:
-            _dead.add(key)
-            logger.warning(
-                "Anon fused=True: recompiling a %s graph failed (%s); its tensors take the foreach path.",
-                key[0],
-                message,
-            )
+        _disable(f"torch.compile failed ({message}{'' if first else ', on a recompile'})")
         raise _CompileFailed from err
     if first:
         _ran.add(key)
