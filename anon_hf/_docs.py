@@ -41,14 +41,15 @@ foreach_doc = r"""foreach (bool, optional): whether the foreach implementation (
 maximize_doc = r"""maximize (bool, optional): maximize the objective with respect to the params, instead of
             minimizing (default: False)"""
 
-fused_doc = r"""fused (bool, optional): whether the steps between refreshes run as one ``torch.compile``'d (inductor)
-            graph per param group that reads p, g, m, s, v and writes p, m, s once each; state stays one tensor
-            per parameter, so state dicts are unchanged. Refresh steps (O(log T) of them) run the foreach path.
-            The first fused step of a process compiles (~10-40 s on CPU, less with inductor's cache warm; a C++
-            compiler on CPU, Triton on CUDA). Where compiling fails, or for DTensor (FSDP2) or complex params,
-            the foreach path runs and one log line says so. ``None`` never compiles and follows ``foreach``: a
-            default that compiled would add that delay to every short run and test. Cannot be ``True``
-            together with ``foreach`` (default: None)"""
+fused_doc = r"""fused (bool, optional): whether steps run as ``torch.compile``'d (inductor) graphs that read p, g, m, s,
+            v and write p, m, s once each, refreshes included (a refresh checks for nan/inf first, so
+            ``on_nonfinite="raise"`` raises before anything is written). State stays one tensor per parameter,
+            so state dicts are unchanged. The first fused step of a process compiles a few graphs (~10-40 s on
+            CPU, seconds with inductor's cache warm; a C++ compiler on CPU, Triton on CUDA); they serve every
+            shape. Where compiling fails, and for DTensor (FSDP2), complex or non-contiguous params, the
+            foreach path runs and one log line says so. Pays off on large tensors; with many small ones foreach
+            is faster. ``None`` never compiles and follows ``foreach``: a default that compiled would add that
+            delay to every short run and test. Cannot be ``True`` together with ``foreach`` (default: None)"""
 
 precond_dtype_doc = r"""precond_dtype (torch.dtype or str, optional): storage dtype of the preconditioner ``precond``.
             ``None`` keeps the param's dtype; ``torch.bfloat16`` (or ``"bf16"``) halves its memory, rounding
