@@ -68,14 +68,21 @@ def _refreshed_preconditioner(
     """The new preconditioner ``v = u**-0.5`` built from the accumulator; a new tensor, inputs untouched.
 
     ``u = sigma**gamma`` at the first refresh and ``beta3 * u_prev + (1 - beta3) * sigma**gamma`` after it, with
-    ``sigma = exp_avg_sq / (1 - beta2**steps_since_refresh) + eps`` and ``u_prev = precond**-2``. The arithmetic
-    runs in log space and in at least fp32: ``sigma**gamma`` for gamma = 3 and sigma near eps = 1e-16 is
-    1e-48, which fp32 flushes to zero (and then ``v`` is inf), while its logarithm is an ordinary number.
+    ``sigma = exp_avg_sq / (1 - beta2**steps_since_refresh) + eps`` and ``u_prev = precond**-2``, in at least
+    fp32. With ``|gamma| <= 1`` and ``eps >= 1e-30`` every intermediate fits fp32 and the power is taken directly.
+    Otherwise it runs in log space: ``sigma**gamma`` for gamma = 3 and sigma near eps = 1e-16 is 1e-48, which fp32
+    flushes to zero (and then ``v`` is inf), while its logarithm is an ordinary number.
     Returns a tensor of ``precond``'s shape in ``promote_types(precond.dtype, float32)``.
     """
     compute_dtype = torch.promote_types(precond.dtype, torch.float32)
     bias_correction2 = 1.0 - beta2**steps_since_refresh
-    log_u = exp_avg_sq.to(compute_dtype).div(bias_correction2).add_(eps).log_().mul_(gamma)
+    sigma = exp_avg_sq.to(compute_dtype).div(bias_correction2).add_(eps)
+    if abs(gamma) <= 1.0 and eps >= 1e-30:
+        u = sigma if gamma == 1.0 else sigma.pow_(gamma)
+        if not first and beta3 > 0.0:
+            u.mul_(1.0 - beta3).add_(precond.to(compute_dtype).pow(-2.0), alpha=beta3)
+        return u.rsqrt_()
+    log_u = sigma.log_().mul_(gamma)
     if not first and beta3 > 0.0:
         log_u_prev = precond.to(compute_dtype).log().mul_(-2.0)
         log_u = torch.logaddexp(log_u_prev.add_(math.log(beta3)), log_u.add_(math.log1p(-beta3)))
