@@ -29,7 +29,7 @@ from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
-from ..optimizer import Anon
+from ..optimizer import _STATE_DTYPE_NAMES, Anon
 
 __all__ = [
     "OPTIM_NAME",
@@ -125,6 +125,14 @@ def _to_nonfinite_policy(text: str) -> str:
     return text
 
 
+def _to_state_dtype(text: str) -> str | None:
+    if text.lower() in _NONE:
+        return None
+    if text.removeprefix("torch.") not in _STATE_DTYPE_NAMES:
+        raise ValueError(f"expected one of {', '.join(_STATE_DTYPE_NAMES)} or none")
+    return text
+
+
 def _core_has_fused() -> bool:
     return "fused" in inspect.signature(Anon.__init__).parameters
 
@@ -140,6 +148,8 @@ _OPTIM_ARGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "foreach": (_to_optional_bool, "true, false or none (default none = auto)"),
     "fused": (_to_optional_bool, "true, false or none (default none)"),
     "on_nonfinite": (_to_nonfinite_policy, "raise or skip (default raise)"),
+    "precond_dtype": (_to_state_dtype, "bf16, fp32, fp64 or none, storage of precond (default none = param dtype)"),
+    "moments_dtype": (_to_state_dtype, "bf16, fp32, fp64 or none, storage of exp_avg/exp_avg_sq (default none)"),
     "verify_sync": (_to_bool, "true or false (default true)"),
 }
 # Keys that belong to TrainingArguments: point to the flag instead of accepting a second way to set them.
