@@ -11,11 +11,9 @@ Everything here is plain Python on integers, so a refresh test never touches a d
 
 from __future__ import annotations
 
-from typing import Union
-
 __all__ = ["RefreshSchedule", "is_refresh_step", "previous_refresh_step", "refresh_steps", "validate_refresh"]
 
-RefreshSchedule = Union[str, int]
+RefreshSchedule = str | int
 
 _NAMED_SCHEDULES = ("pow2", "every")
 

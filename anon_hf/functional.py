@@ -11,7 +11,6 @@ Nothing here imports anything but torch.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ class NonFinitePreconditionerError(FloatingPointError):
     filled in by :class:`anon_hf.Anon`; ``tensor_index`` is the position of the tensor in its param group.
     """
 
-    def __init__(self, step: int, tensor_index: int, shape: tuple, group_index: Optional[int] = None):
+    def __init__(self, step: int, tensor_index: int, shape: tuple, group_index: int | None = None):
         self.step = step
         self.tensor_index = tensor_index
         self.shape = shape
@@ -101,7 +100,7 @@ def _refresh_(
     eps: float,
     beta3: float,
     on_nonfinite: str,
-    tensor_positions: Optional[list[int]] = None,
+    tensor_positions: list[int] | None = None,
 ) -> None:
     """Refresh ``preconds[i]`` for ``i in indices`` (all at ``step``) and reset their accumulators."""
     prev = previous_refresh_step(step, refresh)
@@ -144,7 +143,7 @@ def _single_tensor_anon(
     decoupled_weight_decay: bool,
     refresh: RefreshSchedule,
     beta3: float,
-    bounds: Optional[tuple[Optional[float], Optional[float]]],
+    bounds: tuple[float | None, float | None] | None,
     maximize: bool,
     on_nonfinite: str,
 ) -> list[int]:
@@ -226,7 +225,7 @@ def _multi_tensor_anon(
     decoupled_weight_decay: bool,
     refresh: RefreshSchedule,
     beta3: float,
-    bounds: Optional[tuple[Optional[float], Optional[float]]],
+    bounds: tuple[float | None, float | None] | None,
     maximize: bool,
     on_nonfinite: str,
 ) -> list[int]:
@@ -239,7 +238,7 @@ def _multi_tensor_anon(
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)
 
     refreshed = set()
-    for (device_lists, original_indices) in grouped.values():
+    for device_lists, original_indices in grouped.values():
         device_params, device_grads, device_exp_avgs, device_steps = device_lists[:4]
         device_exp_avg_sqs, device_preconds = device_lists[4:] if preconditioned else ([], [])
         compute = _compute_dtype(device_params[0], device_exp_avgs + device_exp_avg_sqs + device_preconds)
@@ -328,8 +327,8 @@ def anon(
     preconds: list[Tensor],
     state_steps: list[Tensor],
     *,
-    foreach: Optional[bool] = None,
-    fused: Optional[bool] = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -339,7 +338,7 @@ def anon(
     decoupled_weight_decay: bool = True,
     refresh: RefreshSchedule = "pow2",
     beta3: float = 0.5,
-    bounds: Optional[tuple[Optional[float], Optional[float]]] = None,
+    bounds: tuple[float | None, float | None] | None = None,
     maximize: bool = False,
     on_nonfinite: str = "raise",
 ) -> list[int]:
@@ -393,7 +392,7 @@ def anon(
     )
 
 
-def _compute_dtype(param: Tensor, state: list[Tensor]) -> Optional[torch.dtype]:
+def _compute_dtype(param: Tensor, state: list[Tensor]) -> torch.dtype | None:
     """``None`` when all of ``state`` has ``param``'s dtype (update in place), else the dtype to compute in."""
     if all(tensor.dtype == param.dtype for tensor in state):
         return None

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from functools import lru_cache
-from typing import Optional
+from functools import cache
 
 __all__ = [
     "is_accelerate_available",
@@ -15,8 +14,8 @@ __all__ = [
 ]
 
 
-@lru_cache(maxsize=None)
-def package_version(import_name: str, metadata_name: Optional[str] = None) -> Optional[str]:
+@cache
+def package_version(import_name: str, metadata_name: str | None = None) -> str | None:
     """The installed version of a package that is also importable, else None."""
     if importlib.util.find_spec(import_name) is None:
         return None
@@ -26,7 +25,7 @@ def package_version(import_name: str, metadata_name: Optional[str] = None) -> Op
         return None
 
 
-def _is_available(import_name: str, min_version: Optional[str] = None) -> bool:
+def _is_available(import_name: str, min_version: str | None = None) -> bool:
     version = package_version(import_name)
     if version is None:
         return False
@@ -37,13 +36,13 @@ def _is_available(import_name: str, min_version: Optional[str] = None) -> bool:
     return Version(version) >= Version(min_version)
 
 
-def is_transformers_available(min_version: Optional[str] = None) -> bool:
+def is_transformers_available(min_version: str | None = None) -> bool:
     return _is_available("transformers", min_version)
 
 
-def is_accelerate_available(min_version: Optional[str] = None) -> bool:
+def is_accelerate_available(min_version: str | None = None) -> bool:
     return _is_available("accelerate", min_version)
 
 
-def is_deepspeed_available(min_version: Optional[str] = None) -> bool:
+def is_deepspeed_available(min_version: str | None = None) -> bool:
     return _is_available("deepspeed", min_version)

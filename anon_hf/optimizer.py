@@ -6,7 +6,7 @@ import logging
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,16 +45,22 @@ __all__ = ["Anon"]
 
 logger = logging.getLogger(__name__)
 
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]], Iterable[tuple[str, Tensor]]]
-Bounds = Optional[tuple[Optional[float], Optional[float]]]
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+Bounds = tuple[float | None, float | None] | None
 
 # Keys each tensor's state may hold; `exp_avg_sq` and `precond` exist only where gamma != 0 (or once did).
 STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "precond"})
 # Storage dtypes `precond_dtype` / `moments_dtype` accept (None: the param's dtype). float16 cannot hold squared
 # gradients (they underflow) nor preconditioners above 65504, so it is refused.
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
-_STATE_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                      "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
+_STATE_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
 
 
 def _state_dtype(value: object) -> object:
@@ -250,7 +256,7 @@ class Anon(torch.optim.Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: Union[float, Tensor] = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         gamma: float = 1.0,
         eps: float = 1e-16,
@@ -261,10 +267,10 @@ class Anon(torch.optim.Optimizer):
         bounds: Bounds = None,
         *,
         maximize: bool = False,
-        foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
-        precond_dtype: Optional[Union[torch.dtype, str]] = None,
-        moments_dtype: Optional[Union[torch.dtype, str]] = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        precond_dtype: torch.dtype | str | None = None,
+        moments_dtype: torch.dtype | str | None = None,
         on_nonfinite: str = "raise",
         verify_sync: bool = True,
     ):
@@ -361,7 +367,7 @@ class Anon(torch.optim.Optimizer):
         saved_ids = [i for group in saved_groups for i in group["params"]]
         state = state_dict["state"]
         if len(saved_ids) == len(params):
-            for param, saved_id in zip(params, saved_ids):
+            for param, saved_id in zip(params, saved_ids, strict=False):
                 if saved_id in state:
                     _validate_tensor_state(state[saved_id], param, saved_id)
         super().load_state_dict(state_dict)
@@ -561,4 +567,3 @@ def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id
             f"State 'precond' of param {saved_id} holds nan, inf or negative values, which Anon never stores: the "
             "state dict is corrupted or was not written by Anon. Resume from an earlier checkpoint."
         )
-

@@ -91,7 +91,9 @@ def test_schedulers_drive_tensor_and_float_lr_alike(make_scheduler):
 
 def test_onecycle_cycles_beta1_through_the_betas_key():
     opt = Anon([torch.nn.Parameter(torch.randn(2))], lr=0.01, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, base_momentum=0.8, max_momentum=0.95)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=10, base_momentum=0.8, max_momentum=0.95
+    )
     assert opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
     for p in opt.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
@@ -110,11 +112,11 @@ def test_compiled_model_trains_like_the_eager_one():
     opts = [Anon(eager.parameters(), lr=0.01), Anon(twin.parameters(), lr=0.01)]
     for _ in range(5):
         x = torch.randn(32, 8)
-        for model, opt in zip((eager, compiled), opts):
+        for model, opt in zip((eager, compiled), opts, strict=False):
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             opt.step()
-    for a, b in zip(eager.parameters(), twin.parameters()):
+    for a, b in zip(eager.parameters(), twin.parameters(), strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -130,7 +132,12 @@ def test_older_state_dict_without_newer_group_keys_loads_with_defaults():
     fresh = Anon([param], lr=0.01, on_nonfinite="skip")
     fresh.load_state_dict(old)
     group = fresh.param_groups[0]
-    assert (group["on_nonfinite"], group["bounds"], group["maximize"], group["foreach"]) == ("raise", None, False, None)
+    assert (group["on_nonfinite"], group["bounds"], group["maximize"], group["foreach"]) == (
+        "raise",
+        None,
+        False,
+        None,
+    )
     param.grad = torch.randn(3)
     fresh.step()
     assert fresh.state[param]["step"].item() == 2

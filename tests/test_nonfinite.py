@@ -28,7 +28,10 @@ def test_raise_policy_names_group_tensor_and_step_and_keeps_old_preconditioner(i
         opt.step()
     precond_before = opt.state[bad]["precond"].clone()
     good.grad, bad.grad = torch.randn(3), torch.randn(2, 2)
-    with pytest.raises(NonFinitePreconditionerError, match=r"refreshed at step 4 for param group 1, tensor 0 \(shape \(2, 2\)\) is not finite") as info:
+    with pytest.raises(
+        NonFinitePreconditionerError,
+        match=r"refreshed at step 4 for param group 1, tensor 0 \(shape \(2, 2\)\) is not finite",
+    ) as info:
         opt.step()
     assert (info.value.step, info.value.group_index, info.value.tensor_index) == (4, 1, 0)
     assert torch.equal(opt.state[bad]["precond"], precond_before)

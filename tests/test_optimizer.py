@@ -61,7 +61,9 @@ def test_matches_reference(config, dtype, impl):
     assert opt.refresh_history == (ref.refreshes if config.kwargs.get("gamma", 1.0) != 0 else [])
 
 
-@pytest.mark.parametrize("refresh, expected", [("pow2", [1, 2, 4, 8, 16, 32]), (5, [1, 5, 10, 15, 20, 25, 30, 35, 40])])
+@pytest.mark.parametrize(
+    "refresh, expected", [("pow2", [1, 2, 4, 8, 16, 32]), (5, [1, 5, 10, 15, 20, 25, 30, 35, 40])]
+)
 def test_refreshes_exactly_on_schedule_and_reuses_preconditioner_between(refresh, expected):
     param = torch.nn.Parameter(torch.randn(6))
     opt = Anon([param], lr=0.01, refresh=refresh)
@@ -87,8 +89,15 @@ def test_gamma_zero_is_sgd_with_dampened_momentum_and_bias_correction(weight_dec
     init = torch.randn(4, 3, dtype=torch.float64)
     p_anon = torch.nn.Parameter(init.clone())
     p_sgd = torch.nn.Parameter(init.clone())
-    anon = Anon([p_anon], lr=lr, betas=(beta1, 0.999), gamma=0.0, weight_decay=weight_decay,
-                decoupled_weight_decay=False, **IMPLEMENTATIONS[impl])
+    anon = Anon(
+        [p_anon],
+        lr=lr,
+        betas=(beta1, 0.999),
+        gamma=0.0,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=False,
+        **IMPLEMENTATIONS[impl],
+    )
     sgd = torch.optim.SGD([p_sgd], lr=lr, momentum=beta1, dampening=beta1, weight_decay=weight_decay)
     # torch's SGD seeds its buffer with the first gradient; Anon's m starts at 0, so start SGD's there too.
     sgd.state[p_sgd]["momentum_buffer"] = torch.zeros_like(p_sgd)
@@ -132,7 +141,7 @@ def test_foreach_matches_forloop(config, dtype, device):
         params_by_impl[impl] = params
     # bf16 rounds every intermediate; the foreach kernels may order a fused multiply-add differently.
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
-    for a, b in zip(*params_by_impl.values()):
+    for a, b in zip(*params_by_impl.values(), strict=False):
         torch.testing.assert_close(a, b, **tol)
 
 
@@ -156,16 +165,16 @@ def test_per_group_hyperparameters_match_separate_optimizers():
     init = [torch.randn(5, 4), torch.randn(6)]
     joint = [torch.nn.Parameter(t.clone()) for t in init]
     apart = [torch.nn.Parameter(t.clone()) for t in init]
-    opt_joint = Anon([{"params": [p], **kw} for p, kw in zip(joint, group_kwargs)], lr=1.0)
-    opts_apart = [Anon([p], **kw) for p, kw in zip(apart, group_kwargs)]
+    opt_joint = Anon([{"params": [p], **kw} for p, kw in zip(joint, group_kwargs, strict=False)], lr=1.0)
+    opts_apart = [Anon([p], **kw) for p, kw in zip(apart, group_kwargs, strict=False)]
     for _ in range(25):
-        for a, b in zip(joint, apart):
+        for a, b in zip(joint, apart, strict=False):
             g = torch.randn_like(a)
             a.grad, b.grad = g, g.clone()
         opt_joint.step()
         for opt in opts_apart:
             opt.step()
-    for a, b in zip(joint, apart):
+    for a, b in zip(joint, apart, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -179,7 +188,7 @@ def test_tensor_lr_with_scheduler_matches_float_lr(impl):
     for _ in range(12):
         g = torch.randn(8)
         p_float.grad, p_tensor.grad = g, g.clone()
-        for opt, schedule in zip((opt_float, opt_tensor), schedules):
+        for opt, schedule in zip((opt_float, opt_tensor), schedules, strict=False):
             opt.step()
             schedule.step()
     assert isinstance(opt_tensor.param_groups[0]["lr"], torch.Tensor)
@@ -215,7 +224,7 @@ def test_state_dict_resume_is_identical_to_uninterrupted_run(save_at, gamma):
     second.load_state_dict(checkpoint["optimizer"])
     _train(fresh_model, second, batches[save_at:])
 
-    for a, b in zip(model.parameters(), fresh_model.parameters()):
+    for a, b in zip(model.parameters(), fresh_model.parameters(), strict=False):
         assert torch.equal(a, b)
     assert second.state[next(fresh_model.parameters())]["step"].item() == 40
 
@@ -273,7 +282,9 @@ def test_state_dict_of_other_shapes_is_refused():
     small.grad = torch.randn(4)
     source.step()
     target = Anon([large])
-    with pytest.raises(ValueError, match=r"State 'exp_avg' of param 0 has shape \(4,\) but the parameter has shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"State 'exp_avg' of param 0 has shape \(4,\) but the parameter has shape \(5,\)"
+    ):
         target.load_state_dict(source.state_dict())
 
 

@@ -126,7 +126,10 @@ def test_refresh_schedule_is_exactly_the_documented_one(steps, refresh):
 @given(beta1=st.floats(0.0, 0.99), lr=st.floats(1e-3, 1.0), steps=st.integers(1, 25), seed=st.integers(0, 2**16))
 def test_gamma_zero_equals_sgd_with_dampened_momentum(beta1, lr, steps, seed):
     grads = _gradients((4,), steps, seed)
-    p_anon, p_sgd = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    p_anon, p_sgd = (
+        torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)),
+        torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)),
+    )
     anon = Anon([p_anon], lr=lr, betas=(beta1, 0.999), gamma=0.0)
     sgd = torch.optim.SGD([p_sgd], lr=lr, momentum=beta1, dampening=beta1)
     sgd.state[p_sgd]["momentum_buffer"] = torch.zeros_like(p_sgd)

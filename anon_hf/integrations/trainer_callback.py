@@ -89,7 +89,9 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
     """
     groups: list[tuple[int, float, list[Tensor]]] = []
     for index, group in enumerate(optimizer.param_groups):
-        tensors = [_local(optimizer.state[p]["precond"]) for p in group["params"] if "precond" in optimizer.state.get(p, {})]
+        tensors = [
+            _local(optimizer.state[p]["precond"]) for p in group["params"] if "precond" in optimizer.state.get(p, {})
+        ]
         if group["gamma"] == 0 and not tensors:
             continue
         lr = group["lr"].item() if isinstance(group["lr"], Tensor) else float(group["lr"])
