@@ -103,3 +103,30 @@ def quadratic_grad(theta: float, noise: float, curvature: float) -> float:
 
 def curvatures(numel: int, seed: int) -> list[float]:
     return [0.5 + math.sin(seed + j) ** 2 for j in range(numel)]
+
+
+def run_beside_reference(optimizer, params, init, steps: int, **reference_kwargs) -> ReferenceAnon:
+    """Step ``optimizer`` over the torch ``params`` and a :class:`ReferenceAnon` side by side for ``steps`` steps.
+
+    ``init`` holds the float64 starting values the params were made from. Each side computes its gradients from its
+    own weights (``quadratic_grad`` with the same noise), so a difference in the update shows up in later steps.
+    Returns the reference, for comparing weights and preconditioners.
+    """
+    import torch
+
+    ref = ReferenceAnon([t.flatten().tolist() for t in init], **reference_kwargs)
+    numels = [t.numel() for t in init]
+    noises = gradient_sequence(numels, steps)
+    curv = [curvatures(n, seed=k) for k, n in enumerate(numels)]
+    for t in range(steps):
+        ref_grads = [
+            [quadratic_grad(theta, noises[t][k][j], curv[k][j]) for j, theta in enumerate(ref.params[k])]
+            for k in range(len(init))
+        ]
+        for k, p in enumerate(params):
+            noise = torch.tensor(noises[t][k], dtype=torch.float64).view_as(p)
+            c = torch.tensor(curv[k], dtype=torch.float64).view_as(p)
+            p.grad = (c * p.detach().double() + noise).to(p.dtype)
+        optimizer.step()
+        ref.step(ref_grads)
+    return ref

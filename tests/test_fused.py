@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 from optim_inputs import extra_configs, reference_configs
-from reference import ReferenceAnon, curvatures, gradient_sequence, quadratic_grad
+from reference import run_beside_reference
 
 from anon_hf import Anon, NonFinitePreconditionerError, _fused
 
@@ -52,21 +52,7 @@ def _run_against_reference(kwargs, dtype, steps=40):
     init = [p.detach().clone() for p in params]
     params = [torch.nn.Parameter(t.to(dtype)) for t in init]
     opt = Anon(params, **kwargs, fused=True)
-    ref = ReferenceAnon([t.flatten().tolist() for t in init], **kwargs)
-    numels = [t.numel() for t in init]
-    noises = gradient_sequence(numels, steps)
-    curv = [curvatures(n, seed=k) for k, n in enumerate(numels)]
-    for t in range(steps):
-        ref_grads = [
-            [quadratic_grad(theta, noises[t][k][j], curv[k][j]) for j, theta in enumerate(ref.params[k])]
-            for k in range(len(init))
-        ]
-        for k, p in enumerate(params):
-            noise = torch.tensor(noises[t][k], dtype=torch.float64).view_as(p)
-            c = torch.tensor(curv[k], dtype=torch.float64).view_as(p)
-            p.grad = (c * p.detach().double() + noise).to(dtype)
-        opt.step()
-        ref.step(ref_grads)
+    ref = run_beside_reference(opt, params, init, steps, **kwargs)
     return opt, params, ref
 
 

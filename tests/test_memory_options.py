@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from reference import ReferenceAnon, curvatures, gradient_sequence, quadratic_grad
+from reference import run_beside_reference
 
 from anon_hf import Anon
 
@@ -36,21 +36,7 @@ def _run_against_reference(kwargs, impl, steps=40):
     params = [torch.nn.Parameter(t.float()) for t in init]
     opt = Anon(params, **kwargs, **IMPLS[impl])
     ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("precond_dtype", "moments_dtype")}
-    ref = ReferenceAnon([t.flatten().tolist() for t in init], **ref_kwargs)
-    numels = [t.numel() for t in init]
-    noises = gradient_sequence(numels, steps)
-    curv = [curvatures(n, seed=k) for k, n in enumerate(numels)]
-    for t in range(steps):
-        ref_grads = [
-            [quadratic_grad(theta, noises[t][k][j], curv[k][j]) for j, theta in enumerate(ref.params[k])]
-            for k in range(len(init))
-        ]
-        for k, p in enumerate(params):
-            noise = torch.tensor(noises[t][k], dtype=torch.float64).view_as(p)
-            c = torch.tensor(curv[k], dtype=torch.float64).view_as(p)
-            p.grad = (c * p.detach().double() + noise).float()
-        opt.step()
-        ref.step(ref_grads)
+    ref = run_beside_reference(opt, params, init, steps, **ref_kwargs)
     expected = [torch.tensor(r, dtype=torch.float64).view_as(p) for r, p in zip(ref.params, params, strict=True)]
     return opt, params, expected
 

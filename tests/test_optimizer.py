@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from optim_inputs import IMPLEMENTATIONS, error_inputs, extra_configs, reference_configs
-from reference import ReferenceAnon, curvatures, gradient_sequence, quadratic_grad
+from reference import run_beside_reference
 
 from anon_hf import Anon
 
@@ -28,21 +28,7 @@ def _run_against_reference(kwargs, impl, dtype, steps=40):
     init = _initial_values()
     params = [torch.nn.Parameter(t.to(dtype)) for t in init]
     opt = Anon(params, **kwargs, **IMPLEMENTATIONS[impl])
-    ref = ReferenceAnon([t.flatten().tolist() for t in init], **kwargs)
-    numels = [t.numel() for t in init]
-    noises = gradient_sequence(numels, steps)
-    curv = [curvatures(n, seed=k) for k, n in enumerate(numels)]
-    for t in range(steps):
-        ref_grads = [
-            [quadratic_grad(theta, noises[t][k][j], curv[k][j]) for j, theta in enumerate(ref.params[k])]
-            for k in range(len(init))
-        ]
-        for k, p in enumerate(params):
-            noise = torch.tensor(noises[t][k], dtype=torch.float64).view_as(p)
-            c = torch.tensor(curv[k], dtype=torch.float64).view_as(p)
-            p.grad = (c * p.detach().double() + noise).to(dtype)
-        opt.step()
-        ref.step(ref_grads)
+    ref = run_beside_reference(opt, params, init, steps, **kwargs)
     return opt, params, ref
 
 
