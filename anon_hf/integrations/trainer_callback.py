@@ -171,6 +171,15 @@ class AnonCallback(TrainerCallback):
         anon = find_anon(optimizer)
         self._last_refresh = anon.refresh_history[-1] if anon is not None and anon.refresh_history else None
         self._pending = None
+        if anon is not None and state.global_step > 0 and not any(anon.state.values()) and state.is_world_process_zero:
+            # The Trainer resumes from a checkpoint without optimizer.pt without a word; for Anon that restarts the
+            # preconditioner, its average and the refresh schedule from step 1.
+            logger.warning(
+                "Resuming at step %d with no Anon optimizer state (the checkpoint has no optimizer.pt?): Anon starts "
+                "its moments, preconditioner and refresh schedule afresh, so the run will not continue the one that "
+                "wrote the checkpoint.",
+                state.global_step,
+            )
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "no":
