@@ -42,6 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._dtensor import is_dtensor
 from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 
 __all__ = ["fused_unavailable_reason", "stats"]
@@ -221,16 +222,6 @@ def _disable(reason: str) -> None:
     logger.warning("Anon fused=True: %s; every later step takes the foreach path instead.", reason)
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(tensor, DTensor)
-
-
 def fused_unavailable_reason(params: list[Tensor] | None = None) -> str | None:
     """Why the fused path cannot run (for ``params``, if given) in this process, or ``None`` if it can."""
     if _disabled_reason is not None:
@@ -240,7 +231,7 @@ def fused_unavailable_reason(params: list[Tensor] | None = None) -> str | None:
     if torch.compiler.is_compiling():
         return "the step is already being traced by an outer torch.compile"
     for param in params or ():
-        if _is_dtensor(param):
+        if is_dtensor(param):
             return "DTensor parameters (FSDP2 shards) are not handled by the compiled graphs"
         if torch.is_complex(param):
             return "complex parameters are not handled by the compiled graphs"

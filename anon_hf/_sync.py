@@ -28,9 +28,9 @@ import os
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
+from ._dtensor import is_dtensor
 from ._schedule import is_refresh_step
 
 __all__ = ["RefreshOutOfSyncError", "RefreshSyncChecker", "upcoming_collective_refresh"]
@@ -54,14 +54,6 @@ def _wait_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor: nothing can be one
-        return False
-    return isinstance(tensor, DTensor)
-
-
 def upcoming_collective_refresh(param_groups: list[dict[str, Any]], state: Any) -> int | None:
     """The step this ``step()`` call will refresh at, if the refresh runs collectives (DTensor params); else None.
 
@@ -73,7 +65,7 @@ def upcoming_collective_refresh(param_groups: list[dict[str, Any]], state: Any) 
     upcoming = None
     for group in param_groups:
         for p in group["params"]:
-            if p.grad is None or not _is_dtensor(p):
+            if p.grad is None or not is_dtensor(p):
                 continue
             tensor_state = state[p] if p in state else {}
             if group["gamma"] == 0 and "precond" not in tensor_state:

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._dtensor import full
 from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
@@ -46,19 +47,14 @@ class NonFinitePreconditionerError(FloatingPointError):
         )
 
 
-def _full(value: Tensor) -> Tensor:
-    # On a DTensor a reduction is Partial: every rank must see the same verdict, so reduce it.
-    full_tensor = getattr(value, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else value
-
-
 def _all_finite(tensor: Tensor) -> bool:
     """Whether every element is finite. A sum is one vectorized pass with no temporary (on CPU ~25x faster than
     ``isfinite().all()``) and is finite whenever every element is, unless it overflows; only then, or with a nan or
     inf present, does the elementwise check decide."""
-    if bool(torch.isfinite(_full(tensor.sum()))):
+    # On a DTensor a reduction is Partial: every rank must see the same verdict, so it is made whole.
+    if bool(torch.isfinite(full(tensor.sum()))):
         return True
-    return bool(_full(torch.isfinite(tensor).all()))
+    return bool(full(torch.isfinite(tensor).all()))
 
 
 def _refreshed_preconditioner(

@@ -22,6 +22,7 @@ from ._docs import (
     refresh_doc,
     weight_decay_doc,
 )
+from ._dtensor import local
 from ._schedule import RefreshSchedule, validate_refresh
 from ._sync import RefreshSyncChecker, upcoming_collective_refresh
 from .functional import _NONFINITE_POLICIES, NonFinitePreconditionerError, anon
@@ -507,12 +508,6 @@ def _cast_state(tensor_state: dict[str, Any], group: dict[str, Any], param: Tens
             tensor_state[key] = value.to(dtype)
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's shard of a DTensor (no collective), the tensor itself otherwise."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
-
-
 def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id: Any) -> None:
     if not isinstance(tensor_state, dict):
         raise ValueError(
@@ -536,7 +531,7 @@ def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id
         )
     step = tensor_state["step"]
     if isinstance(step, Tensor):
-        step = _local(step).item() if step.numel() == 1 else None
+        step = local(step).item() if step.numel() == 1 else None
     if not _is_real_number(step) or not (math.isfinite(step) and step >= 0 and step == int(step)):
         raise ValueError(
             f"State 'step' of param {saved_id} is {tensor_state['step']!r} (allowed: a whole number >= 0, as a "
@@ -559,7 +554,7 @@ def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id
             )
     precond = tensor_state.get("precond")
     if precond is not None:
-        precond = _local(precond)
+        precond = local(precond)
         precond = torch.view_as_real(precond) if precond.is_complex() else precond  # complex: both parts real v
     # A refresh never stores a non-finite preconditioner (see on_nonfinite), and u ** -0.5 is never negative.
     if precond is not None and not bool((torch.isfinite(precond) & (precond >= 0)).all()):

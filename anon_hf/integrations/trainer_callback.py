@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers.trainer_callback import TrainerCallback
 
+from .._dtensor import local
 from ..optimizer import Anon
 
 __all__ = ["AnonCallback", "add_anon_callback", "find_anon", "preconditioner_stats"]
@@ -56,11 +57,6 @@ def find_anon(optimizer: Any) -> Anon | None:
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
-
-
-def _local(tensor: Tensor) -> Tensor:
-    to_local = getattr(tensor, "to_local", None)  # a DTensor: this rank's shard
-    return to_local() if to_local is not None else tensor
 
 
 def _collective_device(tensor_device: torch.device) -> torch.device:
@@ -90,7 +86,7 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
     groups: list[tuple[int, float, list[Tensor]]] = []
     for index, group in enumerate(optimizer.param_groups):
         tensors = [
-            _local(optimizer.state[p]["precond"]) for p in group["params"] if "precond" in optimizer.state.get(p, {})
+            local(optimizer.state[p]["precond"]) for p in group["params"] if "precond" in optimizer.state.get(p, {})
         ]
         if group["gamma"] == 0 and not tensors:
             continue
