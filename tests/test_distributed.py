@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import types
 
 import pytest
 import torch
+from crash.ports import free_port
 
 import anon_hf
 from anon_hf import Anon
@@ -47,17 +47,6 @@ distributed = [pytest.mark.distributed, requires_stack]
 # --------------------------------------------------------------------------------------- launching workers
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
-
-
 def torchrun(script: str, out_dir, *args, nproc: int = 2, timeout: float = 900, env: dict | None = None):
     """Run ``tests/distributed/<script>`` on ``nproc`` gloo CPU ranks; returns (returncode, output, seconds)."""
     command = [
@@ -67,7 +56,7 @@ def torchrun(script: str, out_dir, *args, nproc: int = 2, timeout: float = 900, 
         "--nproc_per_node",
         str(nproc),
         "--master_port",
-        str(_free_port()),
+        str(free_port(ports=PORTS)),
         os.path.join(WORKERS, script),
         str(out_dir),
         *args,
@@ -469,7 +458,7 @@ def test_accelerate_fsdp2_config_runs_anon_on_dtensor_shards(tmp_path):
         "--config_file",
         config,
         "--main_process_port",
-        str(_free_port()),
+        str(free_port(ports=PORTS)),
         os.path.join(WORKERS, "accelerate_fsdp2_worker.py"),
         str(tmp_path),
     ]

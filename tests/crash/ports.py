@@ -1,4 +1,4 @@
-"""A free TCP port from this suite's range (29590-29609), for the MASTER_PORT of the workers launched here."""
+"""A free TCP port for the MASTER_PORT of launched workers; each test module may keep its own range."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import socket
 PORTS = range(29590, 29610)
 
 
-def free_port(used=()) -> int:
-    """The first port of ``PORTS`` not in ``used`` that can be bound now (another run may hold the others)."""
-    for port in PORTS:
+def free_port(used=(), ports: range = PORTS) -> int:
+    """The first port of ``ports`` not in ``used`` that can be bound now (another run may hold the others)."""
+    for port in ports:
         if port in used:
             continue
         with socket.socket() as sock:
@@ -18,4 +18,4 @@ def free_port(used=()) -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
