@@ -49,14 +49,14 @@ def _integration_hook(integration: str, function: str):
     return callback
 
 
-# `--optim anon` registers itself the moment the user's code imports transformers, so `import anon_hf` stays
-# light and `import anon_hf` (or `anon-hf run`) is all a script needs; `register()` forces it now.
-when_imported("transformers.training_args", _integration_hook("transformers", "on_training_args_imported"))
-when_imported("transformers.trainer_optimizer", _integration_hook("transformers", "on_trainer_optimizer_imported"))
-when_imported("transformers.trainer", _integration_hook("transformers", "on_trainer_imported"))
-# DeepSpeed: ZeRO accepts Anon, config blocks are checked, the Trainer's "auto" keeps eps, no silent offload swap,
-# universal checkpoints keep the preconditioner.
+# Each integration patches a library the moment the user's code imports the module concerned, so `import anon_hf`
+# stays light and is all a script needs (`register()` forces the transformers part now). transformers:
+# `--optim anon` and the callback. DeepSpeed: ZeRO accepts Anon, config blocks are checked, the Trainer's "auto"
+# keeps eps, no silent offload swap, universal checkpoints keep the preconditioner.
 for _module, _integration, _hook in (
+    ("transformers.training_args", "transformers", "on_training_args_imported"),
+    ("transformers.trainer_optimizer", "transformers", "on_trainer_optimizer_imported"),
+    ("transformers.trainer", "transformers", "on_trainer_imported"),
     ("deepspeed.runtime.zero.utils", "deepspeed", "on_zero_utils_imported"),
     ("deepspeed.runtime.engine", "deepspeed", "on_engine_imported"),
     ("accelerate.accelerator", "deepspeed", "on_accelerator_imported"),
