@@ -289,10 +289,9 @@ def _fused_anon(
         pick = [[tensors[i] for i in indices] if tensors else [] for tensors in tensor_lists]
         return _multi_tensor_anon(*pick[:3], *(pick[4:] or [[], []]), pick[3], **kwargs)
 
-    reason = fused_unavailable_reason(params)
-    if reason is not None:
+    if torch.compiler.is_compiling() or any(is_dtensor(p) or torch.is_complex(p) for p in params):
         stats["fallback"] += 1
-        _log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", reason)
+        _log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", _eager_reason(params))
         return eager()
     preconditioned = len(preconds) > 0
     steps = [int(step.item()) + 1 for step in state_steps]
@@ -315,6 +314,7 @@ def _fused_anon(
         math.inf if bounds is None or bounds[1] is None else bounds[1],
     ]
     gamma_mode = has_prev = None
+    weighted = False
     if refreshing:
         has_prev = beta3 > 0.0
         gamma_mode = "one" if gamma == 1.0 else "pow" if abs(gamma) <= 1.0 and eps >= 1e-30 else "log"
@@ -324,7 +324,29 @@ def _fused_anon(
         scalar_values += [1.0 / (1.0 - beta2 ** (steps[0] - prev)), eps, gamma]
         scalar_values += [beta3 if weighted else 0.0, 1.0 - beta3 if weighted else 1.0]
     tensor_lists = [params, grads, exp_avgs, state_steps] + ([exp_avg_sqs, preconds] if preconditioned else [])
-    chunks, eager_only, done = _plan(params, grads, exp_avgs, exp_avg_sqs, preconds)
+    modes = (not decoupled, bounds is not None)
+
+    kernel_indices, others = _kernel_indices(params, grads, exp_avgs, exp_avg_sqs, preconds)
+    kernel_call = None
+    if kernel_indices:
+        picked = [[t[i] for i in kernel_indices] for t in (params, grads, exp_avgs, exp_avg_sqs, preconds) if t]
+        picked += [] if preconditioned else [[], []]
+        kernel_call = _KernelCall(
+            picked,
+            [-lr / (1 - beta1 ** steps[i]) for i in kernel_indices],
+            scalar_values + [0.0] * (_SLOTS - len(scalar_values)),
+            modes,
+            _KERNEL_REFRESH_MODES[gamma_mode] if refreshing else 0,
+            weighted,
+        )
+    reason = fused_unavailable_reason() if others else None
+    if reason is not None:
+        _log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", reason)
+        chunks = []
+        eager_only = [i for i in others if params[i].numel() > 0]
+        done = [i for i in others if params[i].numel() == 0]
+    else:
+        chunks, eager_only, done = _plan(params, grads, exp_avgs, exp_avg_sqs, preconds, others)
     work = []
     for group_key, indices in chunks:
         device, dtype = group_key[0], group_key[1]
@@ -338,12 +360,15 @@ def _fused_anon(
         lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
         tensors = [[t[i].detach() for i in indices] for t in lists]
         tensors += [] if preconditioned else [[], []]
-        modes = (not decoupled, bounds is not None)
         work.append((group_key + (modes, len(indices)), indices, tensors, scalars, neg_step_sizes))
 
     keeps = []
     if refreshing:
         # Every verdict first, so that a raise leaves the step unwritten.
+        if kernel_call is not None:
+            bad = [i for i, ok in zip(kernel_indices, kernel_call.check(), strict=True) if not ok]
+            if bad and on_nonfinite == "raise":
+                raise NonFinitePreconditionerError(steps[0], bad[0], tuple(preconds[bad[0]].shape))
         for key, indices, tensors, scalars, _ in work:
             try:
                 flags = _run(("flags", gamma_mode, has_prev) + key, *tensors, scalars, key[-2], gamma_mode, has_prev)
@@ -355,6 +380,10 @@ def _fused_anon(
                 raise NonFinitePreconditionerError(steps[0], indices[bad[0]], tuple(preconds[indices[bad[0]]].shape))
             keeps.append(flags)
 
+    if kernel_call is not None:
+        kernel_call.write()
+        done += kernel_indices
+        stats["kernel"] += 1
     for number, (key, indices, tensors, scalars, neg_step_sizes) in enumerate(work):
         try:
             if refreshing:
@@ -366,18 +395,66 @@ def _fused_anon(
             eager_only += [i for _, later, *_ in work[number:] for i in later]
             break
         done += indices
-    if done:
-        torch._foreach_add_([state_steps[i] for i in done], 1)
         stats["compiled"] += 1
         _log_once(
             logging.INFO,
             "Anon fused=True: steps run torch.compile'd graphs (inductor), compiled on first use per dtypes, chunk "
             "size and kind of step (ordinary, refresh).",
         )
+    if done:
+        torch._foreach_add_([state_steps[i] for i in done], 1)
     if eager_only:
         stats["fallback"] += 1
         eager(sorted(eager_only))
     return [steps[0]] if refreshing else []
+
+
+# Refresh modes of the C++ kernel (0: an ordinary step).
+_KERNEL_REFRESH_MODES = {"one": 1, "pow": 2, "log": 3}
+_SLOTS = 13
+
+
+def _kernel_indices(params, grads, exp_avgs, exp_avg_sqs, preconds) -> tuple[list[int], list[int]]:
+    """Split tensor indices into those the C++ kernel steps and the rest (``anon_hf._cpu_kernel``)."""
+    from . import _cpu_kernel
+
+    if not any(p.device.type == "cpu" for p in params) or _cpu_kernel.kernel_unavailable_reason() is not None:
+        return [], list(range(len(params)))
+    preconditioned = len(preconds) > 0
+    kernel_indices, others = [], []
+    for i, param in enumerate(params):
+        state = (exp_avgs[i], exp_avg_sqs[i], preconds[i]) if preconditioned else (exp_avgs[i],)
+        (kernel_indices if _cpu_kernel.supports(param, grads[i], state) else others).append(i)
+    return kernel_indices, others
+
+
+class _KernelCall:
+    """One step of the C++ kernel over a list of CPU tensors: ``check()`` (a refresh's verdicts, nothing written),
+    then ``write()``."""
+
+    def __init__(self, tensors, neg_step_sizes, scalars, modes, refresh_mode: int, weighted: bool):
+        self.tensors = [[t.detach() for t in ts] for ts in tensors]
+        self.args = (neg_step_sizes, scalars, modes[0], modes[1], refresh_mode, weighted)
+        self.keep: list[bool] = []
+
+    def check(self) -> list[bool]:
+        from ._cpu_kernel import kernel
+
+        self.keep = kernel().anon_step(*self.tensors, *self.args, True, [])
+        return self.keep
+
+    def write(self) -> None:
+        from ._cpu_kernel import kernel
+
+        kernel().anon_step(*self.tensors, *self.args, False, self.keep)
+
+
+def _eager_reason(params: list[Tensor]) -> str:
+    if torch.compiler.is_compiling():
+        return "the step is already being traced by an outer torch.compile"
+    if any(is_dtensor(p) for p in params):
+        return "DTensor parameters (FSDP2 shards) are not handled by the fused path"
+    return "complex parameters are not handled by the fused path"
 
 
 def _chunk_sizes(count: int, numel: int) -> list[int]:
@@ -400,9 +477,10 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def _plan(
-    params, grads, exp_avgs, exp_avg_sqs, preconds
+    params, grads, exp_avgs, exp_avg_sqs, preconds, indices: list[int]
 ) -> tuple[list[tuple[tuple, list[int]]], list[int], list[int]]:
-    """Group tensor indices into graph calls: same device, dtypes and shape, then chunks (``_chunk_sizes``).
+    """Group the tensors at ``indices`` into graph calls: same device, dtypes and shape, then chunks
+    (``_chunk_sizes``).
 
     Returns ``(chunks, eager_only, empty)``: each chunk is ``(key, indices)`` with tensors of one shape, the key
     naming the graph (device, dtypes, preconditioned, rank); tensors that are not all contiguous (a transposed
@@ -412,7 +490,8 @@ def _plan(
     preconditioned = len(preconds) > 0
     groups: dict[tuple, list[int]] = {}
     eager_only, empty = [], []
-    for i, param in enumerate(params):
+    for i in indices:
+        param = params[i]
         numel = param.numel()
         if numel == 0:
             empty.append(i)

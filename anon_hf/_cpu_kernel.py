@@ -1,0 +1,109 @@
+"""Anon's fused CPU kernel (``csrc/anon_cpu.cpp``): built on first use with torch's C++ extension loader.
+
+The kernel makes one vectorized pass per tensor (``at::vec``, so AVX2 / AVX-512 where ATen uses them) and runs on
+torch's intra-op threads like torch's fused AdamW. It is built the first time a ``fused=True`` step meets CPU tensors
+(~20 s on 2 cores, needs a C++ compiler and ninja), cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) per torch version and CPU capability, and loaded from there afterwards.
+
+Nothing is built or imported at ``import anon_hf``. When the build fails, or ``ANON_HF_CPU_KERNEL=0`` is set, CPU
+tensors take the ``torch.compile``'d graphs of ``anon_hf._fused`` instead, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["kernel", "kernel_unavailable_reason", "supports"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "anon_cpu.cpp"
+#: Storage dtypes the kernel reads and writes (it computes in fp32).
+SUPPORTED_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+# ATen's CPU capability -> (macro that selects at::vec's implementation, compiler flags); as torch._inductor builds.
+_ISA_FLAGS = {
+    "AVX512": ("CPU_CAPABILITY_AVX512", ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"]),
+    "AVX2": ("CPU_CAPABILITY_AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+}
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failure: str | None = None
+
+
+def _capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "DEFAULT"
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    capability = _capability()
+    macro, arch_flags = _ISA_FLAGS.get(capability, (None, []))
+    flags = ["-O3", *arch_flags] + ([f"-D{macro}"] if macro else [])
+    # One build per torch version and instruction set: a cache shared between machines or torch upgrades never
+    # loads a binary built for something else.
+    tag = hashlib.sha1(f"{torch.__version__}|{capability}|{' '.join(flags)}".encode()).hexdigest()[:10]
+    name = re.sub(r"\W", "_", f"anon_hf_cpu_{capability.lower()}_{tag}")
+    started = time.perf_counter()
+    module = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
+    logger.info(
+        "Anon fused=True: CPU tensors run anon_hf's C++ kernel (%s, %s), loaded in %.1f s.",
+        capability,
+        name,
+        time.perf_counter() - started,
+    )
+    return module
+
+
+def kernel_unavailable_reason() -> str | None:
+    """Why the C++ kernel cannot run in this process (``None`` if it can); builds or loads it on first call."""
+    global _module, _failure
+    if os.environ.get("ANON_HF_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "ANON_HF_CPU_KERNEL=0 is set"
+    if _module is not None or _failure is not None:
+        return _failure
+    with _lock:
+        if _module is None and _failure is None:
+            try:
+                _module = _build()
+            except Exception as err:  # no compiler, no ninja, a failed build: the compiled graphs take over
+                detail = (str(err).strip() or type(err).__name__).splitlines()[-1][:300]
+                _failure = f"the C++ kernel could not be built ({type(err).__name__}: {detail})"
+                logger.warning("Anon fused=True: %s; CPU tensors take the torch.compile'd graphs instead.", _failure)
+    return _failure
+
+
+def kernel() -> ModuleType:
+    """The loaded extension; call :func:`kernel_unavailable_reason` first."""
+    if _module is None:
+        raise RuntimeError("anon_hf's C++ kernel is not loaded; check kernel_unavailable_reason() first")
+    return _module
+
+
+def supports(param: Tensor, grad: Tensor, state: tuple[Tensor, ...]) -> bool:
+    """Whether the kernel handles this tensor: CPU, contiguous, fp32/bf16/fp16 storage (not a DTensor, not complex).
+
+    ``state`` is ``(exp_avg,)`` or ``(exp_avg, exp_avg_sq, precond)``.
+    """
+    tensors = (param, grad, *state)
+    return (
+        type(param) in (Tensor, torch.nn.Parameter)
+        and param.device.type == "cpu"
+        and grad.dtype == param.dtype
+        and all(t.dtype in SUPPORTED_DTYPES and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+        and (len(state) == 1 or state[0].dtype == state[1].dtype)
+    )

@@ -1,0 +1,340 @@
+// Anon's fused CPU step: one pass over each tensor, vectorized with ATen's at::vec (AVX2 / AVX-512 / NEON when the
+// build defines the matching CPU_CAPABILITY macro, scalar lanes otherwise).
+//
+// Between refreshes a step reads p, g, m, s, v and writes p, m, s (8 memory passes; fused AdamW makes 7). A refresh
+// step also writes v and resets s. Every element is computed in fp32 whatever the storage dtypes (float, bfloat16,
+// float16), in the same order of operations as anon_hf/_fused.py's graphs:
+//
+//   g  = sign * g  (+ l2 * p)
+//   m  = m + (g - m) * weight1                        weight1 = 1 - beta1
+//   s  = s * beta2 + g * g * weight2                  weight2 = 1 - beta2
+//   refresh:  sigma = s * inv_bias2 + eps
+//             u = w_new * sigma**gamma + w_prev * v**-2,   v = u**-0.5,   s = 0
+//   p  = clamp(p * decay + m * v * neg_step_size, lo, hi)
+//
+// Elementwise only: results do not depend on the number of threads.
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <type_traits>
+
+namespace {
+
+using at::vec::Vectorized;
+using FloatVec = Vectorized<float>;
+
+// Elements per iteration: two float vectors, i.e. one vector of a 16-bit dtype.
+constexpr int64_t kBlock = 2 * FloatVec::size();
+// Elements per task of at::parallel_for: large enough that a task's memory traffic dwarfs its scheduling.
+constexpr int64_t kGrain = 1 << 15;
+
+enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kInvBias2, kEps, kGamma, kWeightPrev,
+                      kWeightNew, kSlotCount };
+
+enum class Refresh : int64_t { kNone = 0, kOne = 1, kPow = 2, kLog = 3 };
+
+struct Settings {
+  float s[kSlotCount];
+  bool l2;
+  bool bounds;
+  bool preconditioned;
+  Refresh refresh;
+  bool has_prev;  // beta3 > 0 and a previous refresh exists
+};
+
+template <typename T>
+inline void load2(const T* ptr, FloatVec& a, FloatVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = FloatVec::loadu(ptr);
+    b = FloatVec::loadu(ptr + FloatVec::size());
+  } else {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(ptr));
+  }
+}
+
+template <typename T>
+inline void store2(T* ptr, const FloatVec& a, const FloatVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(ptr);
+    b.store(ptr + FloatVec::size());
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(ptr);
+  }
+}
+
+// The new preconditioner from the accumulator and the previous preconditioner (see the header).
+inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond, const Settings& st) {
+  const FloatVec sigma = at::vec::fmadd(exp_avg_sq, FloatVec(st.s[kInvBias2]), FloatVec(st.s[kEps]));
+  if (st.refresh == Refresh::kLog) {
+    // log(u) = gamma * log(sigma) + log(w_new), combined with log(w_prev) - 2 log(v) by logaddexp.
+    FloatVec log_u = sigma.log() * FloatVec(st.s[kGamma]) + FloatVec(std::log(st.s[kWeightNew]));
+    if (st.has_prev) {
+      const FloatVec log_prev = precond.log() * FloatVec(-2.0f) + FloatVec(std::log(st.s[kWeightPrev]));
+      const FloatVec high = at::vec::maximum(log_u, log_prev);
+      const FloatVec gap = (log_u - log_prev).abs();
+      log_u = high + (FloatVec(0.0f) - gap).exp().log1p();
+    }
+    return (log_u * FloatVec(-0.5f)).exp();
+  }
+  FloatVec u = (st.refresh == Refresh::kOne ? sigma : sigma.pow(FloatVec(st.s[kGamma]))) * FloatVec(st.s[kWeightNew]);
+  if (st.has_prev) {
+    const FloatVec inverse = precond.reciprocal();
+    u = u + inverse * inverse * FloatVec(st.s[kWeightPrev]);
+  }
+  return u.rsqrt();
+}
+
+// kBlock elements starting at index i. `Check` computes only the finiteness verdict of a refresh (nothing is written):
+// `bad` accumulates s * 0 + v * 0, which stays 0 while both are finite and turns nan otherwise.
+template <typename P, typename M, typename V, bool Check>
+inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_size, bool keep, const Settings& st,
+                  FloatVec* bad) {
+  FloatVec p0, p1, g0, g1;
+  load2(g + i, g0, g1);
+  g0 = g0 * FloatVec(st.s[kSign]);
+  g1 = g1 * FloatVec(st.s[kSign]);
+  if (st.l2 || !Check) load2(p + i, p0, p1);
+  if (st.l2) {
+    g0 = g0 + p0 * FloatVec(st.s[kL2]);
+    g1 = g1 + p1 * FloatVec(st.s[kL2]);
+  }
+  FloatVec m0, m1;
+  if (!Check) {
+    load2(m + i, m0, m1);
+    m0 = m0 + (g0 - m0) * FloatVec(st.s[kWeight1]);
+    m1 = m1 + (g1 - m1) * FloatVec(st.s[kWeight1]);
+    store2(m + i, m0, m1);
+  }
+  if (!st.preconditioned) {
+    if (!Check) {
+      FloatVec n0 = p0 * FloatVec(st.s[kDecay]) + m0 * FloatVec(neg_step_size);
+      FloatVec n1 = p1 * FloatVec(st.s[kDecay]) + m1 * FloatVec(neg_step_size);
+      if (st.bounds) {
+        n0 = at::vec::clamp(n0, FloatVec(st.s[kLo]), FloatVec(st.s[kHi]));
+        n1 = at::vec::clamp(n1, FloatVec(st.s[kLo]), FloatVec(st.s[kHi]));
+      }
+      store2(p + i, n0, n1);
+    }
+    return;
+  }
+  FloatVec s0, s1, v0, v1;
+  load2(s + i, s0, s1);
+  s0 = s0 * FloatVec(st.s[kBeta2]) + g0 * g0 * FloatVec(st.s[kWeight2]);
+  s1 = s1 * FloatVec(st.s[kBeta2]) + g1 * g1 * FloatVec(st.s[kWeight2]);
+  load2(v + i, v0, v1);
+  if (st.refresh != Refresh::kNone) {
+    const FloatVec n0 = new_precond(s0, v0, st);
+    const FloatVec n1 = new_precond(s1, v1, st);
+    if (Check) {
+      *bad = *bad + s0 * FloatVec(0.0f) + n0 * FloatVec(0.0f);
+      *bad = *bad + s1 * FloatVec(0.0f) + n1 * FloatVec(0.0f);
+      return;
+    }
+    if (keep) {
+      store2(v + i, n0, n1);
+      load2(v + i, v0, v1);  // the update uses the preconditioner as stored (rounded to V)
+    }
+    s0 = FloatVec(0.0f);
+    s1 = FloatVec(0.0f);
+  }
+  if (Check) return;
+  store2(s + i, s0, s1);
+  FloatVec n0 = p0 * FloatVec(st.s[kDecay]) + m0 * v0 * FloatVec(neg_step_size);
+  FloatVec n1 = p1 * FloatVec(st.s[kDecay]) + m1 * v1 * FloatVec(neg_step_size);
+  if (st.bounds) {
+    n0 = at::vec::clamp(n0, FloatVec(st.s[kLo]), FloatVec(st.s[kHi]));
+    n1 = at::vec::clamp(n1, FloatVec(st.s[kLo]), FloatVec(st.s[kHi]));
+  }
+  store2(p + i, n0, n1);
+}
+
+// One tensor: full blocks in place, the tail through zero-padded copies (s and v padded with ones so that a refresh
+// check sees finite values there). Returns whether a refresh's accumulator and preconditioner are finite.
+template <typename P, typename M, typename V, bool Check>
+bool run_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                const at::Tensor& precond, float neg_step_size, bool keep, const Settings& st) {
+  P* p = param.data_ptr<P>();
+  const P* g = grad.const_data_ptr<P>();
+  M* m = exp_avg.data_ptr<M>();
+  M* s = st.preconditioned ? exp_avg_sq.data_ptr<M>() : nullptr;
+  V* v = st.preconditioned ? precond.data_ptr<V>() : nullptr;
+  const int64_t numel = param.numel();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    FloatVec bad(0.0f);
+    int64_t i = begin;
+    for (; i + kBlock <= end; i += kBlock) {
+      block<P, M, V, Check>(p, g, m, s, v, i, neg_step_size, keep, st, &bad);
+    }
+    if (i < end) {
+      const int64_t count = end - i;
+      P tp[kBlock] = {}, tg[kBlock] = {};
+      M tm[kBlock] = {}, ts[kBlock];
+      V tv[kBlock];
+      std::fill(ts, ts + kBlock, M(1.0f));
+      std::fill(tv, tv + kBlock, V(1.0f));
+      std::memcpy(tp, p + i, count * sizeof(P));
+      std::memcpy(tg, g + i, count * sizeof(P));
+      std::memcpy(tm, m + i, count * sizeof(M));
+      if (s != nullptr) {
+        std::memcpy(ts, s + i, count * sizeof(M));
+        std::memcpy(tv, v + i, count * sizeof(V));
+      }
+      block<P, M, V, Check>(tp, tg, tm, ts, tv, 0, neg_step_size, keep, st, &bad);
+      if (!Check) {
+        std::memcpy(p + i, tp, count * sizeof(P));
+        std::memcpy(m + i, tm, count * sizeof(M));
+        if (s != nullptr) {
+          std::memcpy(s + i, ts, count * sizeof(M));
+          std::memcpy(v + i, tv, count * sizeof(V));
+        }
+      }
+    }
+    if (Check) {
+      float lanes[FloatVec::size()];
+      bad.store(lanes);
+      for (float lane : lanes) {
+        if (lane != 0.0f) finite = false;  // nan != 0
+      }
+    }
+  });
+  return finite;
+}
+
+template <typename P, typename M, typename V>
+bool dispatch_check(bool check, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                    const at::Tensor& exp_avg_sq, const at::Tensor& precond, float neg_step_size, bool keep,
+                    const Settings& st) {
+  return check ? run_tensor<P, M, V, true>(param, grad, exp_avg, exp_avg_sq, precond, neg_step_size, keep, st)
+               : run_tensor<P, M, V, false>(param, grad, exp_avg, exp_avg_sq, precond, neg_step_size, keep, st);
+}
+
+template <typename P, typename M>
+bool dispatch_precond(c10::ScalarType precond_type, bool check, const at::Tensor& param, const at::Tensor& grad,
+                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& precond,
+                      float neg_step_size, bool keep, const Settings& st) {
+  switch (precond_type) {
+    case at::kFloat:
+      return dispatch_check<P, M, float>(check, param, grad, exp_avg, exp_avg_sq, precond, neg_step_size, keep, st);
+    case at::kBFloat16:
+      return dispatch_check<P, M, at::BFloat16>(check, param, grad, exp_avg, exp_avg_sq, precond, neg_step_size,
+                                                keep, st);
+    case at::kHalf:
+      return dispatch_check<P, M, at::Half>(check, param, grad, exp_avg, exp_avg_sq, precond, neg_step_size, keep,
+                                            st);
+    default:
+      TORCH_CHECK(false, "anon_hf CPU kernel: unsupported precond dtype ", precond_type);
+  }
+}
+
+template <typename P>
+bool dispatch_moments(c10::ScalarType moments_type, c10::ScalarType precond_type, bool check, const at::Tensor& param,
+                      const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                      const at::Tensor& precond, float neg_step_size, bool keep, const Settings& st) {
+  switch (moments_type) {
+    case at::kFloat:
+      return dispatch_precond<P, float>(precond_type, check, param, grad, exp_avg, exp_avg_sq, precond,
+                                        neg_step_size, keep, st);
+    case at::kBFloat16:
+      return dispatch_precond<P, at::BFloat16>(precond_type, check, param, grad, exp_avg, exp_avg_sq, precond,
+                                               neg_step_size, keep, st);
+    case at::kHalf:
+      return dispatch_precond<P, at::Half>(precond_type, check, param, grad, exp_avg, exp_avg_sq, precond,
+                                           neg_step_size, keep, st);
+    default:
+      TORCH_CHECK(false, "anon_hf CPU kernel: unsupported moments dtype ", moments_type);
+  }
+}
+
+bool supported_dtype(c10::ScalarType type) {
+  return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
+}
+
+// Steps every tensor (check_only=false) or returns, per tensor, whether a refresh would produce a finite accumulator
+// and preconditioner without writing anything (check_only=true). exp_avg_sqs and preconds are empty when the
+// preconditioner is all ones (gamma == 0). keep[i] = false keeps tensor i's previous preconditioner at a refresh.
+std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                            const std::vector<at::Tensor>& preconds, const std::vector<double>& neg_step_sizes,
+                            const std::vector<double>& scalars, bool l2, bool bounds, int64_t refresh, bool has_prev,
+                            bool check_only, const std::vector<bool>& keep) {
+  const size_t count = params.size();
+  const bool preconditioned = !preconds.empty();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && neg_step_sizes.size() == count,
+              "anon_hf CPU kernel: params, grads, exp_avgs and neg_step_sizes must have one entry per tensor");
+  TORCH_CHECK(!preconditioned || (preconds.size() == count && exp_avg_sqs.size() == count),
+              "anon_hf CPU kernel: exp_avg_sqs and preconds must be empty or have one tensor per param");
+  TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf CPU kernel: expected ", kSlotCount, " scalars");
+  TORCH_CHECK(refresh >= 0 && refresh <= 3, "anon_hf CPU kernel: refresh mode must be in [0, 3]");
+  TORCH_CHECK(refresh == 0 || preconditioned, "anon_hf CPU kernel: a refresh needs exp_avg_sqs and preconds");
+  TORCH_CHECK(keep.empty() || keep.size() == count, "anon_hf CPU kernel: keep must be empty or one flag per tensor");
+  TORCH_CHECK(!check_only || refresh != 0, "anon_hf CPU kernel: check_only needs a refresh mode");
+
+  Settings st;
+  for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
+  st.l2 = l2;
+  st.bounds = bounds;
+  st.preconditioned = preconditioned;
+  st.refresh = static_cast<Refresh>(refresh);
+  st.has_prev = has_prev;
+
+  // Validate everything before writing anything.
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& param = params[i];
+    std::vector<const at::Tensor*> tensors{&grads[i], &exp_avgs[i]};
+    if (preconditioned) {
+      tensors.push_back(&exp_avg_sqs[i]);
+      tensors.push_back(&preconds[i]);
+    }
+    TORCH_CHECK(param.device().is_cpu() && param.is_contiguous() && supported_dtype(param.scalar_type()),
+                "anon_hf CPU kernel: params must be contiguous float32/bfloat16/float16 CPU tensors");
+    TORCH_CHECK(grads[i].scalar_type() == param.scalar_type(), "anon_hf CPU kernel: a grad's dtype differs from its param's");
+    for (const at::Tensor* tensor : tensors) {
+      TORCH_CHECK(tensor->device().is_cpu() && tensor->is_contiguous() && tensor->numel() == param.numel() &&
+                      supported_dtype(tensor->scalar_type()),
+                  "anon_hf CPU kernel: grads and state must be contiguous CPU tensors of the param's size");
+    }
+    TORCH_CHECK(exp_avgs[i].scalar_type() == (preconditioned ? exp_avg_sqs[i].scalar_type() : exp_avgs[i].scalar_type()),
+                "anon_hf CPU kernel: exp_avg and exp_avg_sq must share a dtype");
+  }
+
+  std::vector<bool> finite(count, true);
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& param = params[i];
+    if (param.numel() == 0) continue;
+    const at::Tensor& exp_avg_sq = preconditioned ? exp_avg_sqs[i] : exp_avgs[i];
+    const at::Tensor& precond = preconditioned ? preconds[i] : exp_avgs[i];
+    const c10::ScalarType moments_type = exp_avgs[i].scalar_type();
+    const c10::ScalarType precond_type = preconditioned ? preconds[i].scalar_type() : at::kFloat;
+    const float neg_step_size = static_cast<float>(neg_step_sizes[i]);
+    const bool keep_i = keep.empty() || keep[i];
+    bool ok = true;
+    switch (param.scalar_type()) {
+      case at::kFloat:
+        ok = dispatch_moments<float>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i], exp_avg_sq,
+                                     precond, neg_step_size, keep_i, st);
+        break;
+      case at::kBFloat16:
+        ok = dispatch_moments<at::BFloat16>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
+                                            exp_avg_sq, precond, neg_step_size, keep_i, st);
+        break;
+      default:
+        ok = dispatch_moments<at::Half>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
+                                        exp_avg_sq, precond, neg_step_size, keep_i, st);
+    }
+    finite[i] = ok;
+  }
+  return finite;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("anon_step", &anon_step, "Anon's fused step over lists of CPU tensors (see anon_cpu.cpp)",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
+}
