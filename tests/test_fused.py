@@ -1,4 +1,8 @@
-"""``fused=True``: the torch.compile'd step against the literal reference, the for-loop and foreach paths.
+"""``fused=True`` against the literal reference, the for-loop and foreach paths, through both of its backends.
+
+Tests that take the ``backend`` fixture run twice: ``kernel`` (CPU tensors take the C++ kernel of
+``anon_hf._cpu_kernel``, the default on CPU) and ``compiled`` (``ANON_HF_CPU_KERNEL=0``: the torch.compile'd graphs
+of ``anon_hf._fused``, what CUDA tensors run). Tests of the graphs alone take ``compiled_graphs``.
 
 Compiling costs seconds per graph on CPU. Graphs are keyed by dtypes, rank, chunk size and the kind of step only
 (dynamic shapes), so most tests reuse the same few graphs; the full reference grid is marked slow.
@@ -15,7 +19,7 @@ import torch
 from optim_inputs import extra_configs, reference_configs
 from reference import run_beside_reference
 
-from anon_hf import Anon, NonFinitePreconditionerError, _fused
+from anon_hf import Anon, NonFinitePreconditionerError, _cpu_kernel, _fused
 
 IMPLS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 # Both rank 2, neither square nor with a size-1 dim: one graph (dynamic shapes) per kind of step serves both.
@@ -42,6 +46,21 @@ FAST = {
 }
 
 
+@pytest.fixture(params=["kernel", "compiled"])
+def backend(request, monkeypatch):
+    """Which backend ``fused=True`` runs on CPU; ``kernel`` skips, with the reason, where it cannot be built."""
+    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "1" if request.param == "kernel" else "0")
+    if request.param == "kernel" and (reason := _cpu_kernel.kernel_unavailable_reason()) is not None:
+        pytest.skip(f"the C++ kernel is unavailable here: {reason}")
+    return request.param
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """The torch.compile'd graphs, as CUDA tensors run them."""
+    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0")
+
+
 def _params(shapes=SHAPES, dtype=torch.float32, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)) for s in shapes]
@@ -56,8 +75,10 @@ def _run_against_reference(kwargs, dtype, steps=40):
     return opt, params, ref
 
 
-def _check_against_reference(config, dtype):
-    compiled_before = _fused.stats["compiled"]
+def _check_against_reference(config, dtype, backend):
+    # fp64 is not a dtype of the C++ kernel: the graphs run it on either backend.
+    counter = "kernel" if backend == "kernel" and dtype in _cpu_kernel.SUPPORTED_DTYPES else "compiled"
+    calls_before = _fused.stats[counter]
     opt, params, ref = _run_against_reference(config.kwargs, dtype)
     for k, p in enumerate(params):
         expected = torch.tensor(ref.params[k], dtype=torch.float64).view_as(p)
@@ -66,13 +87,13 @@ def _check_against_reference(config, dtype):
             expected_v = torch.tensor(ref.preconditioner(k), dtype=torch.float64).view_as(p)
             torch.testing.assert_close(opt.state[p]["precond"].double(), expected_v, **TOLERANCES[dtype])
     assert opt.refresh_history == (ref.refreshes if config.kwargs.get("gamma", 1.0) != 0 else [])
-    # Only the first refresh (step 1) runs eagerly: the other 39 steps went through compiled graphs.
-    assert _fused.stats["compiled"] - compiled_before >= 39
+    # Only the first refresh (step 1) runs eagerly: the other 39 steps went through the backend.
+    assert _fused.stats[counter] - calls_before >= 39
 
 
 @pytest.mark.parametrize("config", [c for c in ALL_CONFIGS if c.desc in FAST], ids=lambda c: c.desc)
-def test_fused_matches_reference_fp32(config):
-    _check_against_reference(config, torch.float32)
+def test_fused_matches_reference_fp32(config, backend):
+    _check_against_reference(config, torch.float32, backend)
 
 
 FULL_GRID = [
@@ -85,11 +106,11 @@ FULL_GRID = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config, dtype", FULL_GRID)
-def test_fused_matches_reference_full_grid(config, dtype):
-    _check_against_reference(config, dtype)
+def test_fused_matches_reference_full_grid(config, dtype, backend):
+    _check_against_reference(config, dtype, backend)
 
 
-def test_the_compiled_path_really_runs_and_says_so_once(caplog):
+def test_the_compiled_path_really_runs_and_says_so_once(caplog, compiled_graphs):
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     _fused._logged.clear()
     # fp64 moments with fp32 params: no other test uses these dtypes, so dynamo must capture new graphs here.
@@ -137,7 +158,7 @@ def _train(impl, dtype=torch.float32, steps=20, skip_every=None, **kwargs):
     ids=["default", "gamma0", "pow_bounds"],
 )
 @pytest.mark.parametrize("skip_every", [None, 3], ids=["all_grads", "grads_none_sometimes"])
-def test_fused_matches_forloop_and_foreach_over_groups_and_skipped_grads(kwargs, skip_every):
+def test_fused_matches_forloop_and_foreach_over_groups_and_skipped_grads(kwargs, skip_every, backend):
     results = {impl: _train(impl, skip_every=skip_every, **kwargs) for impl in IMPLS}
     for impl in ("foreach", "fused"):
         for a, b in zip(results["forloop"][1], results[impl][1], strict=True):
@@ -147,7 +168,7 @@ def test_fused_matches_forloop_and_foreach_over_groups_and_skipped_grads(kwargs,
             assert results[impl][0].state[q]["step"].item() == results["forloop"][0].state[p]["step"].item()
 
 
-def test_bf16_params_match_forloop_within_bf16_rounding():
+def test_bf16_params_match_forloop_within_bf16_rounding(backend):
     # The compiled graph computes in fp32 and rounds once; the eager paths compute in bf16, rounding per op.
     eager = _train("forloop", dtype=torch.bfloat16, lr=0.01)[1]
     fused = _train("fused", dtype=torch.bfloat16, lr=0.01)[1]
@@ -156,7 +177,7 @@ def test_bf16_params_match_forloop_within_bf16_rounding():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_mixed_param_dtypes_in_one_group():
+def test_mixed_param_dtypes_in_one_group(backend):
     def run(impl):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(6, 3)), torch.nn.Parameter(torch.randn(6, 3, dtype=torch.float64))]
@@ -173,7 +194,7 @@ def test_mixed_param_dtypes_in_one_group():
 
 
 @pytest.mark.slow  # compiles graphs for chunks of 16 and 4 tensors; chunks of 2 are covered by the fast tests
-def test_many_same_shaped_tensors_are_chunked_and_match_foreach():
+def test_many_same_shaped_tensors_are_chunked_and_match_foreach(compiled_graphs):
     assert _fused._chunk_sizes(37, 16) == [16, 16, 4, 1]
     assert _fused._chunk_sizes(3, 1 << 22) == [1, 1, 1]
     assert _fused._chunk_sizes(5, 1 << 20) == [4, 1]
@@ -192,7 +213,7 @@ def test_many_same_shaped_tensors_are_chunked_and_match_foreach():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_state_laid_out_unlike_the_param_takes_the_eager_path_and_still_matches():
+def test_state_laid_out_unlike_the_param_takes_the_eager_path_and_still_matches(backend):
     def run(impl):
         torch.manual_seed(0)
         param = torch.nn.Parameter(torch.randn(5, 4).t())  # non-contiguous; its gradients arrive contiguous
@@ -206,7 +227,7 @@ def test_state_laid_out_unlike_the_param_takes_the_eager_path_and_still_matches(
 
 
 @pytest.mark.parametrize("save_at", [5, 8])
-def test_state_dict_round_trip_is_identical_to_uninterrupted_run(save_at):
+def test_state_dict_round_trip_is_identical_to_uninterrupted_run(save_at, backend):
     batches = [(torch.randn(16, 6), torch.randn(16, 2)) for _ in range(20)]
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     resumed = copy.deepcopy(model)
@@ -259,7 +280,7 @@ def _poisoned(impl, policy):
     return opt, good, bad
 
 
-def test_raise_policy_raises_before_anything_is_written():
+def test_raise_policy_raises_before_anything_is_written(backend):
     opt, good, bad = _poisoned("fused", "raise")
     tensors = [t for p in (good, bad) for t in [p, *opt.state[p].values()]]
     before = [t.detach().clone() for t in tensors]
@@ -270,7 +291,7 @@ def test_raise_policy_raises_before_anything_is_written():
         torch.testing.assert_close(t.detach(), old, rtol=0, atol=0, equal_nan=True)
 
 
-def test_skip_policy_matches_foreach():
+def test_skip_policy_matches_foreach(backend):
     results = {}
     for impl in ("foreach", "fused"):
         opt, good, bad = _poisoned(impl, "skip")
@@ -285,7 +306,7 @@ def test_skip_policy_matches_foreach():
     assert torch.count_nonzero(results["fused"][2]).item() == 0
 
 
-def test_a_failing_compiler_falls_back_to_foreach_with_one_warning(monkeypatch, caplog):
+def test_a_failing_compiler_falls_back_to_foreach_with_one_warning(monkeypatch, caplog, compiled_graphs):
     monkeypatch.setattr(_fused, "_disabled_reason", None)
     monkeypatch.setattr(_fused, "_graphs", type(_fused._graphs)())
     monkeypatch.setattr(_fused, "_ran", set())
@@ -356,7 +377,7 @@ def test_fused_none_never_compiles():
     assert dict(_fused.stats) == before
 
 
-def test_flat_partition_like_deepspeed_zero_matches_foreach():
+def test_flat_partition_like_deepspeed_zero_matches_foreach(backend):
     # ZeRO-1/2 hand the inner optimizer one flat 1-D fp32 partition per group, crossing tensor boundaries.
     def run(impl):
         generator = torch.Generator().manual_seed(4)
