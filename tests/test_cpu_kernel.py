@@ -1,0 +1,203 @@
+"""The C++ kernel that ``fused=True`` runs on CPU (``anon_hf/csrc/anon_cpu.cpp``, loaded by ``anon_hf._cpu_kernel``).
+
+What ``tests/test_fused.py`` covers for both backends (the reference grid, groups, skipped grads, state dicts, the
+non-finite policies) is not repeated here. These tests cover what only the kernel has: its vector blocks and their
+tails, threads, 16-bit storage, the build and its fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from anon_hf import Anon, _cpu_kernel, _fused
+
+# The kernel computes in fp32 with fused multiply-adds, the for-loop path rounds per op.
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def kernel(monkeypatch):
+    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "1")
+    reason = _cpu_kernel.kernel_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the C++ kernel is unavailable here: {reason}")
+
+
+def _run(shapes, steps=20, seed=0, dtype=torch.float32, threads=None, inputs_in=None, **kwargs):
+    """Anon on params of ``shapes`` for ``steps`` steps; ``inputs_in`` rounds the initial params and every gradient
+    to that dtype first (an fp32 run that sees a 16-bit run's inputs)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(shape):
+        values = torch.randn(shape, generator=generator)
+        return (values if inputs_in is None else values.to(inputs_in)).to(dtype)
+
+    params = [torch.nn.Parameter(draw(s)) for s in shapes]
+    opt = Anon(params, **{"lr": 0.01, "weight_decay": 0.1, **kwargs})
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(steps):
+            for p in params:
+                p.grad = draw(p.shape)
+            opt.step()
+    finally:
+        torch.set_num_threads(previous)
+    return opt, params
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 2.0, 0.0], ids=["gamma1", "pow", "log", "gamma0"])
+def test_every_tail_length_matches_the_forloop_path(gamma):
+    # One vector block is 32 elements (two AVX-512 fp32 vectors); sizes around it and a block plus any tail.
+    shapes = [(1,), (15,), (16,), (17,), (31,), (32,), (33,), (63,), (65,), (3, 7, 5), (1000,), (2, 0)]
+    before = _fused.stats["kernel"]
+    fused_opt, fused = _run(shapes, gamma=gamma, fused=True)
+    loop_opt, loop = _run(shapes, gamma=gamma, foreach=False)
+    assert _fused.stats["kernel"] - before == 20
+    for a, b in zip(fused, loop, strict=True):
+        torch.testing.assert_close(a, b, **FP32)
+        for key, value in loop_opt.state[b].items():
+            torch.testing.assert_close(fused_opt.state[a][key], value, **FP32)
+    assert fused_opt.refresh_history == loop_opt.refresh_history
+
+
+def test_results_do_not_depend_on_the_number_of_threads():
+    # 300,000 elements: several of the kernel's 32,768-element tasks, so two threads really split the tensor.
+    shapes = [(300, 1000), (77,)]
+    _, one = _run(shapes, steps=9, fused=True, threads=1)
+    _, two = _run(shapes, steps=9, fused=True, threads=2)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_params_match_the_forloop_path_within_their_rounding(dtype):
+    # The for-loop path computes in the param dtype, rounding per op; the kernel computes in fp32 and rounds once.
+    shapes = [(33,), (8, 9)]
+    _, fused = _run(shapes, steps=12, dtype=dtype, fused=True)
+    _, loop = _run(shapes, steps=12, dtype=dtype, foreach=False)
+    for a, b in zip(fused, loop, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "state_dtypes",
+    [dict(precond_dtype="bf16"), dict(moments_dtype="bf16"), dict(precond_dtype="bf16", moments_dtype="bf16")],
+    ids=["bf16_precond", "bf16_moments", "bf16_both"],
+)
+def test_16_bit_state_with_fp32_params_matches_foreach(state_dtypes):
+    shapes = [(40,), (6, 11)]
+    fused_opt, fused = _run(shapes, steps=12, fused=True, **state_dtypes)
+    loop_opt, loop = _run(shapes, steps=12, foreach=True, **state_dtypes)
+    for a, b in zip(fused, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+        for key, value in loop_opt.state[b].items():
+            assert fused_opt.state[a][key].dtype == value.dtype
+            torch.testing.assert_close(fused_opt.state[a][key].float(), value.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_bf16_params_with_fp32_state_round_once_per_step():
+    # The eager paths apply the decay and the update to bf16 params as two rounded ops (p * 0.999 is often p again
+    # in bf16); the kernel rounds p once per step. So the kernel is compared with fp32 params fed the same inputs:
+    # 12 roundings to bf16 (half an ulp, 2**-9 relative, each) stay within 2e-2.
+    shapes = [(40,), (6, 11)]
+    kwargs = dict(precond_dtype="fp32", moments_dtype="fp32")
+    fused_opt, fused = _run(shapes, steps=12, dtype=torch.bfloat16, fused=True, **kwargs)
+    _, exact = _run(shapes, steps=12, dtype=torch.float32, inputs_in=torch.bfloat16, foreach=False)
+    for a, b in zip(fused, exact, strict=True):
+        assert a.dtype == torch.bfloat16 and fused_opt.state[a]["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+
+
+def test_large_gamma_with_tiny_second_moments_stays_finite():
+    # gamma = 3 with sigma ~ eps = 1e-16: sigma**gamma = 1e-48 is zero in fp32, so the kernel works in log space.
+    generator = torch.Generator().manual_seed(5)
+    results = []
+    for impl in (dict(fused=True), dict(foreach=False)):
+        param = torch.nn.Parameter(torch.randn(50, generator=generator))
+        opt = Anon([param], lr=1e-3, gamma=3.0, **impl)
+        for _ in range(9):
+            param.grad = torch.full((50,), 1e-12)
+            opt.step()
+        results.append(opt.state[param]["precond"].clone())
+    assert torch.isfinite(results[0]).all()
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=0)
+
+
+def test_fp64_and_noncontiguous_tensors_take_other_paths_in_the_same_step():
+    params = [
+        torch.nn.Parameter(torch.randn(6, 4)),  # the kernel
+        torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64)),  # the compiled graphs
+        torch.nn.Parameter(torch.randn(4, 6).t()),  # non-contiguous: foreach
+    ]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = Anon(params, lr=0.01, fused=True), Anon(reference, lr=0.01, foreach=True)
+    before = {key: _fused.stats[key] for key in ("kernel", "compiled", "fallback")}
+    for _ in range(5):
+        for p, q in zip(params, reference, strict=True):
+            p.grad = torch.randn(p.shape, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for key in before:
+        assert _fused.stats[key] > before[key], key
+    for p, q in zip(params, reference, strict=True):
+        torch.testing.assert_close(p, q, **FP32)
+
+
+def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0")
+    assert _cpu_kernel.kernel_unavailable_reason() == "ANON_HF_CPU_KERNEL=0 is set"
+    before = _fused.stats["kernel"], _fused.stats["compiled"]
+    _run([(5, 3)], steps=3, fused=True)
+    assert _fused.stats["kernel"] == before[0]
+    assert _fused.stats["compiled"] > before[1]
+
+
+def test_a_failed_build_falls_back_to_the_compiled_graphs_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(_cpu_kernel, "_module", None)
+    monkeypatch.setattr(_cpu_kernel, "_failure", None)
+
+    def no_compiler():
+        raise RuntimeError("error: command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(_cpu_kernel, "_build", no_compiler)
+    before = _fused.stats["kernel"], _fused.stats["compiled"]
+    with caplog.at_level(logging.WARNING, logger="anon_hf._cpu_kernel"):
+        _, fused = _run([(5, 3), (7,)], steps=6, fused=True)
+    _, loop = _run([(5, 3), (7,)], steps=6, foreach=False)
+    for a, b in zip(fused, loop, strict=True):
+        torch.testing.assert_close(a, b, **FP32)
+    assert _fused.stats["kernel"] == before[0] and _fused.stats["compiled"] > before[1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "could not be built" in warnings[0] and "No such file" in warnings[0] and "torch.compile'd" in warnings[0]
+    with pytest.raises(RuntimeError, match="kernel is not loaded"):
+        _cpu_kernel.kernel()
+
+
+def test_loading_says_which_kernel_runs(monkeypatch, caplog):
+    monkeypatch.setattr(_cpu_kernel, "_module", None)
+    monkeypatch.setattr(_cpu_kernel, "_failure", None)
+    with caplog.at_level(logging.INFO, logger="anon_hf._cpu_kernel"):
+        assert _cpu_kernel.kernel_unavailable_reason() is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert "C++ kernel" in messages[0] and torch.backends.cpu.get_cpu_capability() in messages[0]
+
+
+def test_the_kernel_refuses_mismatched_lists_before_writing():
+    module = _cpu_kernel.kernel()
+    param, grad, exp_avg = torch.randn(5), torch.randn(5), torch.zeros(5)
+    original = param.clone()
+    scalars = [1.0, 0.1, 0.999, 0.001, 1.0, 0.0, -1e30, 1e30] + [0.0] * 5
+    with pytest.raises(RuntimeError, match="one entry per tensor"):
+        module.anon_step([param], [grad], [exp_avg], [], [], [-0.1, -0.1], scalars, False, False, 0, False, False, [])
+    with pytest.raises(RuntimeError, match="param's size"):
+        module.anon_step([param], [grad], [torch.zeros(4)], [], [], [-0.1], scalars, False, False, 0, False, False, [])
+    assert torch.equal(param, original)
