@@ -21,9 +21,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import Tensor
 
-__all__ = ["kernel", "kernel_unavailable_reason", "supports"]
+__all__ = ["kernel", "kernel_unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +91,3 @@ def kernel() -> ModuleType:
     if _module is None:
         raise RuntimeError("anon_hf's C++ kernel is not loaded; check kernel_unavailable_reason() first")
     return _module
-
-
-def supports(param: Tensor, grad: Tensor, state: tuple[Tensor, ...]) -> bool:
-    """Whether the kernel handles this tensor: CPU, contiguous, fp32/bf16/fp16 storage (not a DTensor, not complex).
-
-    ``state`` is ``(exp_avg,)`` or ``(exp_avg, exp_avg_sq, precond)``.
-    """
-    tensors = (param, grad, *state)
-    return (
-        type(param) in (Tensor, torch.nn.Parameter)
-        and param.device.type == "cpu"
-        and grad.dtype == param.dtype
-        and all(t.dtype in SUPPORTED_DTYPES and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
-        and (len(state) == 1 or state[0].dtype == state[1].dtype)
-    )

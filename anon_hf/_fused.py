@@ -289,10 +289,8 @@ def _fused_anon(
         pick = [[tensors[i] for i in indices] if tensors else [] for tensors in tensor_lists]
         return _multi_tensor_anon(*pick[:3], *(pick[4:] or [[], []]), pick[3], **kwargs)
 
-    if torch.compiler.is_compiling() or any(is_dtensor(p) or torch.is_complex(p) for p in params):
-        stats["fallback"] += 1
-        _log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", _eager_reason(params))
-        return eager()
+    if torch.compiler.is_compiling():
+        return _eager_with_reason(eager, "the step is already being traced by an outer torch.compile")
     preconditioned = len(preconds) > 0
     steps = [int(step.item()) + 1 for step in state_steps]
     refreshing = preconditioned and any(is_refresh_step(step, refresh) for step in steps)
@@ -327,10 +325,15 @@ def _fused_anon(
     modes = (not decoupled, bounds is not None)
 
     kernel_indices, others = _kernel_indices(params, grads, exp_avgs, exp_avg_sqs, preconds)
+    if any(is_dtensor(params[i]) for i in others):
+        return _eager_with_reason(eager, "DTensor parameters (FSDP2 shards) are not handled by the fused path")
+    if any(torch.is_complex(params[i]) for i in others):
+        return _eager_with_reason(eager, "complex parameters are not handled by the fused path")
     kernel_call = None
     if kernel_indices:
-        picked = [[t[i] for i in kernel_indices] for t in (params, grads, exp_avgs, exp_avg_sqs, preconds) if t]
-        picked += [] if preconditioned else [[], []]
+        lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
+        picked = [[t[i] for i in kernel_indices] for t in lists] + ([] if preconditioned else [[], []])
+        picked.append([state_steps[i] for i in kernel_indices])
         kernel_call = _KernelCall(
             picked,
             [-lr / (1 - beta1 ** steps[i]) for i in kernel_indices],
@@ -381,8 +384,7 @@ def _fused_anon(
             keeps.append(flags)
 
     if kernel_call is not None:
-        kernel_call.write()
-        done += kernel_indices
+        kernel_call.write()  # advances its tensors' step counters too
         stats["kernel"] += 1
     for number, (key, indices, tensors, scalars, neg_step_sizes) in enumerate(work):
         try:
@@ -420,20 +422,18 @@ def _kernel_indices(params, grads, exp_avgs, exp_avg_sqs, preconds) -> tuple[lis
 
     if not any(p.device.type == "cpu" for p in params) or _cpu_kernel.kernel_unavailable_reason() is not None:
         return [], list(range(len(params)))
-    preconditioned = len(preconds) > 0
     kernel_indices, others = [], []
-    for i, param in enumerate(params):
-        state = (exp_avgs[i], exp_avg_sqs[i], preconds[i]) if preconditioned else (exp_avgs[i],)
-        (kernel_indices if _cpu_kernel.supports(param, grads[i], state) else others).append(i)
+    for i, supported in enumerate(_cpu_kernel.kernel().anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds)):
+        (kernel_indices if supported else others).append(i)
     return kernel_indices, others
 
 
 class _KernelCall:
-    """One step of the C++ kernel over a list of CPU tensors: ``check()`` (a refresh's verdicts, nothing written),
-    then ``write()``."""
+    """One step of the C++ kernel over lists of CPU tensors (params, grads, exp_avgs, exp_avg_sqs, preconds, step
+    counters): ``check()`` returns a refresh's verdicts and writes nothing, then ``write()``."""
 
     def __init__(self, tensors, neg_step_sizes, scalars, modes, refresh_mode: int, weighted: bool):
-        self.tensors = [[t.detach() for t in ts] for ts in tensors]
+        self.tensors = tensors
         self.args = (neg_step_sizes, scalars, modes[0], modes[1], refresh_mode, weighted)
         self.keep: list[bool] = []
 
@@ -449,12 +449,10 @@ class _KernelCall:
         kernel().anon_step(*self.tensors, *self.args, False, self.keep)
 
 
-def _eager_reason(params: list[Tensor]) -> str:
-    if torch.compiler.is_compiling():
-        return "the step is already being traced by an outer torch.compile"
-    if any(is_dtensor(p) for p in params):
-        return "DTensor parameters (FSDP2 shards) are not handled by the fused path"
-    return "complex parameters are not handled by the fused path"
+def _eager_with_reason(eager: Callable, reason: str) -> list[int]:
+    stats["fallback"] += 1
+    _log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", reason)
+    return eager()
 
 
 def _chunk_sizes(count: int, numel: int) -> list[int]:

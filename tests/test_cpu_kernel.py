@@ -197,7 +197,16 @@ def test_the_kernel_refuses_mismatched_lists_before_writing():
     original = param.clone()
     scalars = [1.0, 0.1, 0.999, 0.001, 1.0, 0.0, -1e30, 1e30] + [0.0] * 5
     with pytest.raises(RuntimeError, match="one entry per tensor"):
-        module.anon_step([param], [grad], [exp_avg], [], [], [-0.1, -0.1], scalars, False, False, 0, False, False, [])
+        module.anon_step(
+            [param], [grad], [exp_avg], [], [], [], [-0.1, -0.1], scalars, False, False, 0, False, False, []
+        )
     with pytest.raises(RuntimeError, match="param's size"):
-        module.anon_step([param], [grad], [torch.zeros(4)], [], [], [-0.1], scalars, False, False, 0, False, False, [])
+        module.anon_step(
+            [param], [grad], [torch.zeros(4)], [], [], [], [-0.1], scalars, False, False, 0, False, False, []
+        )
     assert torch.equal(param, original)
+    assert module.anon_supported([param, param.t()], [grad, grad], [exp_avg, exp_avg], [], []) == [True, True]
+    matrix = torch.randn(3, 4)
+    assert module.anon_supported([matrix.t()], [matrix.t()], [matrix.t()], [], []) == [False]
+    assert module.anon_supported([param.double()], [grad.double()], [exp_avg.double()], [], []) == [False]
+    assert module.anon_supported([param], [grad.bfloat16()], [exp_avg], [], []) == [False]

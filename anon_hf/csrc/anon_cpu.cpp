@@ -254,14 +254,63 @@ bool supported_dtype(c10::ScalarType type) {
   return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
 }
 
-// Steps every tensor (check_only=false) or returns, per tensor, whether a refresh would produce a finite accumulator
-// and preconditioner without writing anything (check_only=true). exp_avg_sqs and preconds are empty when the
-// preconditioner is all ones (gamma == 0). keep[i] = false keeps tensor i's previous preconditioner at a refresh.
+bool supported_tensor(const at::Tensor& tensor) {
+  // Not a tensor subclass that intercepts ops (DTensor), dense, on CPU, contiguous, fp32/bf16/fp16.
+  return !tensor.key_set().has(c10::DispatchKey::Python) && tensor.layout() == at::kStrided &&
+         tensor.device().is_cpu() && tensor.is_contiguous() && supported_dtype(tensor.scalar_type());
+}
+
+// Per tensor, whether anon_step handles it (see supported_tensor; grads of the param's dtype, state of its size,
+// exp_avg and exp_avg_sq of one dtype). exp_avg_sqs and preconds are empty without a preconditioner.
+std::vector<bool> anon_supported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                                 const std::vector<at::Tensor>& preconds) {
+  const size_t count = params.size();
+  const bool preconditioned = !preconds.empty();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
+                  (!preconditioned || (preconds.size() == count && exp_avg_sqs.size() == count)),
+              "anon_hf CPU kernel: the tensor lists must have one entry per param");
+  std::vector<bool> result(count, false);
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& param = params[i];
+    bool ok = supported_tensor(param) && supported_tensor(grads[i]) && supported_tensor(exp_avgs[i]) &&
+              grads[i].scalar_type() == param.scalar_type() && grads[i].numel() == param.numel() &&
+              exp_avgs[i].numel() == param.numel();
+    if (ok && preconditioned) {
+      ok = supported_tensor(exp_avg_sqs[i]) && supported_tensor(preconds[i]) &&
+           exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type() && exp_avg_sqs[i].numel() == param.numel() &&
+           preconds[i].numel() == param.numel();
+    }
+    result[i] = ok;
+  }
+  return result;
+}
+
+// Adds 1 to each 0-d step counter (float32, float64 or int64 on CPU) without going through the dispatcher.
+void increment_steps(const std::vector<at::Tensor>& steps) {
+  for (const at::Tensor& step : steps) {
+    TORCH_CHECK(step.device().is_cpu() && step.numel() == 1, "anon_hf CPU kernel: step counters must be 1-element CPU tensors");
+  }
+  for (const at::Tensor& step : steps) {
+    switch (step.scalar_type()) {
+      case at::kFloat: *step.data_ptr<float>() += 1.0f; break;
+      case at::kDouble: *step.data_ptr<double>() += 1.0; break;
+      case at::kLong: *step.data_ptr<int64_t>() += 1; break;
+      default: TORCH_CHECK(false, "anon_hf CPU kernel: unsupported step counter dtype ", step.scalar_type());
+    }
+  }
+}
+
+// Steps every tensor (check_only=false), then adds 1 to each of `steps`, or returns, per tensor, whether a refresh
+// would produce a finite accumulator and preconditioner without writing anything (check_only=true).
+// exp_avg_sqs and preconds are empty when the preconditioner is all ones (gamma == 0). keep[i] = false keeps tensor
+// i's previous preconditioner at a refresh.
 std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                             const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                            const std::vector<at::Tensor>& preconds, const std::vector<double>& neg_step_sizes,
-                            const std::vector<double>& scalars, bool l2, bool bounds, int64_t refresh, bool has_prev,
-                            bool check_only, const std::vector<bool>& keep) {
+                            const std::vector<at::Tensor>& preconds, const std::vector<at::Tensor>& steps,
+                            const std::vector<double>& neg_step_sizes, const std::vector<double>& scalars, bool l2,
+                            bool bounds, int64_t refresh, bool has_prev, bool check_only,
+                            const std::vector<bool>& keep) {
   const size_t count = params.size();
   const bool preconditioned = !preconds.empty();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && neg_step_sizes.size() == count,
@@ -273,6 +322,7 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   TORCH_CHECK(refresh == 0 || preconditioned, "anon_hf CPU kernel: a refresh needs exp_avg_sqs and preconds");
   TORCH_CHECK(keep.empty() || keep.size() == count, "anon_hf CPU kernel: keep must be empty or one flag per tensor");
   TORCH_CHECK(!check_only || refresh != 0, "anon_hf CPU kernel: check_only needs a refresh mode");
+  TORCH_CHECK(steps.empty() || steps.size() == count, "anon_hf CPU kernel: steps must be empty or one per tensor");
 
   Settings st;
   for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
@@ -283,23 +333,10 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   st.has_prev = has_prev;
 
   // Validate everything before writing anything.
+  const std::vector<bool> ok = anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds);
   for (size_t i = 0; i < count; ++i) {
-    const at::Tensor& param = params[i];
-    std::vector<const at::Tensor*> tensors{&grads[i], &exp_avgs[i]};
-    if (preconditioned) {
-      tensors.push_back(&exp_avg_sqs[i]);
-      tensors.push_back(&preconds[i]);
-    }
-    TORCH_CHECK(param.device().is_cpu() && param.is_contiguous() && supported_dtype(param.scalar_type()),
-                "anon_hf CPU kernel: params must be contiguous float32/bfloat16/float16 CPU tensors");
-    TORCH_CHECK(grads[i].scalar_type() == param.scalar_type(), "anon_hf CPU kernel: a grad's dtype differs from its param's");
-    for (const at::Tensor* tensor : tensors) {
-      TORCH_CHECK(tensor->device().is_cpu() && tensor->is_contiguous() && tensor->numel() == param.numel() &&
-                      supported_dtype(tensor->scalar_type()),
-                  "anon_hf CPU kernel: grads and state must be contiguous CPU tensors of the param's size");
-    }
-    TORCH_CHECK(exp_avgs[i].scalar_type() == (preconditioned ? exp_avg_sqs[i].scalar_type() : exp_avgs[i].scalar_type()),
-                "anon_hf CPU kernel: exp_avg and exp_avg_sq must share a dtype");
+    TORCH_CHECK(ok[i], "anon_hf CPU kernel: tensor ", i, " is not supported (see anon_supported): grads and state ",
+                "must be contiguous fp32/bf16/fp16 CPU tensors of the param's size");
   }
 
   std::vector<bool> finite(count, true);
@@ -312,22 +349,23 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
     const c10::ScalarType precond_type = preconditioned ? preconds[i].scalar_type() : at::kFloat;
     const float neg_step_size = static_cast<float>(neg_step_sizes[i]);
     const bool keep_i = keep.empty() || keep[i];
-    bool ok = true;
+    bool verdict = true;
     switch (param.scalar_type()) {
       case at::kFloat:
-        ok = dispatch_moments<float>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i], exp_avg_sq,
+        verdict = dispatch_moments<float>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i], exp_avg_sq,
                                      precond, neg_step_size, keep_i, st);
         break;
       case at::kBFloat16:
-        ok = dispatch_moments<at::BFloat16>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
+        verdict = dispatch_moments<at::BFloat16>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
                                             exp_avg_sq, precond, neg_step_size, keep_i, st);
         break;
       default:
-        ok = dispatch_moments<at::Half>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
+        verdict = dispatch_moments<at::Half>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
                                         exp_avg_sq, precond, neg_step_size, keep_i, st);
     }
-    finite[i] = ok;
+    finite[i] = verdict;
   }
+  if (!check_only) increment_steps(steps);
   return finite;
 }
 
@@ -336,5 +374,6 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("anon_step", &anon_step, "Anon's fused step over lists of CPU tensors (see anon_cpu.cpp)",
              pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("anon_supported", &anon_supported, "Per tensor, whether anon_step handles it");
   module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
 }
