@@ -411,8 +411,8 @@ def _fused_anon(
     return [steps[0]] if refreshing else []
 
 
-# Refresh modes of the C++ kernel (0: an ordinary step).
-_KERNEL_REFRESH_MODES = {"one": 1, "pow": 2, "log": 3}
+# Refresh modes of the C++ kernel (0: an ordinary step); it picks log space per block where needed.
+_KERNEL_REFRESH_MODES = {"one": 1, "pow": 2, "log": 2}
 _SLOTS = 13
 
 

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from anon_hf import Anon, _cpu_kernel, _fused
+from anon_hf import Anon, NonFinitePreconditionerError, _cpu_kernel, _fused
 
 # The kernel computes in fp32 with fused multiply-adds, the for-loop path rounds per op.
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -210,3 +210,22 @@ def test_the_kernel_refuses_mismatched_lists_before_writing():
     assert module.anon_supported([matrix.t()], [matrix.t()], [matrix.t()], [], []) == [False]
     assert module.anon_supported([param.double()], [grad.double()], [exp_avg.double()], [], []) == [False]
     assert module.anon_supported([param], [grad.bfloat16()], [exp_avg], [], []) == [False]
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e20], ids=["nan", "inf", "square_overflows"])
+@pytest.mark.parametrize("gamma", [1.0, 0.5], ids=["gamma1", "pow"])
+def test_a_refresh_with_a_non_finite_accumulator_raises_before_writing(poison, gamma):
+    # Step 4 refreshes with a previous preconditioner: the check's shortcut (no power computed) must still see it.
+    param = torch.nn.Parameter(torch.randn(100))
+    opt = Anon([param], lr=0.01, gamma=gamma, fused=True)
+    for _ in range(3):
+        param.grad = torch.randn(100)
+        opt.step()
+    param.grad = torch.randn(100)
+    param.grad[70] = poison
+    before = [param.detach().clone()] + [t.clone() for t in opt.state[param].values()]
+    with pytest.raises(NonFinitePreconditionerError, match="step 4"):
+        opt.step()
+    after = [param.detach()] + list(opt.state[param].values())
+    for old, new in zip(before, after, strict=True):
+        assert torch.equal(old, new)

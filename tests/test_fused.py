@@ -82,7 +82,12 @@ def _check_against_reference(config, dtype, backend):
     opt, params, ref = _run_against_reference(config.kwargs, dtype)
     for k, p in enumerate(params):
         expected = torch.tensor(ref.params[k], dtype=torch.float64).view_as(p)
-        torch.testing.assert_close(p.detach().double(), expected, **TOLERANCES[dtype])
+        # Each update carries a relative error of a few ulps, so the absolute error grows with the path a parameter
+        # travels, up to steps * lr * v for unit gradients: gamma = -2 gives v ~ 10 and a path of ~4 in 40 steps.
+        v_max = max(ref.preconditioner(k)) if "precond" in opt.state[p] else 1.0
+        travelled = max(1.0, 40 * config.kwargs.get("lr", 1e-3) * v_max)
+        tolerance = dict(TOLERANCES[dtype], atol=TOLERANCES[dtype]["atol"] * travelled)
+        torch.testing.assert_close(p.detach().double(), expected, **tolerance)
         if "precond" in opt.state[p]:
             expected_v = torch.tensor(ref.preconditioner(k), dtype=torch.float64).view_as(p)
             torch.testing.assert_close(opt.state[p]["precond"].double(), expected_v, **TOLERANCES[dtype])
