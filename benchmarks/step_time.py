@@ -5,7 +5,7 @@ small tensors.
 Every optimizer steps the same parameters and gradients. Steps are timed in pairs, one step of fused AdamW then one
 step of the candidate, and a candidate's ratio is the median of its per-pair ratios: a change in machine load
 between candidates cancels out. Anon's step counters are reset before each timed step so that timed steps are
-ordinary steps (17) or refresh steps (32, and 1 for the first refresh, which runs eagerly on every path). The
+ordinary steps (17) or refresh steps (32, and 1 for the first refresh, which has no previous preconditioner). The
 amortized refresh overhead counts the 10 refreshes (1, 2, 4, ..., 512) of the first 1,000 steps:
 ``(extra(1) + 9 * extra(32)) / (1000 * step)``, with ``extra = refresh step - ordinary step``.
 
@@ -13,8 +13,9 @@ amortized refresh overhead counts the 10 refreshes (1, 2, 4, ..., 512) of the fi
     python benchmarks/step_time.py --device cuda        # the same on a GPU
     python benchmarks/step_time.py --sets a --repeats 20
 
-The fused Anon path compiles on first use (tens of seconds on CPU, seconds with inductor's cache warm); that time is
-reported as ``compile_s`` and excluded from step times.
+The fused Anon path builds its C++ kernel (CPU, ~20 s once per machine, then loaded from the cache in well under a
+second) or compiles its graphs (``anon_fused_compiled`` and CUDA; tens of seconds, seconds with inductor's cache warm)
+on first use; the time of its first steps is reported as ``compile_s`` and excluded from step times.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def small_shapes(layers=150):
 
 
 def candidates():
-    """(name, family, constructor kwargs, whether the refresh is timed too)."""
+    """(name, family, constructor kwargs, whether the refresh is timed too[, environment while it steps]).
+
+    On CPU, ``fused=True`` runs anon_hf's C++ kernel; ``anon_fused_compiled`` turns it off (``ANON_HF_CPU_KERNEL=0``)
+    to time the torch.compile'd graphs, the fused path CUDA tensors take.
+    """
     bf16 = dict(precond_dtype="bf16", moments_dtype="bf16")
     return [
         ("adamw_forloop", "adamw", dict(foreach=False), False),
@@ -62,6 +67,8 @@ def candidates():
         ("anon_forloop", "anon", dict(foreach=False), True),
         ("anon_foreach", "anon", dict(foreach=True), True),
         ("anon_fused", "anon", dict(fused=True), True),
+        ("anon_fused_gamma1.1", "anon", dict(fused=True, gamma=1.1), True),
+        ("anon_fused_compiled", "anon", dict(fused=True), True, {"ANON_HF_CPU_KERNEL": "0"}),
         ("anon_foreach_gamma0", "anon", dict(foreach=True, gamma=0.0), False),
         ("anon_fused_gamma0", "anon", dict(fused=True, gamma=0.0), False),
         ("anon_foreach_bf16_precond", "anon", dict(foreach=True, precond_dtype="bf16"), False),
@@ -76,6 +83,26 @@ def build(family, params, kwargs):
     if family == "sgd":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **kwargs)
     return Anon(params, lr=1e-4, weight_decay=0.01, **kwargs)
+
+
+class _WithEnvironment:
+    """Steps ``optimizer`` with ``environment`` set (anon_hf reads ``ANON_HF_CPU_KERNEL`` at every fused step)."""
+
+    def __init__(self, optimizer, environment):
+        self.optimizer, self.environment = optimizer, environment
+        self.state = optimizer.state
+
+    def step(self):
+        saved = {key: os.environ.get(key) for key in self.environment}
+        os.environ.update(self.environment)
+        try:
+            self.optimizer.step()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
 
 
 def set_steps(optimizer, step):
@@ -122,8 +149,10 @@ def run_set(name, shapes, device, repeats, warmup, log):
     for _ in range(warmup):
         reference.step()
     rows = []
-    for label, family, kwargs, time_refresh in candidates():
+    for label, family, kwargs, time_refresh, *environment in candidates():
         optimizer = build(family, params, kwargs)
+        if environment:
+            optimizer = _WithEnvironment(optimizer, environment[0])
         row = dict(optimizer=label)
         started = time.perf_counter()
         optimizer.step()  # creates the state (Anon: step 1, the first refresh)
@@ -171,7 +200,7 @@ def format_row(row):
         text += f"  refresh {row['refresh_step_ms']:8.1f} ms (+{row['refresh_extra_in_steps']:.2f} steps)"
         text += f"  amortized/1000 {100 * row['amortized_refresh_overhead_1000_steps']:.2f}%"
     if row["compile_s"]:
-        text += f"  compile {row['compile_s']:.0f} s"
+        text += f"  first steps {row['compile_s']:.1f} s"
     return text
 
 
