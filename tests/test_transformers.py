@@ -213,12 +213,11 @@ def test_bad_optim_args_fail_at_argument_parsing_listing_valid_keys(tmp_path, op
         assert f"{key}:" in str(info.value)
 
 
-def test_fused_is_rejected_until_the_core_has_it():
-    if integration._core_has_fused():
-        assert integration.parse_optim_args("fused=true") == {"fused": True}
-    else:
-        with pytest.raises(ValueError, match="'fused' is not available .*foreach=true"):
-            integration.parse_optim_args("fused=true")
+def test_fused_is_an_optim_arg():
+    assert integration.parse_optim_args("fused=true,gamma=1.1") == {"fused": True, "gamma": 1.1}
+    assert integration.parse_optim_args("fused=none") == {"fused": None}
+    with pytest.raises(ValueError, match=r"fused='maybe' is not valid.*fused: true, false or none"):
+        integration.parse_optim_args("fused=maybe")
 
 
 def test_optim_args_set_after_construction_fail_before_training(tmp_path):

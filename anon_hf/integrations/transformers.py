@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import logging
 import math
 import threading
@@ -133,10 +132,6 @@ def _to_state_dtype(text: str) -> str | None:
     return text
 
 
-def _core_has_fused() -> bool:
-    return "fused" in inspect.signature(Anon.__init__).parameters
-
-
 # key -> (caster, the allowed values as written in errors and docs)
 _OPTIM_ARGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "gamma": (_to_float, "float, any finite value (0 = SGD-like, 1 = Adam-like; default 1.0)"),
@@ -146,7 +141,7 @@ _OPTIM_ARGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "decoupled_weight_decay": (_to_bool, "true or false (default true)"),
     "bounds": (_to_bounds, "LO:HI with an empty side unbounded, e.g. -1:1 or 0: (default none)"),
     "foreach": (_to_optional_bool, "true, false or none (default none = auto)"),
-    "fused": (_to_optional_bool, "true, false or none (default none)"),
+    "fused": (_to_optional_bool, "true, false or none: one pass per tensor (C++ kernel on CPU) (default none)"),
     "on_nonfinite": (_to_nonfinite_policy, "raise or skip (default raise)"),
     "precond_dtype": (_to_state_dtype, "bf16, fp32, fp64 or none, storage of precond (default none = param dtype)"),
     "moments_dtype": (_to_state_dtype, "bf16, fp32, fp64 or none, storage of exp_avg/exp_avg_sq (default none)"),
@@ -164,8 +159,7 @@ _FROM_TRAINING_ARGS = {
 
 
 def _valid_keys_text() -> str:
-    keys = [key for key in _OPTIM_ARGS if key != "fused" or _core_has_fused()]
-    return "; ".join(f"{key}: {_OPTIM_ARGS[key][1]}" for key in keys)
+    return "; ".join(f"{key}: {allowed}" for key, (_, allowed) in _OPTIM_ARGS.items())
 
 
 def _optim_args_error(message: str) -> ValueError:
@@ -207,11 +201,6 @@ def parse_optim_args(optim_args: dict[str, str] | str | None) -> dict[str, Any]:
     for key, text in raw.items():
         if key in _FROM_TRAINING_ARGS:
             raise _optim_args_error(f"{key!r} is set with {_FROM_TRAINING_ARGS[key]}, not in optim_args")
-        if key == "fused" and not _core_has_fused():
-            raise _optim_args_error(
-                "'fused' is not available in this version of anon_hf (there is no fused Anon kernel yet); "
-                "use foreach=true for the multi-tensor path"
-            )
         if key not in _OPTIM_ARGS:
             raise _optim_args_error(f"unknown key {key!r}")
         caster, allowed = _OPTIM_ARGS[key]
