@@ -41,15 +41,16 @@ foreach_doc = r"""foreach (bool, optional): whether the foreach implementation (
 maximize_doc = r"""maximize (bool, optional): maximize the objective with respect to the params, instead of
             minimizing (default: False)"""
 
-fused_doc = r"""fused (bool, optional): whether steps run as ``torch.compile``'d (inductor) graphs that read p, g, m, s,
-            v and write p, m, s once each, refreshes included (a refresh checks for nan/inf first, so
-            ``on_nonfinite="raise"`` raises before anything is written). State stays one tensor per parameter,
-            so state dicts are unchanged. The first fused step of a process compiles a few graphs (~10-40 s on
-            CPU, seconds with inductor's cache warm; a C++ compiler on CPU, Triton on CUDA); they serve every
-            shape. Where compiling fails, and for DTensor (FSDP2), complex or non-contiguous params, the
-            foreach path runs and one log line says so. Pays off on large tensors; with many small ones foreach
-            is faster. ``None`` never compiles and follows ``foreach``: a default that compiled would add that
-            delay to every short run and test. Cannot be ``True`` together with ``foreach`` (default: None)"""
+fused_doc = r"""fused (bool, optional): whether each tensor is updated in one pass that reads p, g, m, s, v and
+            writes p, m, s once, refreshes included (a refresh checks for nan/inf first, so
+            ``on_nonfinite="raise"`` raises before anything is written). On CPU this is anon_hf's C++ kernel
+            (fp32/bf16/fp16 storage), built with torch's extension loader on first use (~20 s once per machine
+            and torch version, then loaded from ``TORCH_EXTENSIONS_DIR``; needs a C++ compiler and ninja); elsewhere,
+            and on CPU when the build fails or ``ANON_HF_CPU_KERNEL=0`` is set, ``torch.compile``'d graphs
+            (~10-40 s of compiling per process, Triton on CUDA). DTensor (FSDP2), complex and non-contiguous params
+            take the foreach path; one log line says which path runs. State stays one tensor per parameter, so
+            state dicts are unchanged. ``None`` follows ``foreach`` and never builds or compiles anything. Cannot
+            be ``True`` together with ``foreach`` (default: None)"""
 
 precond_dtype_doc = r"""precond_dtype (torch.dtype or str, optional): storage dtype of the preconditioner ``precond``.
             ``None`` keeps the param's dtype; ``torch.bfloat16`` (or ``"bf16"``) halves its memory, rounding
