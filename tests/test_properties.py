@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from optim_inputs import IMPLEMENTATIONS
 from reference import ReferenceAnon
 
-from anon_hf import Anon, refresh_steps
+from anon_hf import Anon, _cpu_kernel, refresh_steps
 
 settings.register_profile(
     "anon", max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -56,9 +56,29 @@ def _gradients(shape, steps, seed):
     seed=st.integers(0, 2**16),
 )
 def test_every_path_matches_reference(impl, kwargs, shape, dtype, steps, seed):
+    _check_against_reference(IMPLEMENTATIONS[impl], kwargs, shape, dtype, steps, seed)
+
+
+@given(
+    kwargs=hyperparameters,
+    # Up to 216 elements: several of the kernel's 32-element blocks and a tail. (Larger tensors hold, sooner or later,
+    # an element whose L2-decayed gradient cancels to ~0 before a huge step, where fp32 and the fp64 reference part.)
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    steps=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_cpu_kernel_matches_reference(kwargs, shape, dtype, steps, seed):
+    # fused=True on CPU fp32/bf16 params is anon_hf's C++ kernel (fp64 takes the compiled graphs, see test_fused.py).
+    if (reason := _cpu_kernel.kernel_unavailable_reason()) is not None:
+        pytest.skip(f"the C++ kernel is unavailable here: {reason}")
+    _check_against_reference(dict(fused=True), kwargs, shape, dtype, steps, seed)
+
+
+def _check_against_reference(impl_kwargs, kwargs, shape, dtype, steps, seed):
     init = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
     param = torch.nn.Parameter(init.clone())
-    opt = Anon([param], **kwargs, **IMPLEMENTATIONS[impl])
+    opt = Anon([param], **kwargs, **impl_kwargs)
     ref = ReferenceAnon([init.double().flatten().tolist()], **kwargs)
     trajectory_scale = 1.0
     for grad in _gradients(shape, steps, seed):
