@@ -118,7 +118,7 @@ def trainer_runs(tmp_path_factory):
 
 # --------------------------------------------------------------------------------------- engine matrix
 
-ENGINES = ["ddp", "fsdp2", "zero1", "zero2", "zero3", "zero2_offload"]
+ENGINES = ["ddp", "fsdp2", "zero1", "zero2", "zero3", "zero2_offload", "zero2_offload_fused"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -134,7 +134,7 @@ def test_two_ranks_match_one_process_and_refresh_together(engines, engine):
         assert result["state_keys"] == STATE_KEYS, rank
 
 
-@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "zero2_offload"])
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "zero2_offload", "zero2_offload_fused"])
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack
@@ -149,6 +149,18 @@ def test_zero_state_is_the_rank_partition(engines, engine):
             assert 2 * row["partition"] >= result["total_params"] > row["partition"], (rank, row)
     # ZeRO calls the inner step() once per param group per iteration, the same on every rank.
     assert [r["inner_step_calls_per_iteration"] for r in results] == [1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_fused_anon_steps_offloaded_partitions_with_the_cpu_kernel(engines):
+    # "fused": true in the DeepSpeed block: the CPU partitions of ZeRO-Offload go through anon_hf's C++ kernel, one
+    # call per inner step() (the parity with one process is checked with the other engines above).
+    for rank, result in enumerate(_section(engines, "zero2_offload_fused")):
+        assert result["partition_devices"] == ["cpu"], rank
+        assert result["kernel_steps"] == 20 * result["inner_step_calls_per_iteration"], (rank, result["kernel_steps"])
+    assert all(result["kernel_steps"] == 0 for result in _section(engines, "zero2_offload"))
 
 
 @pytest.mark.slow
@@ -178,6 +190,7 @@ def test_ddp_state_is_full_size(engines):
         ("zero2", "resume"),
         ("zero3", "resume"),
         ("zero2_offload", "resume"),
+        ("zero2_offload_fused", "resume"),
         ("fsdp2", "resume_full"),
         ("fsdp2", "resume_sharded"),
     ],

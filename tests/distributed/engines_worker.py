@@ -260,11 +260,16 @@ def ds_train(engine, chunk, rank, world):
         engine.step()
 
 
-def run_zero(stage, rank, world, batches, reference, report, out_dir, offload=False, name=None):
+def run_zero(stage, rank, world, batches, reference, report, out_dir, offload=False, name=None, fused=False):
     import deepspeed
+
+    from anon_hf import _fused
 
     name = name or f"zero{stage}"
     config = ds_config(stage, world, offload=offload)
+    if fused:  # on CPU partitions (offload), anon_hf's C++ kernel steps them
+        config["optimizer"]["params"]["fused"] = True
+    kernel_steps_before = _fused.stats["kernel"]
     model = tiny_llama()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     anon = engine.optimizer.optimizer
@@ -297,6 +302,7 @@ def run_zero(stage, rank, world, batches, reference, report, out_dir, offload=Fa
         "refresh_history": anon.refresh_history,
         "inner_step_calls_per_iteration": calls_per_iteration,
         "partition_devices": sorted({str(flat.device) for flat in partitions}),
+        "kernel_steps": _fused.stats["kernel"] - kernel_steps_before,
     }
     del engine, anon
 
@@ -345,6 +351,9 @@ def main(out_dir: str, only: list[str]) -> None:
         "zero3": lambda: run_zero(3, rank, world, batches, reference, report, out_dir),
         "zero2_offload": lambda: run_zero(
             2, rank, world, batches, reference, report, out_dir, offload=True, name="zero2_offload"
+        ),
+        "zero2_offload_fused": lambda: run_zero(
+            2, rank, world, batches, reference, report, out_dir, offload=True, name="zero2_offload_fused", fused=True
         ),
         "client_offload": lambda: run_client_offload_checks(rank, world, report),
     }
