@@ -229,3 +229,23 @@ def test_a_refresh_with_a_non_finite_accumulator_raises_before_writing(poison, g
     after = [param.detach()] + list(opt.state[param].values())
     for old, new in zip(before, after, strict=True):
         assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5], ids=["gamma1", "pow"])
+def test_preconditioners_outside_the_checks_shortcut_range_match_foreach(gamma):
+    # v > 1e15 (possible with a tiny eps and gamma > 1) makes the refresh check compute the new preconditioner for
+    # that block instead of taking its shortcut; the step must still match the foreach path.
+    results = []
+    for impl in (dict(fused=True), dict(foreach=True)):
+        generator = torch.Generator().manual_seed(6)
+        param = torch.nn.Parameter(torch.randn(80, generator=generator))
+        opt = Anon([param], lr=1e-3, gamma=gamma, **impl)
+        for step in range(1, 5):
+            param.grad = torch.randn(80, generator=generator)
+            if step == 4:  # the refresh at step 4 meets v = 1e16 in the first block
+                opt.state[param]["precond"][:8] = 1e16
+            opt.step()
+        results.append((param.detach().clone(), opt.state[param]["precond"].clone()))
+    for fused, foreach in zip(*results, strict=True):
+        assert torch.isfinite(fused).all()
+        torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)

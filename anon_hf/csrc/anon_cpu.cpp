@@ -1,5 +1,5 @@
-// Anon's fused CPU step: one pass over each tensor, vectorized with ATen's at::vec (AVX2 / AVX-512 / NEON when the
-// build defines the matching CPU_CAPABILITY macro, scalar lanes otherwise).
+// Anon's fused CPU step: one pass over each tensor, vectorized with ATen's at::vec (AVX2 or AVX-512 when
+// anon_hf/_cpu_kernel.py builds for them, as ATen picks for this CPU; scalar lanes otherwise).
 //
 // Between refreshes a step reads p, g, m, s, v and writes p, m, s (8 memory passes; fused AdamW makes 7). A refresh
 // step also writes v and resets s. Every element is computed in fp32 whatever the storage dtypes (float, bfloat16,
@@ -154,12 +154,14 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
   s1 = s1 * FloatVec(st.s[kBeta2]) + g1 * g1 * FloatVec(st.s[kWeight2]);
   load2(v + i, v0, v1);
   if (Check && st.has_prev && st.s[kWeightPrev] >= kMinWeightPrev) {
-    // Shortcut, exact for every mode: with 0 <= s <= FLT_MAX (so sigma >= 0, never nan) and v <= kMaxPrecond, the
-    // previous term w_prev * v**-2 >= 1e-36 keeps u > 0 (a normal float), and sigma**gamma is in [0, inf], so u is in
-    // (0, inf] and the new preconditioner u**-0.5 in [0, 3e22): finite. Only blocks with another lane compute it.
-    const FloatVec zero(0.0f), largest(std::numeric_limits<float>::max()), limit(kMaxPrecond);
-    const FloatVec fast = (s0 >= zero) & (s0 <= largest) & (v0 <= limit) & (s1 >= zero) & (s1 <= largest) &
-                          (v1 <= limit);
+    // Shortcut, exact for every mode: with 0 <= s <= FLT_MAX (so sigma >= 0, never nan) and v in
+    // [1 / kMaxDirectPrecond, kMaxPrecond], the previous term w_prev * v**-2 >= 1e-36 keeps u > 0 (a normal float)
+    // and sigma**gamma is in [0, inf], so u is in (0, inf] and u**-0.5 in [0, 3e22); in log space, log(u) >= -83
+    // likewise. The new preconditioner is finite: only blocks with another lane compute it.
+    const FloatVec zero(0.0f), largest(std::numeric_limits<float>::max());
+    const FloatVec low(1.0f / kMaxDirectPrecond), high(kMaxPrecond);
+    const FloatVec fast = (s0 >= zero) & (s0 <= largest) & (v0 >= low) & (v0 <= high) & (s1 >= zero) &
+                          (s1 <= largest) & (v1 >= low) & (v1 <= high);
     if (fast.zero_mask() == 0) return;
   }
   if (st.refresh != Refresh::kNone) {
