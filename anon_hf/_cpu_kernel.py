@@ -60,7 +60,8 @@ def _build() -> ModuleType:
     started = time.perf_counter()
     module = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
     logger.info(
-        "Anon fused=True: CPU tensors run anon_hf's C++ kernel (%s, %s), loaded in %.1f s.",
+        "Anon fused=True: CPU tensors run anon_hf's C++ kernel (%s, %s), ready in %.1f s (built on first use, "
+        "loaded from TORCH_EXTENSIONS_DIR afterwards).",
         capability,
         name,
         time.perf_counter() - started,
