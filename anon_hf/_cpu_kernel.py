@@ -53,12 +53,16 @@ def _build() -> ModuleType:
     capability = _capability()
     macro, arch_flags = _ISA_FLAGS.get(capability, (None, []))
     flags = ["-O3", *arch_flags] + ([f"-D{macro}"] if macro else [])
+    # at::parallel_for is a header template; with torch's OpenMP backend it only runs on several threads when the
+    # extension itself is compiled with OpenMP.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    flags += openmp
     # One build per torch version and instruction set: a cache shared between machines or torch upgrades never
     # loads a binary built for something else.
     tag = hashlib.sha1(f"{torch.__version__}|{capability}|{' '.join(flags)}".encode()).hexdigest()[:10]
     name = re.sub(r"\W", "_", f"anon_hf_cpu_{capability.lower()}_{tag}")
     started = time.perf_counter()
-    module = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
+    module = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=openmp, verbose=False)
     logger.info(
         "Anon fused=True: CPU tensors run anon_hf's C++ kernel (%s, %s), ready in %.1f s (built on first use, "
         "loaded from TORCH_EXTENSIONS_DIR afterwards).",

@@ -19,6 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -412,11 +413,20 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   return finite;
 }
 
+// How many threads at::parallel_for ran `tasks` one-element tasks on: the number of intra-op threads when the
+// extension was built with torch's parallel backend (OpenMP needs -fopenmp here), 1 when it was not.
+int64_t parallel_threads(int64_t tasks) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("anon_step", &anon_step, "Anon's fused step over lists of CPU tensors (see anon_cpu.cpp)",
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("anon_supported", &anon_supported, "Per tensor, whether anon_step handles it");
+  module.def("parallel_threads", &parallel_threads, "Threads at::parallel_for uses in this extension");
   module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
 }
