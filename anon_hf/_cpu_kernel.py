@@ -1,9 +1,10 @@
 """Anon's fused CPU kernel (``csrc/anon_cpu.cpp``): built on first use with torch's C++ extension loader.
 
-The kernel makes one vectorized pass per tensor (``at::vec``, so AVX2 / AVX-512 where ATen uses them) and runs on
-torch's intra-op threads like torch's fused AdamW. It is built the first time a ``fused=True`` step meets CPU tensors
-(~20 s on 2 cores, needs a C++ compiler and ninja), cached under ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``) per torch version and CPU capability, and loaded from there afterwards.
+The kernel makes one vectorized pass per tensor (``at::vec``, so AVX2 / AVX-512 where ATen uses them). With
+``torch.get_num_threads() > 1`` a large tensor is cut into that many parts, run on torch's OpenMP threads. It is
+built the first time a ``fused=True`` step meets CPU tensors (~20 s on 2 cores, needs a C++ compiler and ninja),
+cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) per torch version and CPU capability,
+and loaded from there afterwards.
 
 Nothing is built or imported at ``import anon_hf``. When the build fails, or ``ANON_HF_CPU_KERNEL=0`` is set, CPU
 tensors take the ``torch.compile``'d graphs of ``anon_hf._fused`` instead, with one log line saying why.
@@ -53,16 +54,16 @@ def _build() -> ModuleType:
     capability = _capability()
     macro, arch_flags = _ISA_FLAGS.get(capability, (None, []))
     flags = ["-O3", *arch_flags] + ([f"-D{macro}"] if macro else [])
-    # at::parallel_for is a header template; with torch's OpenMP backend it only runs on several threads when the
-    # extension itself is compiled with OpenMP.
-    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    flags += openmp
+    # Not -fopenmp (the kernel's loop compiled ~8% slower with it): the kernel calls the OpenMP runtime that torch
+    # links to directly, through GOMP_parallel, to spread large tensors over torch's threads.
+    if torch.backends.openmp.is_available():
+        flags.append("-DANON_HF_OPENMP_ABI")
     # One build per torch version and instruction set: a cache shared between machines or torch upgrades never
     # loads a binary built for something else.
     tag = hashlib.sha1(f"{torch.__version__}|{capability}|{' '.join(flags)}".encode()).hexdigest()[:10]
     name = re.sub(r"\W", "_", f"anon_hf_cpu_{capability.lower()}_{tag}")
     started = time.perf_counter()
-    module = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=openmp, verbose=False)
+    module = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
     logger.info(
         "Anon fused=True: CPU tensors run anon_hf's C++ kernel (%s, %s), ready in %.1f s (built on first use, "
         "loaded from TORCH_EXTENSIONS_DIR afterwards).",

@@ -65,16 +65,10 @@ def test_every_tail_length_matches_the_forloop_path(gamma):
     assert fused_opt.refresh_history == loop_opt.refresh_history
 
 
-def test_the_kernel_runs_on_torchs_intra_op_threads():
-    # at::parallel_for is a header template: built without the parallel backend's flags it would run serially.
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert _cpu_kernel.kernel().parallel_threads(64) == 2
-        torch.set_num_threads(1)
-        assert _cpu_kernel.kernel().parallel_threads(64) == 1
-    finally:
-        torch.set_num_threads(previous)
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="this torch has no OpenMP: the kernel is serial")
+def test_large_tensors_are_split_over_torchs_threads():
+    assert _cpu_kernel.kernel().threads_in_parts(2) == 2
+    assert _cpu_kernel.kernel().threads_in_parts(1) == 1
 
 
 def test_results_do_not_depend_on_the_number_of_threads():

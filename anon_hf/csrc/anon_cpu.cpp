@@ -21,6 +21,9 @@
 
 #include <atomic>
 #include <cstring>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <limits>
 #include <type_traits>
 
@@ -196,8 +199,78 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
   store2(p + i, n0, n1);
 }
 
-// One tensor: full blocks in place, the tail through zero-padded copies (s and v padded with ones so that a refresh
-// check sees finite values there). Returns whether a refresh's accumulator and preconditioner are finite.
+#ifdef ANON_HF_OPENMP_ABI
+// The entry point GCC emits for `#pragma omp parallel` (libgomp's ABI, also offered by LLVM's and Intel's OpenMP
+// runtimes), called directly: the extension is compiled without -fopenmp (see run_tensor) yet runs on the OpenMP
+// thread team that torch's intra-op parallelism uses, so its threads never compete with ATen's.
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+int omp_get_thread_num();
+}
+
+// Runs body(begin, end) over [0, n) in `parts` contiguous parts, one per thread of an OpenMP team of `parts` threads.
+template <typename F>
+void run_in_parts(int64_t n, int64_t parts, const F& body) {
+  struct Task {
+    const F* body;
+    int64_t n;
+    int64_t part;
+  };
+  Task task{&body, n, (n + parts - 1) / parts};
+  const auto run_part = [](void* data) {
+    const Task* t = static_cast<const Task*>(data);
+    const int64_t begin = omp_get_thread_num() * t->part;
+    if (begin < t->n) (*t->body)(begin, std::min(t->n, begin + t->part));
+  };
+  GOMP_parallel(run_part, &task, static_cast<unsigned>(parts), 0);
+}
+#endif
+
+// Elements [begin, end) of one tensor: full blocks in place, the tail through zero-padded copies (s and v padded with
+// ones so that a refresh check sees finite values there); clears `finite` if a refresh's accumulator or preconditioner
+// is not. A macro, expanded into two lambdas below: one closure used at two call sites was compiled out of line and
+// ran ~10% slower on the 52M-parameter benchmark.
+#define ANON_HF_RANGE_BODY                                                                                    \
+  FloatVec bad(0.0f);                                                                                                 \
+  int64_t i = begin;                                                                                                  \
+  for (; i + kBlock <= end; i += kBlock) {                                                                            \
+    block<P, M, V, Check>(p, g, m, s, v, i, neg_step_size, keep, st, &bad);                                           \
+  }                                                                                                                   \
+  if (i < end) {                                                                                                      \
+    const int64_t count = end - i;                                                                                    \
+    P tp[kBlock] = {}, tg[kBlock] = {};                                                                               \
+    M tm[kBlock] = {}, ts[kBlock];                                                                                    \
+    V tv[kBlock];                                                                                                     \
+    std::fill(ts, ts + kBlock, M(1.0f));                                                                              \
+    std::fill(tv, tv + kBlock, V(1.0f));                                                                              \
+    std::memcpy(tp, p + i, count * sizeof(P));                                                                        \
+    std::memcpy(tg, g + i, count * sizeof(P));                                                                        \
+    std::memcpy(tm, m + i, count * sizeof(M));                                                                        \
+    if (s != nullptr) {                                                                                               \
+      std::memcpy(ts, s + i, count * sizeof(M));                                                                      \
+      std::memcpy(tv, v + i, count * sizeof(V));                                                                      \
+    }                                                                                                                 \
+    block<P, M, V, Check>(tp, tg, tm, ts, tv, 0, neg_step_size, keep, st, &bad);                                      \
+    if (!Check) {                                                                                                     \
+      std::memcpy(p + i, tp, count * sizeof(P));                                                                      \
+      std::memcpy(m + i, tm, count * sizeof(M));                                                                      \
+      if (s != nullptr) {                                                                                             \
+        std::memcpy(s + i, ts, count * sizeof(M));                                                                    \
+        std::memcpy(v + i, tv, count * sizeof(V));                                                                    \
+      }                                                                                                               \
+    }                                                                                                                 \
+  }                                                                                                                   \
+  if (Check) {                                                                                                        \
+    float lanes[FloatVec::size()];                                                                                    \
+    bad.store(lanes);                                                                                                 \
+    for (float lane : lanes) {                                                                                        \
+      if (lane != 0.0f) finite = false;  /* nan != 0 */                                                               \
+    }                                                                                                                 \
+  }
+
+// One tensor. Returns whether a refresh's accumulator and preconditioner are finite. The extension is built without
+// -fopenmp (this loop compiled ~8% slower with it), so at::parallel_for runs serially here; with several intra-op
+// threads a large tensor is cut into parts for torch's OpenMP team (run_in_parts) where that runtime is available.
 template <typename P, typename M, typename V, bool Check>
 bool run_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                 const at::Tensor& precond, float neg_step_size, bool keep, const Settings& st) {
@@ -208,46 +281,18 @@ bool run_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   V* v = st.preconditioned ? precond.data_ptr<V>() : nullptr;
   const int64_t numel = param.numel();
   std::atomic<bool> finite{true};
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    FloatVec bad(0.0f);
-    int64_t i = begin;
-    for (; i + kBlock <= end; i += kBlock) {
-      block<P, M, V, Check>(p, g, m, s, v, i, neg_step_size, keep, st, &bad);
-    }
-    if (i < end) {
-      const int64_t count = end - i;
-      P tp[kBlock] = {}, tg[kBlock] = {};
-      M tm[kBlock] = {}, ts[kBlock];
-      V tv[kBlock];
-      std::fill(ts, ts + kBlock, M(1.0f));
-      std::fill(tv, tv + kBlock, V(1.0f));
-      std::memcpy(tp, p + i, count * sizeof(P));
-      std::memcpy(tg, g + i, count * sizeof(P));
-      std::memcpy(tm, m + i, count * sizeof(M));
-      if (s != nullptr) {
-        std::memcpy(ts, s + i, count * sizeof(M));
-        std::memcpy(tv, v + i, count * sizeof(V));
-      }
-      block<P, M, V, Check>(tp, tg, tm, ts, tv, 0, neg_step_size, keep, st, &bad);
-      if (!Check) {
-        std::memcpy(p + i, tp, count * sizeof(P));
-        std::memcpy(m + i, tm, count * sizeof(M));
-        if (s != nullptr) {
-          std::memcpy(s + i, ts, count * sizeof(M));
-          std::memcpy(v + i, tv, count * sizeof(V));
-        }
-      }
-    }
-    if (Check) {
-      float lanes[FloatVec::size()];
-      bad.store(lanes);
-      for (float lane : lanes) {
-        if (lane != 0.0f) finite = false;  // nan != 0
-      }
-    }
-  });
+  const int64_t threads = at::get_num_threads();
+#ifdef ANON_HF_OPENMP_ABI
+  if (threads > 1 && numel >= 2 * kGrain && !at::in_parallel_region()) {
+    run_in_parts(numel, std::min(threads, numel / kGrain), [&](int64_t begin, int64_t end) { ANON_HF_RANGE_BODY });
+    return finite;
+  }
+#endif
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { ANON_HF_RANGE_BODY });
   return finite;
 }
+
+#undef ANON_HF_RANGE_BODY
 
 template <typename P, typename M, typename V>
 bool dispatch_check(bool check, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -413,12 +458,21 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   return finite;
 }
 
-// How many threads at::parallel_for ran `tasks` one-element tasks on: the number of intra-op threads when the
-// extension was built with torch's parallel backend (OpenMP needs -fopenmp here), 1 when it was not.
-int64_t parallel_threads(int64_t tasks) {
-  std::atomic<uint64_t> seen{0};
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
-  return __builtin_popcountll(seen.load());
+// How many distinct threads ran the parts of run_in_parts for `parts` parts (1 without the OpenMP ABI): the kernel's
+// parallelism, for tests.
+int64_t threads_in_parts(int64_t parts) {
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  const auto record = [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(std::this_thread::get_id());
+  };
+#ifdef ANON_HF_OPENMP_ABI
+  run_in_parts(parts, parts, record);
+#else
+  record(0, parts);
+#endif
+  return static_cast<int64_t>(seen.size());
 }
 
 }  // namespace
@@ -427,6 +481,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("anon_step", &anon_step, "Anon's fused step over lists of CPU tensors (see anon_cpu.cpp)",
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("anon_supported", &anon_supported, "Per tensor, whether anon_step handles it");
-  module.def("parallel_threads", &parallel_threads, "Threads at::parallel_for uses in this extension");
+  module.def("threads_in_parts", &threads_in_parts, "Distinct threads that ran run_in_parts' parts (for tests)");
   module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
 }
