@@ -3,7 +3,8 @@
 Each round trains the same freshly initialised tiny ``LlamaForCausalLM`` for a fixed number of steps once per
 optimizer, in alternating order, and reads ``train_samples_per_second`` from ``Trainer.train()``'s metrics. A first
 round (discarded) pays for imports, first-use allocations and, for ``fused=true``, compiling. The ratio reported
-for each Anon variant is the median over rounds of its samples/s divided by AdamW's in the same round.
+for each Anon variant is the median over rounds of its samples/s divided by AdamW's in the same round, and beside
+it the ratio of the two fastest rounds (other load only ever slows a run down).
 
     python benchmarks/trainer_e2e.py                       # CPU, 1 thread, 3 timed rounds of 200 steps
     python benchmarks/trainer_e2e.py --rounds 5 --steps 100
@@ -127,9 +128,12 @@ def main(argv=None):
     summary = {}
     for variant in variants:
         ratios = [r[variant]["samples_per_second"] / r["adamw_torch_fused"]["samples_per_second"] for r in timed]
+        best = max(r[variant]["samples_per_second"] for r in timed)
         summary[variant] = dict(
             samples_per_second_median=statistics.median(r[variant]["samples_per_second"] for r in timed),
             ratio_to_adamw_torch_fused_median=statistics.median(ratios),
+            # Load from other jobs only ever slows a run down: the fastest round of each is the least disturbed.
+            ratio_of_best_rounds=best / max(r["adamw_torch_fused"]["samples_per_second"] for r in timed),
             ratios=ratios,
             optimizer=timed[0][variant]["optimizer"],
             fused=timed[0][variant]["fused"],
@@ -155,7 +159,8 @@ def main(argv=None):
     for variant, s in summary.items():
         print(
             f"{variant:18s} {s['samples_per_second_median']:8.2f} samples/s  {s['ratio_to_adamw_torch_fused_median']:.3f}x "
-            f"adamw_torch_fused  (rounds: {', '.join(f'{r:.3f}' for r in s['ratios'])})"
+            f"adamw_torch_fused, best rounds {s['ratio_of_best_rounds']:.3f}x  "
+            f"(rounds: {', '.join(f'{r:.3f}' for r in s['ratios'])})"
         )
     print(f"wall {result['wall_s']} s; wrote {out}")
 
