@@ -1,8 +1,10 @@
-"""Anon's fused step: the update as ``torch.compile``'d (inductor) graphs over chunks of tensors.
+"""Anon's fused step: one pass per tensor, by anon_hf's C++ kernel on CPU or ``torch.compile``'d graphs elsewhere.
 
 Between two refreshes an Anon step reads p, g, m, s, v and writes p, m, s: 8 memory passes where fused AdamW makes 7.
-The eager paths spend one pass per op (6 to 8 ops per tensor). Here dynamo traces the update of a chunk of tensors
-once and inductor compiles it into one loop per tensor that touches each byte once.
+The eager paths spend one pass per op (6 to 8 ops per tensor). :func:`_fused_anon` hands the CPU tensors the kernel
+supports (``anon_hf._cpu_kernel``: contiguous fp32/bf16/fp16) to that kernel, and the rest to graphs in which dynamo
+traces the update of a chunk of tensors once and inductor compiles it into one loop per tensor that touches each byte
+once. The rest of this docstring is about the graphs.
 
 * Graphs are compiled with dynamic shapes, so a graph depends only on the dtypes, the rank, whether a
   preconditioner exists, whether L2 decay and bounds are on, the number of tensors in a call (16, 4 or 1, all of one

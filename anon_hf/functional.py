@@ -353,8 +353,9 @@ def anon(
     ``state_steps`` holds one 0-d CPU tensor per parameter and is incremented in place; refreshes follow each
     tensor's own step. Returns the sorted distinct steps at which a refresh happened in this call.
 
-    ``fused=True`` runs the steps between refreshes as a ``torch.compile``'d graph (``anon_hf._fused``), falling
-    back to foreach where it cannot; ``None`` never compiles (see :class:`anon_hf.Anon`).
+    ``fused=True`` updates each tensor in one pass (``anon_hf._fused``: a C++ kernel on CPU, ``torch.compile``'d
+    graphs elsewhere), falling back to foreach where it cannot; ``None`` never builds or compiles anything (see
+    :class:`anon_hf.Anon`).
     """
     if preconds and len(preconds) != len(params):
         raise ValueError(
