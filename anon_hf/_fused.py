@@ -331,14 +331,15 @@ def _fused_anon(
         return _eager_with_reason(eager, "DTensor parameters (FSDP2 shards) are not handled by the fused path")
     if any(torch.is_complex(params[i]) for i in others):
         return _eager_with_reason(eager, "complex parameters are not handled by the fused path")
+    lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
+    neg_step_size = [-lr / (1 - beta1**step) for step in steps]
     kernel_call = None
     if kernel_indices:
-        lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
         picked = [[t[i] for i in kernel_indices] for t in lists] + ([] if preconditioned else [[], []])
         picked.append([state_steps[i] for i in kernel_indices])
         kernel_call = _KernelCall(
             picked,
-            [-lr / (1 - beta1 ** steps[i]) for i in kernel_indices],
+            [neg_step_size[i] for i in kernel_indices],
             scalar_values + [0.0] * (_SLOTS - len(scalar_values)),
             modes,
             _KERNEL_REFRESH_MODES[gamma_mode] if refreshing else 0,
@@ -357,12 +358,11 @@ def _fused_anon(
         device, dtype = group_key[0], group_key[1]
         compute = torch.promote_types(dtype, torch.float32)
         scalars = torch.tensor(scalar_values, dtype=compute, device=device)
-        neg_step_sizes = torch.tensor([-lr / (1 - beta1 ** steps[i]) for i in indices], dtype=compute, device=device)
+        neg_step_sizes = torch.tensor([neg_step_size[i] for i in indices], dtype=compute, device=device)
         torch._dynamo.mark_static(scalars)
         torch._dynamo.mark_static(neg_step_sizes)
         # detach(): plain tensors (dynamo keeps an nn.Parameter's shape static) that are not views (dynamo guards
         # on a view's base), so one graph with dynamic shapes serves every shape of a rank.
-        lists = (params, grads, exp_avgs) + ((exp_avg_sqs, preconds) if preconditioned else ())
         tensors = [[t[i].detach() for i in indices] for t in lists]
         tensors += [] if preconditioned else [[], []]
         work.append((group_key + (modes, len(indices)), indices, tensors, scalars, neg_step_sizes))
