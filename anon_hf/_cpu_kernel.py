@@ -48,6 +48,13 @@ def _capability() -> str:
         return "DEFAULT"
 
 
+def _cache_dir() -> str:
+    """Where torch's extension loader keeps builds: ``TORCH_EXTENSIONS_DIR``, else its default root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
@@ -64,14 +71,29 @@ def _build() -> ModuleType:
     name = re.sub(r"\W", "_", f"anon_hf_cpu_{capability.lower()}_{tag}")
     started = time.perf_counter()
     module = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
+    _check_interface(module)
     logger.info(
         "Anon fused=True: CPU tensors run anon_hf's C++ kernel (%s, %s), ready in %.1f s (built on first use, "
-        "loaded from TORCH_EXTENSIONS_DIR afterwards).",
+        "cached in %s).",
         capability,
         name,
         time.perf_counter() - started,
+        _cache_dir(),
     )
     return module
+
+
+def _check_interface(module: ModuleType) -> None:
+    """Refuse a kernel whose scalar layout or refresh modes differ, by name, from the Python side's."""
+    from ._fused.scalars import SCALAR_SLOTS
+    from ._refresh import REFRESH_MODES
+
+    slots, modes = tuple(getattr(module, "SCALAR_SLOTS", ())), tuple(sorted(getattr(module, "REFRESH_MODES", {})))
+    if slots != SCALAR_SLOTS or modes != tuple(sorted(REFRESH_MODES)):
+        raise RuntimeError(
+            f"the kernel's scalar slots {slots} and refresh modes {modes} differ from anon_hf's {SCALAR_SLOTS} and "
+            f"{tuple(sorted(REFRESH_MODES))} (a stale build in TORCH_EXTENSIONS_DIR?)"
+        )
 
 
 def kernel_unavailable_reason() -> str | None:

@@ -10,6 +10,7 @@ __all__ = [
     "precond_dtype_doc",
     "moments_dtype_doc",
     "maximize_doc",
+    "keep_unseen_doc",
 ]
 
 gamma_doc = r"""gamma (float, optional): power applied to the second-moment estimate before it becomes the
@@ -63,3 +64,14 @@ moments_dtype_doc = r"""moments_dtype (torch.dtype or str, optional): storage dt
             ``(1 - beta2) * g**2`` smaller than 2**-9 of the accumulator rounds away, so with ``beta2=0.999``
             the accumulator under-counts new gradients once a refresh interval passes ~256 steps; see
             ``docs/performance.md`` for the measured effect on the loss (default: None)"""
+
+keep_unseen_doc = r"""keep_unseen (bool, optional): at a refresh, an element with no gradient since the previous refresh
+            (its accumulator is exactly 0) keeps its preconditioner, and an element whose preconditioner is
+            still 0 (new state: no refresh has seen its gradient yet) starts its mean from this refresh's
+            estimate. Such an element takes no step until a refresh has seen its gradient, and then a first
+            step within Adam's bound, about ``(1 - beta1) / sqrt(1 - beta2)`` x lr, whatever the gradient's scale.
+            Where every element has a gradient at every refresh this is exactly the paper's update. ``False``
+            reproduces the published code in every case: an element with no gradient gets
+            :math:`\sigma = \epsilon`, so its preconditioner grows towards :math:`\epsilon^{-\gamma/2}` (1e8 at
+            the defaults) and its first gradient after that takes a step that many times too large
+            (default: True)"""

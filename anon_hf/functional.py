@@ -3,19 +3,18 @@
 :func:`anon` takes the parameters, their gradients and their state as lists and dispatches to
 :func:`_single_tensor_anon` (a per-tensor loop) or :func:`_multi_tensor_anon` (``torch._foreach_*`` kernels
 over tensors grouped by device and dtype). Both share one signature and one refresh routine,
-:func:`_refreshed_preconditioner`, so they differ only in how the per-step arithmetic is batched.
+:func:`anon_hf._refresh.refreshed_preconditioner`, so they differ only in how the per-step arithmetic is batched.
 
 Nothing here imports anything but torch.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ._dtensor import full
+from ._refresh import refresh_mode, refreshed_preconditioner
 from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
@@ -57,41 +56,6 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(full(torch.isfinite(tensor).all()))
 
 
-def _refreshed_preconditioner(
-    exp_avg_sq: Tensor,
-    precond: Tensor,
-    *,
-    steps_since_refresh: int,
-    first: bool,
-    beta2: float,
-    gamma: float,
-    eps: float,
-    beta3: float,
-) -> Tensor:
-    """The new preconditioner ``v = u**-0.5`` built from the accumulator; a new tensor, inputs untouched.
-
-    ``u = sigma**gamma`` at the first refresh and ``beta3 * u_prev + (1 - beta3) * sigma**gamma`` after it, with
-    ``sigma = exp_avg_sq / (1 - beta2**steps_since_refresh) + eps`` and ``u_prev = precond**-2``, in at least
-    fp32. With ``|gamma| <= 1`` and ``eps >= 1e-30`` every intermediate fits fp32 and the power is taken directly.
-    Otherwise it runs in log space: ``sigma**gamma`` for gamma = 3 and sigma near eps = 1e-16 is 1e-48, which fp32
-    flushes to zero (and then ``v`` is inf), while its logarithm is an ordinary number.
-    Returns a tensor of ``precond``'s shape in ``promote_types(precond.dtype, float32)``.
-    """
-    compute_dtype = torch.promote_types(precond.dtype, torch.float32)
-    bias_correction2 = 1.0 - beta2**steps_since_refresh
-    sigma = exp_avg_sq.to(compute_dtype).div(bias_correction2).add_(eps)
-    if abs(gamma) <= 1.0 and eps >= 1e-30:
-        u = sigma if gamma == 1.0 else sigma.pow_(gamma)
-        if not first and beta3 > 0.0:
-            u.mul_(1.0 - beta3).add_(precond.to(compute_dtype).pow(-2.0), alpha=beta3)
-        return u.rsqrt_()
-    log_u = sigma.log_().mul_(gamma)
-    if not first and beta3 > 0.0:
-        log_u_prev = precond.to(compute_dtype).log().mul_(-2.0)
-        log_u = torch.logaddexp(log_u_prev.add_(math.log(beta3)), log_u.add_(math.log1p(-beta3)))
-    return log_u.mul_(-0.5).exp_()
-
-
 def _refresh_(
     exp_avg_sqs: list[Tensor],
     preconds: list[Tensor],
@@ -103,24 +67,28 @@ def _refresh_(
     gamma: float,
     eps: float,
     beta3: float,
+    keep_unseen: bool,
     on_nonfinite: str,
     tensor_positions: list[int] | None = None,
 ) -> None:
     """Refresh ``preconds[i]`` for ``i in indices`` (all at ``step``) and reset their accumulators."""
     prev = previous_refresh_step(step, refresh)
+    mode = refresh_mode(gamma, eps)
     for i in indices:
-        new_precond = _refreshed_preconditioner(
+        new_precond = refreshed_preconditioner(
             exp_avg_sqs[i],
             preconds[i],
+            mode=mode,
             steps_since_refresh=step - prev,
             first=prev == 0,
             beta2=beta2,
             gamma=gamma,
             eps=eps,
             beta3=beta3,
-        )
+            keep_unseen=keep_unseen,
+        ).to(preconds[i].dtype)
         # A non-finite accumulator poisons the running mean for good even where the power maps it to a finite
-        # number (inf**-0.5 == 0), so both the input and the result are checked.
+        # number (inf**-0.5 == 0), so both the input and the result, as it will be stored, are checked.
         if not (_all_finite(exp_avg_sqs[i]) and _all_finite(new_precond)):
             if on_nonfinite == "raise":
                 position = i if tensor_positions is None else tensor_positions[i]
@@ -128,6 +96,57 @@ def _refresh_(
         else:
             preconds[i].copy_(new_precond)
         exp_avg_sqs[i].zero_()
+
+
+def _refresh_verdicts(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    indices: list[int],
+    step: int,
+    *,
+    refresh: RefreshSchedule,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    beta3: float,
+    keep_unseen: bool,
+    weight_decay: float,
+    l2: bool,
+    maximize: bool,
+) -> dict[int, bool]:
+    """Per tensor index, whether refreshing it at ``step`` with this step's gradient gives a finite accumulator and
+    preconditioner as stored; writes nothing. The fused path asks this of the tensors it hands to the eager path, so
+    that a raise leaves the whole step unwritten."""
+    prev = previous_refresh_step(step, refresh)
+    mode = refresh_mode(gamma, eps)
+    verdicts = {}
+    for i in indices:
+        precond = torch.view_as_real(preconds[i]) if torch.is_complex(preconds[i]) else preconds[i]
+        compute = torch.promote_types(precond.dtype, torch.float32)
+        grad = torch.view_as_real(grads[i]) if torch.is_complex(grads[i]) else grads[i]
+        grad = grad.to(compute).neg() if maximize else grad.to(compute)
+        if l2 and weight_decay != 0:
+            param = torch.view_as_real(params[i]) if torch.is_complex(params[i]) else params[i]
+            grad = grad.add(param.to(compute), alpha=weight_decay)
+        exp_avg_sq = torch.view_as_real(exp_avg_sqs[i]) if torch.is_complex(exp_avg_sqs[i]) else exp_avg_sqs[i]
+        exp_avg_sq = exp_avg_sq.to(compute).mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        new_precond = refreshed_preconditioner(
+            exp_avg_sq,
+            precond,
+            mode=mode,
+            steps_since_refresh=step - prev,
+            first=prev == 0,
+            beta2=beta2,
+            gamma=gamma,
+            eps=eps,
+            beta3=beta3,
+            keep_unseen=keep_unseen,
+        ).to(precond.dtype)
+        verdicts[i] = _all_finite(exp_avg_sq) and _all_finite(new_precond)
+    return verdicts
 
 
 def _single_tensor_anon(
@@ -147,6 +166,7 @@ def _single_tensor_anon(
     decoupled_weight_decay: bool,
     refresh: RefreshSchedule,
     beta3: float,
+    keep_unseen: bool,
     bounds: tuple[float | None, float | None] | None,
     maximize: bool,
     on_nonfinite: str,
@@ -201,6 +221,7 @@ def _single_tensor_anon(
                     gamma=gamma,
                     eps=eps,
                     beta3=beta3,
+                    keep_unseen=keep_unseen,
                     on_nonfinite=on_nonfinite,
                     tensor_positions=[i],
                 )
@@ -229,6 +250,7 @@ def _multi_tensor_anon(
     decoupled_weight_decay: bool,
     refresh: RefreshSchedule,
     beta3: float,
+    keep_unseen: bool,
     bounds: tuple[float | None, float | None] | None,
     maximize: bool,
     on_nonfinite: str,
@@ -296,6 +318,7 @@ def _multi_tensor_anon(
                     gamma=gamma,
                     eps=eps,
                     beta3=beta3,
+                    keep_unseen=keep_unseen,
                     on_nonfinite=on_nonfinite,
                     tensor_positions=original_indices,
                 )
@@ -342,6 +365,7 @@ def anon(
     decoupled_weight_decay: bool = True,
     refresh: RefreshSchedule = "pow2",
     beta3: float = 0.5,
+    keep_unseen: bool = True,
     bounds: tuple[float | None, float | None] | None = None,
     maximize: bool = False,
     on_nonfinite: str = "raise",
@@ -391,6 +415,7 @@ def anon(
         decoupled_weight_decay=decoupled_weight_decay,
         refresh=refresh,
         beta3=beta3,
+        keep_unseen=keep_unseen,
         bounds=bounds,
         maximize=maximize,
         on_nonfinite=on_nonfinite,
@@ -398,8 +423,10 @@ def anon(
 
 
 def _compute_dtype(param: Tensor, state: list[Tensor]) -> torch.dtype | None:
-    """``None`` when all of ``state`` has ``param``'s dtype (update in place), else the dtype to compute in."""
-    if all(tensor.dtype == param.dtype for tensor in state):
+    """``None`` when ``param`` and all of ``state`` share a dtype of at least fp32 (update in place), else the dtype
+    to compute in: at least fp32, so 16-bit params and state are updated in fp32 and rounded once on store, as the
+    fused paths do."""
+    if all(tensor.dtype == param.dtype for tensor in state) and param.dtype not in (torch.float16, torch.bfloat16):
         return None
     return torch.promote_types(param.dtype, torch.float32)
 

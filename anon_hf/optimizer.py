@@ -16,6 +16,7 @@ from ._docs import (
     foreach_doc,
     fused_doc,
     gamma_doc,
+    keep_unseen_doc,
     maximize_doc,
     moments_dtype_doc,
     precond_dtype_doc,
@@ -118,7 +119,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid bounds value: lo={lo} > hi={hi} (allowed: None or (lo, hi) with lo <= hi)")
     if group["on_nonfinite"] not in _NONFINITE_POLICIES:
         raise ValueError(f"Invalid on_nonfinite value: {group['on_nonfinite']!r} (allowed: 'raise', 'skip')")
-    for flag in ("decoupled_weight_decay", "maximize"):
+    for flag in ("decoupled_weight_decay", "keep_unseen", "maximize"):
         if not isinstance(group[flag], bool):
             raise ValueError(f"Invalid {flag} value: {group[flag]!r} (allowed: True or False)")
     if group["foreach"] not in (None, True, False):
@@ -174,7 +175,9 @@ class Anon(torch.optim.Optimizer):
 
     With the default ``refresh="pow2"`` and ``beta3=0.5``, :math:`u` is the mean of :math:`v^{-2}` over
     refreshes, i.e. :math:`v^2` is their harmonic mean. The refresh runs before the step's update, so step 1
-    already uses :math:`v` built from :math:`g_1`. For the details, see `Anon: Extrapolating Adaptivity Beyond
+    already uses :math:`v` built from :math:`g_1`. With ``keep_unseen`` (the default) the refresh is taken per
+    element: one whose :math:`s_t = 0` (no gradient since :math:`t_{prev}`) keeps its :math:`u`, and one no refresh
+    has seen a gradient of yet starts at :math:`u = \sigma^{\gamma}`. For the details, see `Anon: Extrapolating Adaptivity Beyond
     SGD and Adam <https://arxiv.org/abs/2605.02317>`_ and ``docs/algorithm.md``.
 
     Args:
@@ -204,6 +207,9 @@ class Anon(torch.optim.Optimizer):
             onto after each update (the projection in the :math:`V^{-1}` metric is an elementwise clamp);
             ``None`` on either side means unbounded on that side, ``None`` for the whole means unconstrained
             (default: None)
+        """
+        + keep_unseen_doc
+        + r"""
         """
         + maximize_doc
         + r"""
@@ -236,9 +242,10 @@ class Anon(torch.optim.Optimizer):
     * ``step``: 0-d float32 CPU tensor, steps taken by this tensor (a parameter whose grad is None is skipped
       and its step does not advance);
     * ``exp_avg``: first moment :math:`m`, shaped like the parameter, in ``moments_dtype`` (default: the
-      parameter's dtype; ``exp_avg_sq`` likewise, ``precond`` in ``precond_dtype``);
+      parameter's dtype, float32 for float16 parameters; ``exp_avg_sq`` likewise, ``precond`` in ``precond_dtype``);
     * ``exp_avg_sq``: the accumulator :math:`s` since the last refresh (reset to zero at each refresh);
-    * ``precond``: the preconditioner :math:`v`, reused between refreshes.
+    * ``precond``: the preconditioner :math:`v`, reused between refreshes; 0 where no refresh has seen a gradient
+      yet (with ``keep_unseen``), so such elements do not move.
 
     Non-scalar state is shaped like its parameter, so it follows ZeRO's flat partitions and FSDP2's DTensor
     shards. With ``gamma == 0`` the preconditioner is all ones and ``exp_avg_sq``/``precond`` are not
@@ -266,6 +273,7 @@ class Anon(torch.optim.Optimizer):
         refresh: RefreshSchedule = "pow2",
         beta3: float = 0.5,
         bounds: Bounds = None,
+        keep_unseen: bool = True,
         *,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -285,6 +293,7 @@ class Anon(torch.optim.Optimizer):
             refresh=refresh,
             beta3=beta3,
             bounds=tuple(bounds) if isinstance(bounds, list) else bounds,
+            keep_unseen=keep_unseen,
             maximize=maximize,
             foreach=foreach,
             fused=fused,
@@ -323,6 +332,7 @@ class Anon(torch.optim.Optimizer):
             group.setdefault("precond_dtype", None)
             group.setdefault("moments_dtype", None)
             group.setdefault("bounds", None)
+            group.setdefault("keep_unseen", True)
             group.setdefault("on_nonfinite", "raise")
             group.setdefault("differentiable", False)
         # A step saved as a plain number (hand-made or older state dicts) becomes the tensor step() expects.
@@ -393,12 +403,11 @@ class Anon(torch.optim.Optimizer):
         preconditioned = group["gamma"] != 0 or any(
             "precond" in self.state[p] for p in group["params"] if p.grad is not None
         )
-        moments_dtype, precond_dtype = group.get("moments_dtype"), group.get("precond_dtype")
-        if moments_dtype is not None or precond_dtype is not None:
+        if group.get("moments_dtype") is not None or group.get("precond_dtype") is not None:
             for p in group["params"]:
                 if torch.is_complex(p):
                     raise ValueError(
-                        f"precond_dtype/moments_dtype ({precond_dtype}, {moments_dtype}) apply to real "
+                        f"precond_dtype/moments_dtype ({group['precond_dtype']}, {group['moments_dtype']}) apply to real "
                         f"parameters, but this group holds a {p.dtype} parameter of shape {tuple(p.shape)}: put "
                         "complex parameters in a param group with precond_dtype=None and moments_dtype=None."
                     )
@@ -409,13 +418,17 @@ class Anon(torch.optim.Optimizer):
                 raise RuntimeError("Anon does not support sparse gradients, consider SparseAdam instead")
             has_complex |= torch.is_complex(p)
             state = self.state[p]
+            moments_dtype, precond_dtype = _storage_dtypes(group, p)
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
             if preconditioned and "precond" not in state:
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
-                state["precond"] = torch.ones_like(p, dtype=precond_dtype, memory_format=torch.preserve_format)
-            if moments_dtype is not None or precond_dtype is not None or state["exp_avg"].dtype != p.dtype:
+                # 0 marks "not seen by a refresh yet" (see anon_hf._refresh); a tensor that has stepped with gamma = 0
+                # starts from the preconditioner it was using, ones.
+                fill = 1.0 if state["step"] > 0 else 0.0
+                state["precond"] = torch.full_like(p, fill, dtype=precond_dtype, memory_format=torch.preserve_format)
+            if state["exp_avg"].dtype != moments_dtype or (preconditioned and state["precond"].dtype != precond_dtype):
                 _cast_state(state, group, p)
             params.append(p)
             grads.append(p.grad)
@@ -478,6 +491,7 @@ class Anon(torch.optim.Optimizer):
                     refresh=group["refresh"],
                     beta3=group["beta3"],
                     bounds=group["bounds"],
+                    keep_unseen=group["keep_unseen"],
                     maximize=group["maximize"],
                     on_nonfinite=group["on_nonfinite"],
                 )
@@ -494,14 +508,21 @@ class Anon(torch.optim.Optimizer):
         return loss
 
 
-def _cast_state(tensor_state: dict[str, Any], group: dict[str, Any], param: Tensor) -> None:
-    """Keep ``exp_avg``/``exp_avg_sq`` in the group's ``moments_dtype`` and ``precond`` in its ``precond_dtype``.
+def _storage_dtypes(group: dict[str, Any], param: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes ``(moments, precond)`` that ``param``'s state is stored in: the group's ``moments_dtype`` and
+    ``precond_dtype``, where ``None`` means the param's dtype, except float32 for float16 params (float16 cannot hold
+    ``(1 - beta2) * g**2`` for ``|g| < 8e-3``, nor a preconditioner above 65504)."""
+    default = torch.float32 if param.dtype == torch.float16 else param.dtype
+    return group.get("moments_dtype") or default, group.get("precond_dtype") or default
 
-    ``None`` means the param's dtype. Converts only what differs: state just loaded (torch casts it to the param
-    dtype) or written before the group's option changed.
+
+def _cast_state(tensor_state: dict[str, Any], group: dict[str, Any], param: Tensor) -> None:
+    """Keep ``exp_avg``/``exp_avg_sq`` and ``precond`` in the dtypes of :func:`_storage_dtypes`.
+
+    Converts only what differs: state just loaded (torch casts it to the param dtype) or written before the group's
+    option changed.
     """
-    moments_dtype = group.get("moments_dtype") or param.dtype
-    precond_dtype = group.get("precond_dtype") or param.dtype
+    moments_dtype, precond_dtype = _storage_dtypes(group, param)
     for key, dtype in (("exp_avg", moments_dtype), ("exp_avg_sq", moments_dtype), ("precond", precond_dtype)):
         value = tensor_state.get(key)
         if isinstance(value, Tensor) and value.dtype != dtype and not torch.is_complex(value):

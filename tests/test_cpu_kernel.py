@@ -204,11 +204,11 @@ def test_the_kernel_refuses_mismatched_lists_before_writing():
     scalars = [1.0, 0.1, 0.999, 0.001, 1.0, 0.0, -1e30, 1e30] + [0.0] * 5
     with pytest.raises(RuntimeError, match="one entry per tensor"):
         module.anon_step(
-            [param], [grad], [exp_avg], [], [], [], [-0.1, -0.1], scalars, False, False, 0, False, False, []
+            [param], [grad], [exp_avg], [], [], [], [-0.1, -0.1], scalars, False, False, 0, False, False, False, []
         )
     with pytest.raises(RuntimeError, match="param's size"):
         module.anon_step(
-            [param], [grad], [torch.zeros(4)], [], [], [], [-0.1], scalars, False, False, 0, False, False, []
+            [param], [grad], [torch.zeros(4)], [], [], [], [-0.1], scalars, False, False, 0, False, False, False, []
         )
     assert torch.equal(param, original)
     assert module.anon_supported([param, param.t()], [grad, grad], [exp_avg, exp_avg], [], []) == [True, True]

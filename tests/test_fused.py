@@ -117,7 +117,7 @@ def test_fused_matches_reference_full_grid(config, dtype, backend):
 
 def test_the_compiled_path_really_runs_and_says_so_once(caplog, compiled_graphs):
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    _fused._logged.clear()
+    _fused.telemetry._logged.clear()
     # fp64 moments with fp32 params: no other test uses these dtypes, so dynamo must capture new graphs here.
     params = _params(shapes=[(5, 7), (7, 5)])
     opt = Anon(params, lr=0.01, fused=True, moments_dtype=torch.float64)
@@ -129,7 +129,7 @@ def test_the_compiled_path_really_runs_and_says_so_once(caplog, compiled_graphs)
     assert _fused.fused_unavailable_reason(params) is None
     # A step graph, a finite-check graph and a refresh graph.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs_before + 3
-    kinds = {key[0] for key in _fused._ran if any(isinstance(k, tuple) and torch.float64 in k for k in key)}
+    kinds = {key[0] for key in _fused.graphs._ran if any(isinstance(k, tuple) and torch.float64 in k for k in key)}
     assert kinds == {"step", "flags", "refresh"}
     messages = [r.getMessage() for r in caplog.records if "torch.compile'd graphs" in r.getMessage()]
     assert len(messages) == 1
@@ -200,9 +200,9 @@ def test_mixed_param_dtypes_in_one_group(backend):
 
 @pytest.mark.slow  # compiles graphs for chunks of 16 and 4 tensors; chunks of 2 are covered by the fast tests
 def test_many_same_shaped_tensors_are_chunked_and_match_foreach(compiled_graphs):
-    assert _fused._chunk_sizes(37, 16) == [16, 16, 4, 1]
-    assert _fused._chunk_sizes(3, 1 << 22) == [1, 1, 1]
-    assert _fused._chunk_sizes(5, 1 << 20) == [4, 1]
+    assert _fused.plan.chunk_sizes(37, 16) == [16, 16, 4, 1]
+    assert _fused.plan.chunk_sizes(3, 1 << 22) == [1, 1, 1]
+    assert _fused.plan.chunk_sizes(5, 1 << 20) == [4, 1]
 
     def run(impl):
         torch.manual_seed(0)
@@ -312,9 +312,9 @@ def test_skip_policy_matches_foreach(backend):
 
 
 def test_a_failing_compiler_falls_back_to_foreach_with_one_warning(monkeypatch, caplog, compiled_graphs):
-    monkeypatch.setattr(_fused, "_disabled_reason", None)
-    monkeypatch.setattr(_fused, "_graphs", type(_fused._graphs)())
-    monkeypatch.setattr(_fused, "_ran", set())
+    monkeypatch.setattr(_fused.graphs, "_disabled_reason", None)
+    monkeypatch.setattr(_fused.graphs, "_graphs", type(_fused.graphs._graphs)())
+    monkeypatch.setattr(_fused.graphs, "_ran", set())
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
@@ -325,7 +325,7 @@ def test_a_failing_compiler_falls_back_to_foreach_with_one_warning(monkeypatch, 
     _, expected = _train("foreach", lr=0.01, steps=8)
     for a, b in zip(params, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert "no C++ compiler here" in _fused._disabled_reason
+    assert "no C++ compiler here" in _fused.graphs._disabled_reason
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "takes the foreach path" in warnings[0].getMessage()
 
@@ -344,7 +344,7 @@ def test_dtensor_params_take_the_foreach_path_and_say_so(tmp_path, caplog):
         plain = torch.nn.Parameter(local.clone())
         opt = Anon([param], lr=0.01, fused=True)
         reference = Anon([plain], lr=0.01, foreach=True)
-        _fused._logged.clear()
+        _fused.telemetry._logged.clear()
         with caplog.at_level(logging.INFO, logger="anon_hf._fused"):
             for _ in range(4):
                 grad = torch.randn(4, 3)

@@ -85,8 +85,9 @@ def test_nonfinite_gradient_between_refreshes_behaves_like_adamw():
 
 def test_large_gamma_with_tiny_second_moment_stays_finite():
     # sigma = eps = 1e-16 and gamma = 3 give sigma**gamma = 1e-48: zero in fp32 unless computed in log space.
+    # keep_unseen=False: the published rule, under which the element without a gradient takes sigma = eps.
     param = torch.nn.Parameter(torch.zeros(3))
-    opt = Anon([param], lr=0.01, gamma=3.0)
+    opt = Anon([param], lr=0.01, gamma=3.0, keep_unseen=False)
     param.grad = torch.tensor([0.0, 1e-3, 1.0])
     opt.step()
     precond = opt.state[param]["precond"]

@@ -9,8 +9,13 @@
 //   m  = m + (g - m) * weight1                        weight1 = 1 - beta1
 //   s  = s * beta2 + g * g * weight2                  weight2 = 1 - beta2
 //   refresh:  sigma = s * inv_bias2 + eps
-//             u = w_new * sigma**gamma + w_prev * v**-2,   v = u**-0.5,   s = 0
+//             u = w_new * sigma**gamma + w_prev * v**-2   where a previous v is averaged in, else sigma**gamma
+//             v = u**-0.5 (keep_unseen: the old v where s == 0),   s = 0
 //   p  = clamp(p * decay + m * v * neg_step_size, lo, hi)
+//
+// The refresh rule and how sigma**gamma is computed (directly or in log space) are anon_hf/_refresh.py's: the mode
+// arrives as an argument and the kernel never picks one. The scalars arrive in the layout named by SCALAR_SLOTS,
+// which anon_hf/_cpu_kernel.py compares by name with anon_hf/_fused/scalars.py before the kernel may run.
 //
 // Elementwise only: results do not depend on the number of threads.
 
@@ -39,17 +44,19 @@ constexpr int64_t kGrain = 1 << 15;
 
 enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kInvBias2, kEps, kGamma, kWeightPrev,
                       kWeightNew, kSlotCount };
+// The slots' names, in Slot order: exported as SCALAR_SLOTS and checked against the Python layout by name.
+const char* const kSlotNames[kSlotCount] = {"decay", "weight1", "beta2",     "weight2",     "sign",
+                                            "l2",    "lo",      "hi",        "inv_bias2",   "eps",
+                                            "gamma", "weight_prev", "weight_new"};
 
-// The direct formula's range (see new_precond): exp(80) = 5.5e34 and (1e18)**2 = 1e36 leave room below FLT_MAX,
-// exp(-80) = 1.8e-35 and 1e-36 stay above FLT_MIN.
-constexpr float kMaxLogPower = 80.0f;
-constexpr float kMaxDirectPrecond = 1e18f;
-// Bounds of the refresh check's shortcut (see block): (1 / 1e15)**2 * 1e-6 = 1e-36 > FLT_MIN.
+// Bounds of the refresh check's shortcut (see block): (1 / 1e18)**2 * 1e-6 = 1e-42 > 0 and 1e15 leave u > 0.
+constexpr float kMinPrecond = 1.0f / 1e18f;
 constexpr float kMaxPrecond = 1e15f;
 constexpr float kMinWeightPrev = 1e-6f;
 
-// 0: an ordinary step; 1: a refresh with gamma == 1; 2: a refresh with any other gamma.
-enum class Refresh : int64_t { kNone = 0, kOne = 1, kPower = 2 };
+// 0: an ordinary step; else a refresh computing sigma**gamma as anon_hf._refresh.refresh_mode says: no power (gamma
+// == 1), directly, or in log space. Exported as REFRESH_MODES.
+enum class Refresh : int64_t { kNone = 0, kOne = 1, kPower = 2, kLog = 3 };
 
 struct Settings {
   float s[kSlotCount];
@@ -57,7 +64,8 @@ struct Settings {
   bool bounds;
   bool preconditioned;
   Refresh refresh;
-  bool has_prev;  // beta3 > 0 and a previous refresh exists
+  bool has_prev;     // a previous preconditioner is averaged in (beta3 > 0, not the first refresh)
+  bool keep_unseen;  // elements with s == 0 keep v; those with v == 0 start the mean afresh
 };
 
 template <typename T>
@@ -80,43 +88,48 @@ inline void store2(T* ptr, const FloatVec& a, const FloatVec& b) {
   }
 }
 
-// log(u) from gamma * log(sigma) and the previous preconditioner: log(w_new) + gamma log(sigma), combined with
-// log(w_prev) - 2 log(v) by logaddexp. v = exp(-log(u) / 2) then stays in range where u itself would not.
-inline FloatVec precond_in_log_space(const FloatVec& log_power, const FloatVec& precond, const Settings& st) {
-  FloatVec log_u = log_power + FloatVec(std::log(st.s[kWeightNew]));
-  if (st.has_prev) {
-    const FloatVec log_prev = precond.log() * FloatVec(-2.0f) + FloatVec(std::log(st.s[kWeightPrev]));
-    const FloatVec high = at::vec::maximum(log_u, log_prev);
-    const FloatVec gap = (log_u - log_prev).abs();
-    log_u = high + (FloatVec(0.0f) - gap).exp().log1p();
-  }
-  return (log_u * FloatVec(-0.5f)).exp();
-}
-
-// The new preconditioner v = u**-0.5, u = w_new * sigma**gamma + w_prev * v_prev**-2 (see the header).
-// Refresh::kOne (gamma == 1) needs no power. Refresh::kPower computes sigma**gamma as exp(gamma * log(sigma)), with
-// at::vec's 20-ulp exp: a quarter of the cost of its pow, within ~1e-6 + |gamma * log(sigma)| * 6e-8 relative (5e-6
-// at |gamma * log(sigma)| = 70; the eager paths' preconditioners are within ~2e-6). It does so where no term can leave
-// fp32's range and in log space for the blocks where one could: |gamma * log(sigma)| > kMaxLogPower (e.g. gamma = 3
-// with sigma ~ 1e-16: 1e-48) or a previous v outside [1 / kMaxDirectPrecond, kMaxDirectPrecond].
+// The new preconditioner (anon_hf/_refresh.py): u = sigma**gamma, averaged with the previous v**-2 where there is one,
+// v = u**-0.5, and with keep_unseen the old v where s == 0. Refresh::kPower computes sigma**gamma as
+// exp(gamma * log(sigma)) with at::vec's 20-ulp exp: a quarter of the cost of its pow, within ~1e-6 +
+// |gamma * log(sigma)| * 6e-8 relative (the eager paths' preconditioners are within ~2e-6). Refresh::kLog keeps
+// log(u) and combines the two terms by logaddexp, so v = exp(-log(u) / 2) stays in range where u itself would not.
 inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond, const Settings& st) {
   const FloatVec sigma = at::vec::fmadd(exp_avg_sq, FloatVec(st.s[kInvBias2]), FloatVec(st.s[kEps]));
-  FloatVec power = sigma;
-  if (st.refresh == Refresh::kPower) {
+  // Lanes whose mean starts here: with keep_unseen, those whose v is still 0 (u_prev would be inf).
+  const FloatVec fresh = st.keep_unseen ? (precond <= FloatVec(0.0f)) : FloatVec(0.0f);
+  FloatVec result;
+  if (st.refresh == Refresh::kLog) {
     const FloatVec log_power = sigma.log() * FloatVec(st.s[kGamma]);
-    FloatVec direct = log_power.abs() <= FloatVec(kMaxLogPower);  // false for nan: the log-space path keeps it
+    FloatVec log_u = log_power;
     if (st.has_prev) {
-      direct = direct & (precond >= FloatVec(1.0f / kMaxDirectPrecond)) & (precond <= FloatVec(kMaxDirectPrecond));
+      const FloatVec log_new = log_power + FloatVec(std::log(st.s[kWeightNew]));
+      const FloatVec log_prev = precond.log() * FloatVec(-2.0f) + FloatVec(std::log(st.s[kWeightPrev]));
+      const FloatVec high = at::vec::maximum(log_new, log_prev);
+      const FloatVec gap = (log_new - log_prev).abs();
+      log_u = FloatVec::blendv(high + (FloatVec(0.0f) - gap).exp().log1p(), log_power, fresh);
     }
-    if (direct.zero_mask() != 0) return precond_in_log_space(log_power, precond, st);
-    power = log_power.exp_u20();
+    result = (log_u * FloatVec(-0.5f)).exp();
+  } else {
+    const FloatVec power = st.refresh == Refresh::kOne ? sigma : (sigma.log() * FloatVec(st.s[kGamma])).exp_u20();
+    FloatVec u = power;
+    if (st.has_prev) {
+      const FloatVec inverse = precond.reciprocal();
+      u = FloatVec::blendv(power * FloatVec(st.s[kWeightNew]) + inverse * inverse * FloatVec(st.s[kWeightPrev]),
+                           power, fresh);
+    }
+    result = u.rsqrt();
   }
-  FloatVec u = power * FloatVec(st.s[kWeightNew]);
-  if (st.has_prev) {
-    const FloatVec inverse = precond.reciprocal();
-    u = u + inverse * inverse * FloatVec(st.s[kWeightPrev]);
+  return st.keep_unseen ? FloatVec::blendv(result, precond, exp_avg_sq == FloatVec(0.0f)) : result;
+}
+
+// The value as a V stores it, back in fp32: the refresh check judges what will be stored.
+template <typename V>
+inline void round_to(FloatVec& a, FloatVec& b) {
+  if constexpr (!std::is_same_v<V, float>) {
+    V tmp[kBlock];
+    store2(tmp, a, b);
+    load2(tmp, a, b);
   }
-  return u.rsqrt();
 }
 
 // kBlock elements starting at index i. `Check` computes only the finiteness verdict of a refresh (nothing is written):
@@ -157,21 +170,23 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
   s0 = s0 * FloatVec(st.s[kBeta2]) + g0 * g0 * FloatVec(st.s[kWeight2]);
   s1 = s1 * FloatVec(st.s[kBeta2]) + g1 * g1 * FloatVec(st.s[kWeight2]);
   load2(v + i, v0, v1);
-  if (Check && st.has_prev && st.s[kWeightPrev] >= kMinWeightPrev) {
+  if (Check && st.has_prev && st.s[kWeightPrev] >= kMinWeightPrev && !std::is_same_v<V, at::Half>) {
     // Shortcut, exact for every mode: with 0 <= s <= FLT_MAX (so sigma >= 0, never nan) and v in
-    // [1 / kMaxDirectPrecond, kMaxPrecond], the previous term w_prev * v**-2 >= 1e-36 keeps u > 0 (a normal float)
-    // and sigma**gamma is in [0, inf], so u is in (0, inf] and u**-0.5 in [0, 3e22); in log space, log(u) >= -83
-    // likewise. The new preconditioner is finite: only blocks with another lane compute it.
+    // [kMinPrecond, kMaxPrecond] (so v > 0: the mean is averaged, never started afresh), the previous term
+    // w_prev * v**-2 >= 1e-36 keeps u > 0 (a normal float) and sigma**gamma is in [0, inf], so u is in (0, inf] and
+    // u**-0.5 in [0, 3e22), finite in every storage dtype the kernel writes except float16, whose blocks take the
+    // full check; in log space, log(u) >= -83 likewise. A kept v is finite. Only blocks with another lane compute.
     const FloatVec zero(0.0f), largest(std::numeric_limits<float>::max());
-    const FloatVec low(1.0f / kMaxDirectPrecond), high(kMaxPrecond);
+    const FloatVec low(kMinPrecond), high(kMaxPrecond);
     const FloatVec fast = (s0 >= zero) & (s0 <= largest) & (v0 >= low) & (v0 <= high) & (s1 >= zero) &
                           (s1 <= largest) & (v1 >= low) & (v1 <= high);
     if (fast.zero_mask() == 0) return;
   }
   if (st.refresh != Refresh::kNone) {
-    const FloatVec n0 = new_precond(s0, v0, st);
-    const FloatVec n1 = new_precond(s1, v1, st);
+    FloatVec n0 = new_precond(s0, v0, st);
+    FloatVec n1 = new_precond(s1, v1, st);
     if (Check) {
+      round_to<V>(n0, n1);
       *bad = *bad + s0 * FloatVec(0.0f) + n0 * FloatVec(0.0f);
       *bad = *bad + s1 * FloatVec(0.0f) + n1 * FloatVec(0.0f);
       return;
@@ -398,7 +413,7 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
                             const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                             const std::vector<at::Tensor>& preconds, const std::vector<at::Tensor>& steps,
                             const std::vector<double>& neg_step_sizes, const std::vector<double>& scalars, bool l2,
-                            bool bounds, int64_t refresh, bool has_prev, bool check_only,
+                            bool bounds, int64_t refresh, bool has_prev, bool keep_unseen, bool check_only,
                             const std::vector<bool>& keep) {
   const size_t count = params.size();
   const bool preconditioned = !preconds.empty();
@@ -407,7 +422,7 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   TORCH_CHECK(!preconditioned || (preconds.size() == count && exp_avg_sqs.size() == count),
               "anon_hf CPU kernel: exp_avg_sqs and preconds must be empty or have one tensor per param");
   TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf CPU kernel: expected ", kSlotCount, " scalars");
-  TORCH_CHECK(refresh >= 0 && refresh <= 2, "anon_hf CPU kernel: refresh mode must be 0, 1 or 2");
+  TORCH_CHECK(refresh >= 0 && refresh <= 3, "anon_hf CPU kernel: refresh mode must be 0 (none) or one of REFRESH_MODES");
   TORCH_CHECK(refresh == 0 || preconditioned, "anon_hf CPU kernel: a refresh needs exp_avg_sqs and preconds");
   TORCH_CHECK(keep.empty() || keep.size() == count, "anon_hf CPU kernel: keep must be empty or one flag per tensor");
   TORCH_CHECK(!check_only || refresh != 0, "anon_hf CPU kernel: check_only needs a refresh mode");
@@ -420,6 +435,7 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   st.preconditioned = preconditioned;
   st.refresh = static_cast<Refresh>(refresh);
   st.has_prev = has_prev;
+  st.keep_unseen = keep_unseen;
 
   // Validate everything before writing anything.
   const std::vector<bool> ok = anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds);
@@ -482,5 +498,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("anon_supported", &anon_supported, "Per tensor, whether anon_step handles it");
   module.def("threads_in_parts", &threads_in_parts, "Distinct threads that ran run_in_parts' parts (for tests)");
-  module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
+  pybind11::list slots;
+  for (const char* name : kSlotNames) slots.append(name);
+  module.attr("SCALAR_SLOTS") = slots;
+  pybind11::dict modes;
+  modes["one"] = static_cast<int64_t>(Refresh::kOne);
+  modes["pow"] = static_cast<int64_t>(Refresh::kPower);
+  modes["log"] = static_cast<int64_t>(Refresh::kLog);
+  module.attr("REFRESH_MODES") = modes;
 }

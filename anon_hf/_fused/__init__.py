@@ -1,0 +1,161 @@
+"""Anon's fused step: one pass per tensor, by anon_hf's C++ kernel on CPU or ``torch.compile``'d graphs elsewhere.
+
+Between two refreshes an Anon step reads p, g, m, s, v and writes p, m, s: 8 memory passes where fused AdamW makes 7.
+The eager paths spend one pass per op (6 to 8 ops per tensor). The package is split by what changes together:
+
+* :mod:`.plan`: which backend steps which tensor (pure: the C++ kernel, the compiled graphs, or the eager foreach
+  path for what neither covers);
+* :mod:`.kernel` and :mod:`.graphs`: the backends, each a thin adapter with a ``check()`` (a refresh's verdicts,
+  nothing written) and a ``write()``;
+* :mod:`.scalars`: the one layout of the step's hyperparameters that both backends read;
+* this module: the execution. On a refresh every backend checks, the eager part included, before any backend
+  writes, so ``on_nonfinite="raise"`` leaves the whole step unwritten whatever the mix of backends.
+
+Measured before choosing this (``benchmarks/README.md``): flat state buffers written through slices inside a compiled
+graph became a ``slice_scatter`` of the whole buffer per tensor, hundreds of times slower; one static graph over all
+of a group's tensors compiled for ~0.4 s per tensor. State therefore stays one tensor per parameter, as in the eager
+paths: ``state_dict()``, ``load_state_dict()`` and ZeRO's flat partitions see exactly what they see without it.
+
+Nothing here imports anything but torch and the standard library; ``torch.compile`` is first touched on the first
+fused step that needs a graph, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._refresh import refresh_mode
+from .._schedule import is_refresh_step, previous_refresh_step
+from . import graphs
+from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
+from .kernel import KernelCall, kernel_supported
+from .plan import make_plan
+from .scalars import step_scalars
+from .telemetry import log_once, stats
+
+__all__ = ["fused_unavailable_reason", "stats"]
+
+
+def _fused_anon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    **hyper: Any,
+) -> list[int]:
+    """Same signature and results as ``functional._multi_tensor_anon`` (``hyper``: its keyword arguments).
+
+    A refresh with ``on_nonfinite="raise"`` that finds a non-finite accumulator or preconditioner raises before
+    anything of this step is written (params, state and step counters are as before the call).
+    """
+    from ..functional import _multi_tensor_anon
+
+    lists = (params, grads, exp_avgs, exp_avg_sqs, preconds)
+
+    def eager(indices: list[int]) -> list[int]:
+        pick = [[tensors[i] for i in indices] if tensors else [] for tensors in lists]
+        return _multi_tensor_anon(*pick, [state_steps[i] for i in indices], **hyper)
+
+    if len(params) == 0:
+        return []
+    if torch.compiler.is_compiling():
+        return _eager_with_reason(
+            eager, range(len(params)), "the step is already being traced by an outer torch.compile"
+        )
+    steps = [int(step.item()) + 1 for step in state_steps]
+    refreshing = len(preconds) > 0 and any(is_refresh_step(step, hyper["refresh"]) for step in steps)
+    if refreshing and len(set(steps)) > 1:
+        # Tensors at different steps (some were skipped with grad None): the eager routine handles each one.
+        stats["refresh_eager"] += 1
+        return eager(list(range(len(params))))
+    plan = make_plan(*lists, kernel_supported=kernel_supported(*lists), graphs_unavailable=fused_unavailable_reason)
+    prev = previous_refresh_step(steps[0], hyper["refresh"]) if refreshing else 0
+    averaged = refreshing and hyper["beta3"] > 0.0 and prev > 0
+    scalar_values = step_scalars(
+        **{k: hyper[k] for k in _SCALAR_HYPERPARAMETERS},
+        steps_since_refresh=steps[0] - prev if refreshing else None,
+        averaged=averaged,
+    )
+    lr, beta1 = hyper["lr"], hyper["beta1"]
+    neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
+    decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
+    modes = (not decoupled, hyper["bounds"] is not None)
+    mode = refresh_mode(hyper["gamma"], hyper["eps"])
+    kernel = graph = None
+    if plan.kernel:
+        refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None
+        kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, neg_step_sizes, modes, refresh)
+    if plan.chunks:
+        refresh = (mode, hyper["beta3"] > 0.0, hyper["keep_unseen"]) if refreshing else None
+        graph = GraphCalls(plan.chunks, lists, scalar_values, neg_step_sizes, modes, refresh)
+    eager_indices = list(plan.eager)
+    if refreshing:
+        graph, eager_indices = _check_all(kernel, graph, eager_indices, lists, steps[0], hyper)
+    if kernel is not None:
+        kernel.write()  # advances its tensors' step counters too
+        stats["kernel"] += 1
+    done = list(plan.empty)
+    if graph is not None:
+        written, left = graph.write()
+        done += written
+        eager_indices += left
+    if done:
+        torch._foreach_add_([state_steps[i] for i in done], 1)
+    if eager_indices:
+        _eager_with_reason(eager, sorted(eager_indices), plan.eager_reason or graphs._disabled_reason)
+    return [steps[0]] if refreshing else []
+
+
+# The hyperparameters step_scalars takes by name from _fused_anon's keyword arguments.
+_SCALAR_HYPERPARAMETERS = (
+    "lr",
+    "beta1",
+    "beta2",
+    "gamma",
+    "eps",
+    "weight_decay",
+    "decoupled_weight_decay",
+    "beta3",
+    "bounds",
+    "maximize",
+)
+
+
+def _check_all(kernel, graph, eager_indices, lists, step, hyper):
+    """Every backend's verdict on this refresh before any writes: raise for the first non-finite tensor under
+    ``on_nonfinite="raise"``. Returns ``(graph, eager_indices)``: a graph backend whose compiler failed is dropped
+    and its tensors join the eager ones."""
+    from ..functional import NonFinitePreconditionerError, _refresh_verdicts
+
+    verdicts = kernel.check() if kernel is not None else {}
+    if graph is not None:
+        try:
+            verdicts.update(graph.check())
+        except CompileFailed:
+            eager_indices = eager_indices + [i for _, indices, *_ in graph.calls for i in indices]
+            graph = None
+    if hyper["on_nonfinite"] == "raise":
+        if eager_indices:
+            keys = ("refresh", "beta2", "gamma", "eps", "beta3", "keep_unseen", "weight_decay")
+            decay = {k: hyper[k] for k in keys} | {
+                "l2": not hyper["decoupled_weight_decay"],
+                "maximize": hyper["maximize"],
+            }
+            verdicts.update(_refresh_verdicts(*lists, eager_indices, step, **decay))
+        bad = sorted(i for i, ok in verdicts.items() if not ok)
+        if bad:
+            raise NonFinitePreconditionerError(step, bad[0], tuple(lists[4][bad[0]].shape))
+    return graph, eager_indices
+
+
+def _eager_with_reason(eager, indices, reason: str | None) -> list[int]:
+    stats["fallback"] += 1
+    if reason is not None:
+        log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", reason)
+    return eager(list(indices))

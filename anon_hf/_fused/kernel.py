@@ -1,0 +1,48 @@
+"""The C++ kernel backend (``anon_hf._cpu_kernel``): a thin adapter with the same check-then-write shape as the
+compiled graphs."""
+
+from __future__ import annotations
+
+__all__ = ["KernelCall", "kernel_supported"]
+
+
+def kernel_supported(params, grads, exp_avgs, exp_avg_sqs, preconds) -> list[bool]:
+    """Per tensor, whether the C++ kernel steps it (CPU, contiguous, fp32/bf16/fp16); all False when it cannot
+    be built or is switched off."""
+    from .. import _cpu_kernel
+
+    if not any(p.device.type == "cpu" for p in params) or _cpu_kernel.kernel_unavailable_reason() is not None:
+        return [False] * len(params)
+    return list(_cpu_kernel.kernel().anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds))
+
+
+class KernelCall:
+    """One step of the C++ kernel over the tensors at ``indices`` of ``lists`` (params, grads, exp_avgs,
+    exp_avg_sqs, preconds; the last two empty without a preconditioner) and their step counters.
+
+    ``refresh`` is ``(mode, averaged, keep_unseen)`` on a refresh step (``averaged``: a previous preconditioner is
+    averaged in), else ``None``. :meth:`check` returns a refresh's verdicts and writes nothing; :meth:`write` steps
+    and advances the step counters.
+    """
+
+    def __init__(self, indices, lists, state_steps, scalar_values, neg_step_sizes, modes: tuple, refresh):
+        from .._cpu_kernel import kernel
+
+        self.kernel = kernel()
+        self.indices = indices
+        preconditioned = len(lists[4]) > 0
+        self.tensors = [[t[i] for i in indices] for t in lists[: 5 if preconditioned else 3]]
+        self.tensors += [] if preconditioned else [[], []]
+        self.tensors.append([state_steps[i] for i in indices])
+        code = 0 if refresh is None else self.kernel.REFRESH_MODES[refresh[0]]
+        averaged, keep_unseen = (False, False) if refresh is None else refresh[1:]
+        sizes = [neg_step_sizes[i] for i in indices]
+        self.args = (sizes, scalar_values, modes[0], modes[1], code, averaged, keep_unseen)
+        self.keep: list[bool] = []
+
+    def check(self) -> dict[int, bool]:
+        self.keep = self.kernel.anon_step(*self.tensors, *self.args, True, [])
+        return dict(zip(self.indices, self.keep, strict=True))
+
+    def write(self) -> None:
+        self.kernel.anon_step(*self.tensors, *self.args, False, self.keep)

@@ -1,0 +1,69 @@
+"""The scalars of a fused step, by name: one layout for the compiled graphs and the C++ kernel.
+
+Both backends take the step's hyperparameters as one 1-D array of floats. :data:`SCALAR_SLOTS` names its slots; the
+graphs index it through :data:`SLOT` and the kernel exports its own names (``SCALAR_SLOTS``), which
+``anon_hf._cpu_kernel`` compares with this tuple, name by name, before the kernel may run.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["SCALAR_SLOTS", "SLOT", "step_scalars"]
+
+SCALAR_SLOTS = (
+    "decay",  # 1 - lr * weight_decay with decoupled decay, else 1
+    "weight1",  # 1 - beta1
+    "beta2",
+    "weight2",  # 1 - beta2
+    "sign",  # -1 with maximize, else 1
+    "l2",  # weight_decay with coupled (L2) decay, else 0
+    "lo",  # lower bound, -inf without one
+    "hi",  # upper bound, inf without one
+    "inv_bias2",  # refresh only: 1 / (1 - beta2**n), n the steps since the previous refresh
+    "eps",
+    "gamma",
+    "weight_prev",  # refresh only: beta3 when a previous preconditioner is averaged in, else 0
+    "weight_new",  # refresh only: 1 - beta3 when it is, else 1
+)
+SLOT = {name: index for index, name in enumerate(SCALAR_SLOTS)}
+
+
+def step_scalars(
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    beta3: float,
+    bounds: tuple[float | None, float | None] | None,
+    maximize: bool,
+    steps_since_refresh: int | None,
+    averaged: bool,
+) -> list[float]:
+    """The values of :data:`SCALAR_SLOTS` for one step; ``steps_since_refresh`` is ``None`` on an ordinary step
+    (the refresh slots are then 0), ``averaged`` whether a refresh averages the previous preconditioner in."""
+    decoupled = decoupled_weight_decay or weight_decay == 0
+    values = dict(
+        decay=1.0 - lr * weight_decay if decoupled else 1.0,
+        weight1=1.0 - beta1,
+        beta2=beta2,
+        weight2=1.0 - beta2,
+        sign=-1.0 if maximize else 1.0,
+        l2=0.0 if decoupled else weight_decay,
+        lo=-math.inf if bounds is None or bounds[0] is None else bounds[0],
+        hi=math.inf if bounds is None or bounds[1] is None else bounds[1],
+        inv_bias2=0.0,
+        eps=eps,
+        gamma=gamma,
+        weight_prev=0.0,
+        weight_new=1.0,
+    )
+    if steps_since_refresh is not None:
+        values["inv_bias2"] = 1.0 / (1.0 - beta2**steps_since_refresh)
+        if averaged:
+            values["weight_prev"], values["weight_new"] = beta3, 1.0 - beta3
+    return [values[name] for name in SCALAR_SLOTS]

@@ -1,0 +1,90 @@
+"""How a refresh rebuilds the preconditioner: the one place that decides the arithmetic, and its eager form.
+
+Every path obeys :func:`refresh_mode`: the eager paths compute with :func:`refreshed_preconditioner` below, the
+compiled graphs (``anon_hf._fused.graphs``) and the C++ kernel (``csrc/anon_cpu.cpp``) receive the mode as an
+argument and never choose one themselves. Per element, with ``s`` the accumulator at the refresh and ``v`` the
+stored preconditioner:
+
+* ``sigma = s / (1 - beta2**n) + eps``, ``n`` the steps since the previous refresh;
+* ``u = sigma**gamma`` where the mean starts (the tensor's first refresh, ``beta3 == 0``, or, with
+  ``keep_unseen``, an element whose ``v`` is still 0), else ``u = beta3 * v**-2 + (1 - beta3) * sigma**gamma``;
+* the new preconditioner is ``u**-0.5``, except that with ``keep_unseen`` an element with ``s == 0`` (no gradient
+  since the previous refresh) keeps ``v``.
+
+``keep_unseen`` (the default) is what keeps sparse gradients safe: in the published rule an element with no gradient
+gets ``sigma = eps`` and ``v = eps**(-gamma / 2)`` (1e8 at the defaults), which its first gradient then multiplies.
+New state holds ``v = 0`` ("not seen yet"): such an element takes no step until a refresh has seen its gradient, then
+starts its mean from that refresh, as the whole tensor does at step 1.
+
+Nothing here imports anything but torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["REFRESH_MODES", "refresh_mode", "refreshed_preconditioner"]
+
+#: The ways to compute ``sigma**gamma``: ``"one"`` (gamma == 1: no power), ``"pow"`` (directly) and ``"log"`` (in log
+#: space). The C++ kernel exports the same names with its own codes and is checked against this tuple when it loads.
+REFRESH_MODES = ("one", "pow", "log")
+
+# Below this eps, sigma can underflow fp32 (1e-46 is zero there) and u**-0.5 becomes inf.
+_SMALLEST_DIRECT_EPS = 1e-30
+
+
+def refresh_mode(gamma: float, eps: float) -> str:
+    """How every path computes ``sigma**gamma`` for a group: one of :data:`REFRESH_MODES`.
+
+    Directly when no intermediate can leave fp32's range: with ``|gamma| <= 1`` and ``eps >= 1e-30``, ``sigma**gamma``
+    lies between ``1e-30`` and fp32's largest value. Otherwise in log space: for gamma = 3 and sigma near
+    eps = 1e-16, ``sigma**gamma`` is 1e-48, which fp32 flushes to zero (and then ``v`` is inf), while its logarithm
+    is an ordinary number.
+    """
+    if abs(gamma) <= 1.0 and eps >= _SMALLEST_DIRECT_EPS:
+        return "one" if gamma == 1.0 else "pow"
+    return "log"
+
+
+def refreshed_preconditioner(
+    exp_avg_sq: Tensor,
+    precond: Tensor,
+    *,
+    mode: str,
+    steps_since_refresh: int,
+    first: bool,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    beta3: float,
+    keep_unseen: bool,
+) -> Tensor:
+    """The new preconditioner (see the module docstring); a new tensor, the inputs are untouched.
+
+    ``exp_avg_sq`` and ``precond`` are of one shape (any dtypes); ``first`` says whether this is the tensor's first
+    refresh. Computes in ``promote_types(precond.dtype, float32)`` and returns a tensor of that dtype.
+    """
+    compute_dtype = torch.promote_types(precond.dtype, torch.float32)
+    accumulator = exp_avg_sq.to(compute_dtype)
+    previous = precond.to(compute_dtype)
+    sigma = accumulator.div(1.0 - beta2**steps_since_refresh).add_(eps)
+    averaged = not first and beta3 > 0.0
+    # Where v is still 0 the mean starts here: the averaged formula would read u_prev = 0**-2 = inf.
+    seen = previous > 0 if averaged and keep_unseen else None
+    if mode == "log":
+        log_u = sigma.log_().mul_(gamma)
+        if averaged:
+            log_prev = previous.log().mul_(-2.0).add_(math.log(beta3))
+            log_mean = torch.logaddexp(log_prev, log_u + math.log1p(-beta3))
+            log_u = log_mean if seen is None else torch.where(seen, log_mean, log_u)
+        new = log_u.mul_(-0.5).exp_()
+    else:
+        u = sigma if mode == "one" else sigma.pow_(gamma)
+        if averaged:
+            mean = u.mul(1.0 - beta3).add_(previous.pow(-2.0), alpha=beta3)
+            u = mean if seen is None else torch.where(seen, mean, u)
+        new = u.rsqrt_()
+    return torch.where(accumulator == 0, previous, new) if keep_unseen else new
