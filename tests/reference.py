@@ -35,11 +35,12 @@ class ReferenceAnon:
         beta3: float = 0.5,
         bounds=None,
         maximize: bool = False,
+        keep_unseen: bool = True,
     ):
         self.params = [list(p) for p in params]
         self.lr, (self.b1, self.b2), self.gamma, self.eps = lr, betas, gamma, eps
         self.wd, self.decoupled, self.refresh, self.beta3 = weight_decay, decoupled_weight_decay, refresh, beta3
-        self.bounds, self.maximize = bounds, maximize
+        self.bounds, self.maximize, self.keep_unseen = bounds, maximize, keep_unseen
         self.m = [[0.0] * len(p) for p in params]
         self.s = [[0.0] * len(p) for p in params]
         self.u = [[None] * len(p) for p in params]
@@ -62,13 +63,19 @@ class ReferenceAnon:
                     theta *= 1 - self.lr * self.wd
                 self.m[k][j] = self.b1 * self.m[k][j] + (1 - self.b1) * g
                 self.s[k][j] = self.b2 * self.s[k][j] + (1 - self.b2) * g * g
-                if refresh:
+                # keep_unseen: no gradient since the last refresh keeps u; None (never refreshed with a gradient,
+                # v = 0) starts the mean. Without it, the published rule: every element refreshes.
+                if refresh and not (self.keep_unseen and self.s[k][j] == 0.0):
                     sigma = self.s[k][j] / (1 - self.b2 ** (t - self.t_prev)) + self.eps
                     new = sigma**self.gamma
                     prev = self.u[k][j]
                     self.u[k][j] = new if prev is None else self.beta3 * prev + (1 - self.beta3) * new
+                if refresh:
                     self.s[k][j] = 0.0
-                v = self.u[k][j] ** -0.5
+                if self.gamma == 0:  # sigma**0 == 1: no preconditioner at all, whatever the gradients
+                    v = 1.0
+                else:
+                    v = 0.0 if self.u[k][j] is None else self.u[k][j] ** -0.5
                 theta -= self.lr * v * self.m[k][j] / (1 - self.b1**t)
                 if self.bounds is not None:
                     lo, hi = self.bounds
@@ -79,7 +86,7 @@ class ReferenceAnon:
             self.t_prev = t
 
     def preconditioner(self, k: int) -> list[float]:
-        return [u**-0.5 for u in self.u[k]]
+        return [0.0 if u is None else u**-0.5 for u in self.u[k]]
 
 
 def gradient_sequence(shapes_numel: list[int], steps: int, seed: int = 0) -> list[list[list[float]]]:
