@@ -70,6 +70,8 @@ def _state_dtype(value: object) -> object:
     return _STATE_DTYPE_NAMES.get(value.removeprefix("torch."), value) if isinstance(value, str) else value
 
 
+# Devices fused=True runs on: the C++ kernel or compiled graphs on CPU, compiled graphs (inductor) on the others.
+FUSED_DEVICES = ("cpu", "cuda", "xpu")
 # Group keys that tell Anon's state dicts from other optimizers' (AdamW has lr/betas/eps/weight_decay too).
 _ANON_GROUP_KEYS = ("gamma", "refresh", "beta3")
 
@@ -84,7 +86,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"Invalid lr value: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+            raise ValueError("Tensor lr must be 1-element")  # torch.optim's wording, which generic tooling matches
         lr = lr.item()
     if not _is_real_number(lr) or not lr >= 0.0:
         raise ValueError(f"Invalid lr value: {group['lr']!r} (allowed: a float or 1-element tensor >= 0)")
@@ -439,6 +441,20 @@ class Anon(torch.optim.Optimizer):
                 preconds.append(state["precond"])
         return has_complex
 
+    def _check_fused_devices(self) -> None:
+        """torch.optim's check for ``fused=True``, in its wording, before any state is created."""
+        for group in self.param_groups:
+            if not group["fused"]:
+                continue
+            for p in group["params"]:
+                if p.grad is not None and not (
+                    p.device.type in FUSED_DEVICES and (p.is_floating_point() or p.is_complex())
+                ):
+                    raise RuntimeError(
+                        "`fused=True` requires all the params to be floating point Tensors of "
+                        f"supported devices: {list(FUSED_DEVICES)} but {p.dtype} and {p.device.type}"
+                    )
+
     @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -451,6 +467,7 @@ class Anon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._check_fused_devices()
         self._sync.count_call()
         # A refresh on DTensor shards runs collectives: check the ranks agree before entering them, or a rank
         # refreshing alone would block there and never reach the check below.

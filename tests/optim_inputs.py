@@ -69,7 +69,7 @@ def error_inputs() -> list[ErrorOptimizerInput]:
         E(
             dict(lr=torch.tensor([1e-3, 2e-3])),
             ValueError,
-            r"Invalid lr value: a tensor lr must have one element",
+            r"Tensor lr must be 1-element",
             "lr_vector",
         ),
         E(

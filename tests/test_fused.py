@@ -398,3 +398,19 @@ def test_flat_partition_like_deepspeed_zero_matches_foreach(backend):
     for key in ("exp_avg", "exp_avg_sq", "precond"):
         assert state_b[key].shape == (10_007,)
         torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.randn(3, device="meta"), lambda: torch.arange(3)], ids=["meta", "int"])
+def test_fused_refuses_unsupported_devices_and_dtypes_in_torchs_words_before_any_state(make):
+    param = make()
+    good = torch.nn.Parameter(torch.randn(3))
+    param.grad = torch.ones_like(param)
+    good.grad = torch.ones(3)
+    opt = Anon([{"params": [good]}, {"params": [param]}], fused=True)
+    with pytest.raises(
+        RuntimeError,
+        match=r"`fused=True` requires all the params to be floating point Tensors of "
+        r"supported devices: \['cpu', 'cuda', 'xpu'\] but torch\.\w+ and \w+",
+    ):
+        opt.step()
+    assert len(opt.state) == 0
