@@ -47,6 +47,12 @@ def llama_shapes(vocab=32000, hidden=512, intermediate=1376, layers=6):
     return shapes + [(hidden,), (vocab, hidden)]
 
 
+def llama_shapes_20m():
+    """(c): a ~20M-parameter Llama shape (hidden 384, 6 layers, vocab 16000): more tensors per parameter than (a),
+    so per-call overhead weighs more."""
+    return llama_shapes(vocab=16000, hidden=384, intermediate=1024, layers=6)
+
+
 def small_shapes(layers=150):
     """(b): 1,200 small tensors (norms, biases, small projections), 0.77M params."""
     return [shape for _ in range(layers) for shape in [(256,)] * 4 + [(1024,)] * 2 + [(64, 16)] * 2]
@@ -137,7 +143,7 @@ def paired(reference, candidate, before, repeats, sync):
     return statistics.median(times), statistics.median(ref_times), statistics.median(ratios)
 
 
-def run_set(name, shapes, device, repeats, warmup, log):
+def run_set(name, shapes, device, repeats, warmup, log, only=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter((torch.randn(s, generator=generator) * 0.02).to(device)) for s in shapes]
@@ -150,6 +156,8 @@ def run_set(name, shapes, device, repeats, warmup, log):
         reference.step()
     rows = []
     for label, family, kwargs, time_refresh, *environment in candidates():
+        if only is not None and label not in only:
+            continue
         optimizer = build(family, params, kwargs)
         if environment:
             optimizer = _WithEnvironment(optimizer, environment[0])
@@ -230,19 +238,27 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     parser.add_argument("--repeats", type=int, default=9, help="timed step pairs per optimizer (default 9)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--sets", default="a,b", help="a: Llama-style 52M shapes, b: 1,200 small tensors")
+    parser.add_argument(
+        "--sets", default="a,c,b", help="a: Llama-style 52M shapes, c: Llama-style 20M shapes, b: 1,200 small tensors"
+    )
+    parser.add_argument("--only", default=None, help="comma-separated candidate names to time (default: all)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_time_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    sets = {"a": ("a_llama_52m", llama_shapes()), "b": ("b_small_tensors", small_shapes())}
+    sets = {
+        "a": ("a_llama_52m", llama_shapes()),
+        "c": ("c_llama_20m", llama_shapes_20m()),
+        "b": ("b_small_tensors", small_shapes()),
+    }
+    only = set(args.only.split(",")) if args.only else None
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         machine=machine(device),
-        sets=[run_set(*sets[key], device, args.repeats, args.warmup, print) for key in args.sets.split(",")],
+        sets=[run_set(*sets[key], device, args.repeats, args.warmup, print, only) for key in args.sets.split(",")],
     )
     result["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
