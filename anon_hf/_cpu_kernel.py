@@ -6,8 +6,9 @@ built the first time a ``fused=True`` step meets CPU tensors (~20 s on 2 cores, 
 cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) per torch version and CPU capability,
 and loaded from there afterwards.
 
-Nothing is built or imported at ``import anon_hf``. When the build fails, or ``ANON_HF_CPU_KERNEL=0`` is set, CPU
-tensors take the ``torch.compile``'d graphs of ``anon_hf._fused`` instead, with one log line saying why.
+Nothing is built or imported at ``import anon_hf``. When the build fails, CPU tensors take the foreach path, with one
+warning saying why; ``ANON_HF_CPU_KERNEL=0`` turns the kernel off on purpose, and CPU tensors then take the
+``torch.compile``'d graphs of ``anon_hf._fused`` (what CUDA tensors run).
 """
 
 from __future__ import annotations
@@ -107,10 +108,16 @@ def kernel_unavailable_reason() -> str | None:
         if _module is None and _failure is None:
             try:
                 _module = _build()
-            except Exception as err:  # no compiler, no ninja, a failed build: the compiled graphs take over
+            except Exception as err:  # no compiler, no ninja, a failed build: the foreach path takes over
                 detail = (str(err).strip() or type(err).__name__).splitlines()[-1][:300]
                 _failure = f"the C++ kernel could not be built ({type(err).__name__}: {detail})"
-                logger.warning("Anon fused=True: %s; CPU tensors take the torch.compile'd graphs instead.", _failure)
+                # Not the compiled graphs: inductor needs the same compiler on CPU, and would fail again, slowly.
+                logger.warning("Anon fused=True: %s; CPU tensors take the foreach path instead.", _failure)
+    return _failure
+
+
+def build_failure() -> str | None:
+    """Why building the kernel failed in this process (``None`` if it did not fail or was not tried)."""
     return _failure
 
 

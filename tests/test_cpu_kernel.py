@@ -165,7 +165,7 @@ def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
     assert _fused.stats["compiled"] > before[1]
 
 
-def test_a_failed_build_falls_back_to_the_compiled_graphs_with_one_warning(monkeypatch, caplog):
+def test_a_failed_build_falls_back_to_foreach_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(_cpu_kernel, "_module", None)
     monkeypatch.setattr(_cpu_kernel, "_failure", None)
 
@@ -173,16 +173,17 @@ def test_a_failed_build_falls_back_to_the_compiled_graphs_with_one_warning(monke
         raise RuntimeError("error: command 'c++' failed: No such file or directory")
 
     monkeypatch.setattr(_cpu_kernel, "_build", no_compiler)
-    before = _fused.stats["kernel"], _fused.stats["compiled"]
-    with caplog.at_level(logging.WARNING, logger="anon_hf._cpu_kernel"):
+    before = {key: _fused.stats[key] for key in ("kernel", "compiled", "fallback")}
+    with caplog.at_level(logging.WARNING, logger="anon_hf"):
         _, fused = _run([(5, 3), (7,)], steps=6, fused=True)
-    _, loop = _run([(5, 3), (7,)], steps=6, foreach=False)
+    _, loop = _run([(5, 3), (7,)], steps=6, foreach=True)
     for a, b in zip(fused, loop, strict=True):
-        torch.testing.assert_close(a, b, **FP32)
-    assert _fused.stats["kernel"] == before[0] and _fused.stats["compiled"] > before[1]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (_fused.stats["kernel"], _fused.stats["compiled"]) == (before["kernel"], before["compiled"])
+    assert _fused.stats["fallback"] > before["fallback"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "could not be built" in warnings[0] and "No such file" in warnings[0] and "torch.compile'd" in warnings[0]
+    assert "could not be built" in warnings[0] and "No such file" in warnings[0] and "foreach" in warnings[0]
     with pytest.raises(RuntimeError, match="kernel is not loaded"):
         _cpu_kernel.kernel()
 

@@ -74,7 +74,13 @@ def _fused_anon(
         # Tensors at different steps (some were skipped with grad None): the eager routine handles each one.
         stats["refresh_eager"] += 1
         return eager(list(range(len(params))))
-    plan = make_plan(*lists, kernel_supported=kernel_supported(*lists), graphs_unavailable=fused_unavailable_reason)
+    supported, cpu_eager_reason = kernel_supported(*lists)
+    plan = make_plan(
+        *lists,
+        kernel_supported=supported,
+        cpu_eager_reason=cpu_eager_reason,
+        graphs_unavailable=fused_unavailable_reason,
+    )
     prev = previous_refresh_step(steps[0], hyper["refresh"]) if refreshing else 0
     averaged = refreshing and hyper["beta3"] > 0.0 and prev > 0
     scalar_values = step_scalars(

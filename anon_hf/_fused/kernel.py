@@ -6,14 +6,14 @@ from __future__ import annotations
 __all__ = ["KernelCall", "kernel_supported"]
 
 
-def kernel_supported(params, grads, exp_avgs, exp_avg_sqs, preconds) -> list[bool]:
-    """Per tensor, whether the C++ kernel steps it (CPU, contiguous, fp32/bf16/fp16); all False when it cannot
-    be built or is switched off."""
+def kernel_supported(params, grads, exp_avgs, exp_avg_sqs, preconds) -> tuple[list[bool], str | None]:
+    """Per tensor, whether the C++ kernel steps it (CPU, contiguous, fp32/bf16/fp16), and why CPU tensors must take
+    the eager path instead (the kernel's build failed) or ``None``. All False when the kernel cannot run."""
     from .. import _cpu_kernel
 
     if not any(p.device.type == "cpu" for p in params) or _cpu_kernel.kernel_unavailable_reason() is not None:
-        return [False] * len(params)
-    return list(_cpu_kernel.kernel().anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds))
+        return [False] * len(params), _cpu_kernel.build_failure()
+    return list(_cpu_kernel.kernel().anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds)), None
 
 
 class KernelCall:

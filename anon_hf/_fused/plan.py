@@ -65,11 +65,13 @@ def make_plan(
     preconds: list[Tensor],
     *,
     kernel_supported: list[bool],
+    cpu_eager_reason: str | None,
     graphs_unavailable,
 ) -> Plan:
     """Assign every index of ``params`` to one backend. ``kernel_supported[i]`` says whether the C++ kernel takes
-    tensor ``i``; ``graphs_unavailable()`` returns why the compiled graphs cannot run (``None`` if they can) and is
-    called only when some tensor needs them. ``exp_avg_sqs``/``preconds`` are empty without a preconditioner."""
+    tensor ``i``; ``cpu_eager_reason``, when set, sends the other CPU tensors to the eager path (the kernel's build
+    failed); ``graphs_unavailable()`` returns why the compiled graphs cannot run (``None`` if they can) and is called
+    only when some tensor needs them. ``exp_avg_sqs``/``preconds`` are empty without a preconditioner."""
     plan = Plan()
     preconditioned = len(preconds) > 0
     groups: dict[tuple, list[int]] = {}
@@ -81,7 +83,7 @@ def make_plan(
         if param.numel() == 0:
             plan.empty.append(i)
             continue
-        reason = _eager_reason(param)
+        reason = _eager_reason(param) or (cpu_eager_reason if param.device.type == "cpu" else None)
         if reason is None and graphs_reason is None:
             graphs_reason = graphs_unavailable()
         reason = reason or graphs_reason
