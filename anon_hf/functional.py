@@ -233,6 +233,50 @@ def _single_tensor_anon(
     return sorted(set(refreshed))
 
 
+def _refresh_due_(
+    exp_avg_sqs: list[Tensor], preconds: list[Tensor], steps: list[int], positions: list[int], **refresh_kwargs
+) -> set[int]:
+    """Refresh the tensors whose step (``steps[i]``, already advanced) is a refresh step, those at one step together;
+    ``positions`` maps list indices to the caller's, for error messages. Returns the steps refreshed."""
+    refresh_at: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        if is_refresh_step(step, refresh_kwargs["refresh"]):
+            refresh_at.setdefault(step, []).append(i)
+    for step, indices in refresh_at.items():
+        _refresh_(exp_avg_sqs, preconds, indices, step, tensor_positions=positions, **refresh_kwargs)
+    return set(refresh_at)
+
+
+def _foreach_update_params_(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    preconds: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    bounds: tuple[float | None, float | None] | None,
+) -> None:
+    """``p -= lr * v * m / (1 - beta1**t)`` (``v = 1`` when ``preconds`` is empty), then the clamp to ``bounds``."""
+    if len(set(steps)) == 1:
+        step_size = lr / (1 - beta1 ** steps[0])
+        if preconds:
+            torch._foreach_addcmul_(params, exp_avgs, preconds, value=-step_size)
+        else:
+            torch._foreach_add_(params, exp_avgs, alpha=-step_size)
+    else:
+        # Tensors skipped on earlier steps (grad None) lag behind: each needs its own bias correction.
+        neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
+        updates = torch._foreach_mul(exp_avgs, preconds) if preconds else list(exp_avgs)
+        updates = torch._foreach_mul(updates, neg_step_sizes)
+        torch._foreach_add_(params, updates)
+    if bounds is not None:
+        if bounds[0] is not None:
+            torch._foreach_clamp_min_(params, bounds[0])
+        if bounds[1] is not None:
+            torch._foreach_clamp_max_(params, bounds[1])
+
+
 def _multi_tensor_anon(
     params: list[Tensor],
     grads: list[Tensor],
@@ -263,7 +307,7 @@ def _multi_tensor_anon(
         tensor_lists += [exp_avg_sqs, preconds]
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)
 
-    refreshed = set()
+    refreshed: set[int] = set()
     for device_lists, original_indices in grouped.values():
         device_params, device_grads, device_exp_avgs, device_steps = device_lists[:4]
         device_exp_avg_sqs, device_preconds = device_lists[4:] if preconditioned else ([], [])
@@ -303,46 +347,21 @@ def _multi_tensor_anon(
             torch._foreach_addcmul_(sqs_c, device_grads, device_grads, value=1 - beta2)
             if compute is not None:
                 torch._foreach_copy_(device_exp_avg_sqs, sqs_c)
-            refresh_at: dict[int, list[int]] = {}
-            for i, step in enumerate(steps):
-                if is_refresh_step(step, refresh):
-                    refresh_at.setdefault(step, []).append(i)
-            for step, indices in refresh_at.items():
-                _refresh_(
-                    device_exp_avg_sqs,
-                    device_preconds,
-                    indices,
-                    step,
-                    refresh=refresh,
-                    beta2=beta2,
-                    gamma=gamma,
-                    eps=eps,
-                    beta3=beta3,
-                    keep_unseen=keep_unseen,
-                    on_nonfinite=on_nonfinite,
-                    tensor_positions=original_indices,
-                )
-                refreshed.add(step)
+            refreshed |= _refresh_due_(
+                device_exp_avg_sqs,
+                device_preconds,
+                steps,
+                original_indices,
+                refresh=refresh,
+                beta2=beta2,
+                gamma=gamma,
+                eps=eps,
+                beta3=beta3,
+                keep_unseen=keep_unseen,
+                on_nonfinite=on_nonfinite,
+            )
         preconds_c = device_preconds if compute is None else [v.to(compute) for v in device_preconds]
-
-        if len(set(steps)) == 1:
-            step_size = lr / (1 - beta1 ** steps[0])
-            if preconditioned:
-                torch._foreach_addcmul_(device_params, exp_avgs_c, preconds_c, value=-step_size)
-            else:
-                torch._foreach_add_(device_params, exp_avgs_c, alpha=-step_size)
-        else:
-            # Tensors skipped on earlier steps (grad None) lag behind: each needs its own bias correction.
-            neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
-            updates = torch._foreach_mul(exp_avgs_c, preconds_c) if preconditioned else list(exp_avgs_c)
-            updates = torch._foreach_mul(updates, neg_step_sizes)
-            torch._foreach_add_(device_params, updates)
-
-        if bounds is not None:
-            if bounds[0] is not None:
-                torch._foreach_clamp_min_(device_params, bounds[0])
-            if bounds[1] is not None:
-                torch._foreach_clamp_max_(device_params, bounds[1])
+        _foreach_update_params_(device_params, exp_avgs_c, preconds_c, steps, lr=lr, beta1=beta1, bounds=bounds)
     return sorted(refreshed)
 
 
