@@ -64,8 +64,9 @@ def unsupported_version_message(package: str, version: str | None = None) -> str
         return None
     # packaging is a dependency of every library in SUPPORTED_VERSIONS, so it is there whenever one is imported.
     from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
 
-    if SpecifierSet(supported).contains(version, prereleases=True):
+    if SpecifierSet(supported).contains(Version(version), prereleases=True):
         return None
     return (
         f"anon_hf supports {package}{supported} (the range its integration tests ran against); {package} {version} "

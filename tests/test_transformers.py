@@ -221,6 +221,21 @@ def test_fused_is_an_optim_arg():
         integration.parse_optim_args("fused=maybe")
 
 
+def test_optim_args_are_parsed_once_per_run(tmp_path):
+    """The check at argument parsing and the Trainer's handler share one parse (and one validation) of the text."""
+    integration._parse.cache_clear()
+    args = training_args(tmp_path, optim_args="gamma=0.75,refresh=8")
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert optimizer_cls is Anon and (kwargs["gamma"], kwargs["refresh"]) == (0.75, 8)
+    info = integration._parse.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+def test_fused_and_foreach_together_fail_at_argument_parsing(tmp_path):
+    with pytest.raises(ValueError, match=r"fused, foreach do not go together \(`fused` and `foreach` cannot be"):
+        TrainingArguments(output_dir=str(tmp_path), optim="anon", optim_args="fused=true,foreach=true")
+
+
 def test_optim_args_set_after_construction_fail_before_training(tmp_path):
     model = tiny_llama()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

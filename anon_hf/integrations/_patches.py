@@ -115,6 +115,8 @@ PATCHES: tuple[Patch, ...] = (
     ),
 )
 
+_MISSING = object()
+
 # Patch -> "ErrorType: message" for every row whose function raised.
 _failures: dict[Patch, str] = {}
 
@@ -187,11 +189,14 @@ def wrap_once(owner: Any, attribute: str, make_wrapper: Callable[[Callable], Cal
     Raises:
         AttributeError: ``owner`` has no ``attribute`` (the row's guard logs it).
     """
-    try:
-        descriptor = inspect.getattr_static(owner, attribute)
-    except AttributeError:
+    if isinstance(owner, type):  # what `object` provides (e.g. __init__) does not count as the library's
+        holders = [vars(klass) for klass in owner.__mro__ if klass is not object]
+        descriptor = next((holder[attribute] for holder in holders if attribute in holder), _MISSING)
+    else:
+        descriptor = inspect.getattr_static(owner, attribute, _MISSING)
+    if descriptor is _MISSING:
         name = getattr(owner, "__qualname__", getattr(owner, "__name__", type(owner).__name__))
-        raise AttributeError(f"{name} has no attribute {attribute!r}") from None
+        raise AttributeError(f"{name} has no attribute {attribute!r}")
     static = isinstance(descriptor, staticmethod)
     original = descriptor.__func__ if static else getattr(owner, attribute)
     if getattr(original, "_anon_hf_wrapped", False):
