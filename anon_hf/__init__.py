@@ -16,6 +16,7 @@ from ._schedule import refresh_steps
 from ._sync import RefreshOutOfSyncError
 from .functional import NonFinitePreconditionerError, anon
 from .integrations import _patches
+from .integrations._patches import PatchError
 from .optimizer import Anon
 from .param_groups import create_anon_optimizer
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Anon",
     "NonFinitePreconditionerError",
+    "PatchError",
     "RefreshOutOfSyncError",
     "__version__",
     "anon",
