@@ -6,6 +6,7 @@ follow the optimizer's signature with no edit in the integration."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -64,6 +65,8 @@ def test_patch_with_its_attribute_missing_logs_once_and_fails_at_use(
 ):
     if not installed(patch.module):
         pytest.skip(f"needs {patch.module.partition('.')[0]}, transformers and deepspeed installed")
+    if importlib.util.find_spec(patch.module) is None:  # transformers 5.0 has no trainer_optimizer: the fallback runs
+        pytest.skip(f"this release has no {patch.module}")
     module = importlib.import_module(patch.module)
     from transformers import TrainingArguments
 
