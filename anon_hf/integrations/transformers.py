@@ -31,8 +31,7 @@ from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
-import torch
-
+from .. import optimizer as _optimizer
 from ..import_utils import SUPPORTED_VERSIONS
 from ..optimizer import Anon
 from ._patches import PatchError, require, wrap_once
@@ -215,19 +214,35 @@ def _split_optim_args(text: str) -> dict[str, str]:
     return pairs
 
 
-def _probe_params() -> list[torch.Tensor]:
-    return [torch.zeros(1)]
+def _signature_defaults(optimizer_cls: type) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for klass in (Anon, optimizer_cls):  # a subclass may take its parent's keywords through **kwargs
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults[name] = parameter.default
+    return defaults
+
+
+def _validate(group: dict[str, Any]) -> None:
+    # The class's own validator, on a group as the constructor builds it (dtype names mapped first). Building a
+    # throwaway optimizer instead would draw an id from the cross-rank refresh check's counter on this rank only.
+    group = {
+        **group,
+        **{name: _optimizer._state_dtype(group.get(name)) for name in ("precond_dtype", "moments_dtype")},
+    }
+    _optimizer._validate_hyperparameters(group)
 
 
 def _check_with_the_class(kwargs: dict[str, Any], raw: dict[str, str], optimizer_cls: type, optim_name: str) -> None:
-    """Validate through the constructor, the one validator (it creates no state): each key alone, then all."""
+    """Validate with the class's validator, each key alone (so the error names it), then all together."""
+    defaults = _signature_defaults(optimizer_cls)
     for key, value in kwargs.items():
         try:
-            optimizer_cls(_probe_params(), **{key: value})
+            _validate({**defaults, key: value})
         except (ValueError, TypeError) as err:
             raise _optim_args_error(f"{key}={raw[key]!r} is not valid ({err})", optimizer_cls, optim_name) from None
     try:
-        optimizer_cls(_probe_params(), **kwargs)
+        _validate({**defaults, **kwargs})
     except (ValueError, TypeError, RuntimeError) as err:  # keys that contradict each other, e.g. fused and foreach
         raise _optim_args_error(f"{', '.join(kwargs)} do not go together ({err})", optimizer_cls, optim_name) from None
 
@@ -256,10 +271,10 @@ def _parse(items: tuple[tuple[str, str], ...], optimizer_cls: type, optim_name: 
 def parse_optim_args(
     optim_args: dict[str, str] | str | None, optimizer_cls: type = Anon, optim_name: str = OPTIM_NAME
 ) -> dict[str, Any]:
-    """Turn ``optim_args`` into keyword arguments for ``optimizer_cls``, checked by that class's constructor.
+    """Turn ``optim_args`` into keyword arguments for ``optimizer_cls``, checked by Anon's own validator.
 
     Keys and types come from ``optimizer_cls.__init__``'s signature (:func:`optim_args_spec`); the ranges are
-    the class's own checks. The result of one text is kept, so the check at argument parsing and the Trainer's
+    checked by the validator the constructor runs (``anon_hf.optimizer._validate_hyperparameters``). The result of one text is kept, so the check at argument parsing and the Trainer's
     handler parse it once per process.
 
     Args:
