@@ -226,6 +226,22 @@ def test_version_outside_the_range_warns_once_per_library(monkeypatch, caplog):
     assert "pip install 'transformers>=5.0,<6'" in record.getMessage()
 
 
+@pytest.mark.skipif(not package_version("accelerate"), reason="needs accelerate installed")
+def test_real_import_outside_the_range_warns_once():
+    code = """
+import logging
+logging.basicConfig(format="LOG %(levelname)s %(message)s")
+import anon_hf.import_utils as import_utils
+import_utils.SUPPORTED_VERSIONS["accelerate"] = ">=99"  # the installed release is then outside
+import accelerate, accelerate.accelerator  # two patched modules of the same library
+"""
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("LOG WARNING")]
+    assert len(warnings) == 1 and "anon_hf supports accelerate>=99" in warnings[0], result.stderr[-3000:]
+
+
 def test_unreadable_version_is_reported_not_raised(monkeypatch, caplog):
     monkeypatch.setattr(import_utils, "_warned", set())
     monkeypatch.setattr(import_utils, "package_version", lambda name: "not a version")

@@ -155,7 +155,8 @@ def _callback(patch: Patch) -> Callable[[ModuleType], None]:
 def install(patches: Iterable[Patch] = PATCHES) -> None:
     """Register every row (and the version check of each library it patches) with the post-import hooks."""
     patches = tuple(patches)
-    for package in dict.fromkeys(_package(patch) for patch in patches):
+    # TRL has no patch of its own but builds on the patched Trainer, so its range is checked too.
+    for package in dict.fromkeys([*(_package(patch) for patch in patches), *SUPPORTED_VERSIONS]):
         when_imported(package, warn_if_unsupported)
     for patch in patches:
         when_imported(patch.module, _callback(patch))
