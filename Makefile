@@ -1,6 +1,6 @@
 # One command per job; each sets up .venv first when needed.
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-dist test-slow quality style bench docs clean
+.PHONY: help install demo test test-fast test-dist test-slow test-compat quality style bench docs clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -47,6 +47,11 @@ test-slow: install $(DS_SHM_STAMP)  ## only the tests marked slow (they also run
 
 test-fast: install  ## the suite without the slow and multi-process tests
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+# One venv per release under .compat/, on top of .venv (torch and the rest reused through a .pth file; torch is pinned
+# to .venv's, so no other torch is ever downloaded). COMPAT_ARGS="--libraries deepspeed --which oldest" narrows it.
+test-compat: install  ## integration tests against the oldest and newest release of each declared range (~15 min)
+	$(PY) tests/compat/run_compat.py $(COMPAT_ARGS)
 
 bench: install  ## step time vs AdamW and SGD (~3 min on 2 cores), then Trainer end to end; JSON in benchmarks/results/
 	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py $(BENCH_ARGS) && OMP_NUM_THREADS=1 $(PY) benchmarks/trainer_e2e.py

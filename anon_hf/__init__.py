@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
-from ._import_hooks import when_imported
+from ._import_hooks import when_imported  # noqa: F401  (public: anon_hf.when_imported)
 from ._schedule import refresh_steps
 from ._sync import RefreshOutOfSyncError
 from .functional import NonFinitePreconditionerError, anon
+from .integrations import _patches
+from .integrations._patches import PatchError
 from .optimizer import Anon
 from .param_groups import create_anon_optimizer
 
@@ -23,6 +25,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Anon",
     "NonFinitePreconditionerError",
+    "PatchError",
     "RefreshOutOfSyncError",
     "__version__",
     "anon",
@@ -40,32 +43,10 @@ _LAZY_NAMES: dict[str, str] = {
 torch.optim.Anon = Anon
 
 
-def _integration_hook(integration: str, function: str):
-    """A post-import callback that loads ``anon_hf.integrations.<integration>`` only when it fires."""
-
-    def callback(module):
-        getattr(importlib.import_module(f".integrations.{integration}", __name__), function)(module)
-
-    return callback
-
-
 # Each integration patches a library the moment the user's code imports the module concerned, so `import anon_hf`
-# stays light and is all a script needs (`register()` forces the transformers part now). transformers:
-# `--optim anon` and the callback. DeepSpeed: ZeRO accepts Anon, config blocks are checked, the Trainer's "auto"
-# keeps eps, no silent offload swap, universal checkpoints keep the preconditioner.
-for _module, _integration, _hook in (
-    ("transformers.training_args", "transformers", "on_training_args_imported"),
-    ("transformers.trainer_optimizer", "transformers", "on_trainer_optimizer_imported"),
-    ("transformers.trainer", "transformers", "on_trainer_imported"),
-    ("deepspeed.runtime.zero.utils", "deepspeed", "on_zero_utils_imported"),
-    ("deepspeed.runtime.engine", "deepspeed", "on_engine_imported"),
-    ("accelerate.accelerator", "deepspeed", "on_accelerator_imported"),
-    ("transformers.integrations.deepspeed", "deepspeed", "on_hf_deepspeed_imported"),
-    ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed_universal", "on_zero12_imported"),
-    ("deepspeed.runtime.zero.stage3", "deepspeed_universal", "on_zero3_imported"),
-):
-    when_imported(_module, _integration_hook(_integration, _hook))
-del _module, _integration, _hook
+# stays light and is all a script needs (`register()` forces the transformers part now). The rows, and how a
+# failed patch is reported, are in integrations/_patches.py.
+_patches.install()
 
 
 def register() -> None:

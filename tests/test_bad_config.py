@@ -95,7 +95,10 @@ def test_trainer_with_optimizer_cls_and_kwargs_fails_before_the_first_step(tmp_p
     [
         ("gamma=high", r"gamma='high' is not valid \(could not convert string to float: 'high'; allowed: float"),
         ("gamma=0.5,gamma3=1", r"unknown key 'gamma3'"),
-        ("refresh=0", r"refresh='0' is not valid \(expected pow2, every or an integer >= 1"),
+        (
+            "refresh=0",
+            r"refresh='0' is not valid \(Invalid refresh value: 0 \(allowed: 'pow2', 'every', or an integer N >= 1",
+        ),
         ("decoupled_weight_decay=maybe", r"decoupled_weight_decay='maybe' is not valid \(expected true or false"),
         ("bounds=1", r"bounds='1' is not valid \(expected LO:HI"),
         ("verify_sync=2", r"verify_sync='2' is not valid"),

@@ -21,6 +21,7 @@ if is_transformers_available():
     from transformers import HfArgumentParser, Trainer, TrainerCallback
     from transformers.training_args import OptimizerNames, TrainingArguments
 
+    from anon_hf.integrations import _patches
     from anon_hf.integrations import transformers as integration
     from anon_hf.integrations.trainer_callback import AnonCallback, find_anon, preconditioner_stats
 
@@ -196,9 +197,9 @@ BAD_OPTIM_ARGS = [
     ("eps=0", r"eps='0' is not valid"),
     ("gamma=nan", r"gamma='nan' is not valid"),
     ("refresh=often", r"refresh='often' is not valid"),
-    ("bounds=1:-1", r"bounds='1:-1' is not valid .*LO <= HI"),
+    ("bounds=1:-1", r"bounds='1:-1' is not valid .*lo=1.0 > hi=-1.0"),
     ("foreach=maybe", r"foreach='maybe' is not valid"),
-    ("on_nonfinite=ignore", r"on_nonfinite='ignore' is not valid .*raise or skip"),
+    ("on_nonfinite=ignore", r"on_nonfinite='ignore' is not valid .*allowed: 'raise', 'skip'"),
     ("gamma", r"'gamma' is not of the form key=value"),
     ("lr=1e-3", r"'lr' is set with --learning_rate"),
     ("betas=0.9", r"--adam_beta1 / --adam_beta2"),
@@ -218,6 +219,21 @@ def test_fused_is_an_optim_arg():
     assert integration.parse_optim_args("fused=none") == {"fused": None}
     with pytest.raises(ValueError, match=r"fused='maybe' is not valid.*fused: true, false or none"):
         integration.parse_optim_args("fused=maybe")
+
+
+def test_optim_args_are_parsed_once_per_run(tmp_path):
+    """The check at argument parsing and the Trainer's handler share one parse (and one validation) of the text."""
+    integration._parse.cache_clear()
+    args = training_args(tmp_path, optim_args="gamma=0.75,refresh=8")
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert optimizer_cls is Anon and (kwargs["gamma"], kwargs["refresh"]) == (0.75, 8)
+    info = integration._parse.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+def test_fused_and_foreach_together_fail_at_argument_parsing(tmp_path):
+    with pytest.raises(ValueError, match=r"fused, foreach do not go together \(`fused` and `foreach` cannot be"):
+        TrainingArguments(output_dir=str(tmp_path), optim="anon", optim_args="fused=true,foreach=true")
 
 
 def test_optim_args_set_after_construction_fail_before_training(tmp_path):
@@ -269,7 +285,14 @@ def fake_module(name, **attributes):
 @pytest.fixture
 def fresh_status(monkeypatch):
     monkeypatch.setattr(integration, "_status", {"enum": "OptimizerNames.ANON", "handler": None, "trainer": None})
-    monkeypatch.setattr(integration, "_errors", {})
+    monkeypatch.setattr(_patches, "_failures", {})
+
+
+def apply_row(module_name, module):
+    """Apply the patch table's row for ``module_name`` to ``module`` through its guard, as an import would."""
+    (row,) = [patch for patch in _patches.PATCHES if patch.module == module_name]
+    _patches._apply(row, module)
+    return row
 
 
 def test_fallback_wraps_get_optimizer_cls_and_kwargs_without_handler_table(tmp_path, fresh_status):
@@ -292,18 +315,20 @@ def test_fallback_wraps_get_optimizer_cls_and_kwargs_without_handler_table(tmp_p
 
 def test_clear_error_when_neither_hook_point_exists(tmp_path, fresh_status):
     trainer_cls = fake_trainer_cls(with_lookup=False)
-    integration.on_trainer_optimizer_imported(fake_module("transformers.trainer_optimizer"))
-    integration.on_trainer_imported(fake_module("transformers.trainer", Trainer=trainer_cls))
+    apply_row("transformers.trainer_optimizer", fake_module("transformers.trainer_optimizer"))
+    apply_row("transformers.trainer", fake_module("transformers.trainer", Trainer=trainer_cls))
     with pytest.raises(RuntimeError, match=r"supports transformers>=5\.0,<6"):
         trainer_cls(training_args(tmp_path))
     trainer_cls(training_args(tmp_path, optim="adamw_torch"))  # other optimizers still work
 
 
 def test_a_failing_patch_does_not_break_the_import(caplog, fresh_status):
-    with caplog.at_level("ERROR", logger=integration.__name__):
-        integration.on_training_args_imported(fake_module("transformers.training_args"))  # no OptimizerNames
-    assert "OptimizerNames" in integration._errors["enum"]
-    assert "transformers>=5.0,<6 is supported" in caplog.text
+    training_args_cls = type("TrainingArguments", (), {"__post_init__": lambda self: None})
+    module = fake_module("transformers.training_args", TrainingArguments=training_args_cls)  # no OptimizerNames
+    with caplog.at_level("ERROR", logger=_patches.__name__):
+        row = apply_row("transformers.training_args", module)
+    assert "OptimizerNames" in _patches.failures()[row]
+    assert "anon_hf supports transformers>=5.0,<6" in caplog.text
 
 
 # --- exact resume ----------------------------------------------------------------------------------------------
@@ -415,7 +440,7 @@ def test_optim_args_state_dtypes_reach_the_optimizer(tmp_path):
         "precond_dtype": "bf16",
         "moments_dtype": None,
     }
-    with pytest.raises(ValueError, match=r"precond_dtype='fp16' is not valid \(expected one of .*bf16"):
+    with pytest.raises(ValueError, match=r"precond_dtype='fp16' is not valid \(Invalid precond_dtype value: .*'bf16'"):
         integration.parse_optim_args("precond_dtype=fp16")
     trainer = make_trainer(tmp_path, optim_args="precond_dtype=bf16")
     trainer.train()

@@ -3,8 +3,8 @@
 DeepSpeed builds an optimizer it does not know as ``getattr(torch.optim, type)(model_parameters, **params)``
 (``import anon_hf`` sets ``torch.optim.Anon``), and ZeRO refuses an optimizer whose type is not in
 ``deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS`` unless ``zero_allow_untested_optimizer`` is set.
-Its ``on_*_imported`` functions, which ``anon_hf/__init__.py`` registers as post-import hooks (each runs when the
-user's code imports the module it patches), do four things:
+Its ``on_*_imported`` functions, rows of the table in ``_patches.py`` (each runs when the user's code imports the
+module it patches), do five things:
 
 * adds Anon to ``ZERO_SUPPORTED_OPTIMIZERS`` (its state is elementwise, so ZeRO's flat partitions are fine);
 * checks a config's ``optimizer.params`` for Anon before DeepSpeed builds it: an unknown key or a leftover
@@ -13,23 +13,26 @@ user's code imports the module it patches), do four things:
   ``"eps": "auto"`` would become Adam's ``adam_epsilon`` (1e-8) while Anon's eps sits inside the power
   (default 1e-16), so it is refused, and an explicit eps is not compared with ``adam_epsilon``;
 * stops accelerate from swapping a client Anon for ``DeepSpeedCPUAdam`` under ``offload_optimizer`` (it does
-  so silently while ``"zero_force_ds_cpu_optimizer"`` is true, its default), with an error naming the setting.
+  so silently while ``"zero_force_ds_cpu_optimizer"`` is true, its default), with an error naming the setting;
+* makes ``deepspeed.initialize`` with Anon (client optimizer or config block) raise if one of these patches, or
+  those of ``deepspeed_universal.py``, could not be applied to the installed DeepSpeed.
 
 Nothing here imports DeepSpeed, accelerate or transformers: each patch receives the module it patches.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
+import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import torch
 
 from ..optimizer import Anon
+from ._patches import require, wrap_once
 
 __all__ = ["OFFLOAD_SWAP_MESSAGE", "anon_param_keys", "validate_anon_params"]
 
@@ -104,13 +107,37 @@ def _check_type_spelling(name: str) -> None:
         )
 
 
-def _wrap_once(owner: Any, attribute: str, make_wrapper: Callable[[Callable], Callable]) -> None:
-    original = getattr(owner, attribute)
-    if getattr(original, "_anon_hf_wrapped", False):
-        return
-    wrapper = functools.wraps(original)(make_wrapper(original))
-    wrapper._anon_hf_wrapped = True
-    setattr(owner, attribute, wrapper)
+def _uses_anon(optimizer: Any, config: Any) -> bool:
+    if isinstance(optimizer, Anon):
+        return True
+    if isinstance(config, str) and config.endswith(".json"):
+        try:
+            with open(config) as file:
+                config = json.load(file)
+        except (OSError, ValueError):  # DeepSpeed reports an unreadable config itself
+            return False
+    block = config.get("optimizer") if isinstance(config, Mapping) else None
+    return isinstance(block, Mapping) and _is_anon_type(block.get("type"))
+
+
+def on_deepspeed_imported(module: ModuleType) -> None:
+    """``deepspeed``: ``initialize`` with Anon raises if one of anon_hf's DeepSpeed patches could not be applied."""
+
+    def make_wrapper(original):
+        signature = inspect.signature(original)
+
+        def initialize(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            config = bound.get("config") or bound.get("config_params")
+            if config is None:
+                config = getattr(bound.get("args"), "deepspeed_config", None)
+            if _uses_anon(bound.get("optimizer"), config):
+                require(("deepspeed", "deepspeed_universal"), "deepspeed.initialize with Anon")
+            return original(*args, **kwargs)
+
+        return initialize
+
+    wrap_once(module, "initialize", make_wrapper)
 
 
 def on_zero_utils_imported(module: ModuleType) -> None:
@@ -135,7 +162,7 @@ def on_engine_imported(module: ModuleType) -> None:
 
         return _configure_basic_optimizer
 
-    _wrap_once(module.DeepSpeedEngine, "_configure_basic_optimizer", make_wrapper)
+    wrap_once(module.DeepSpeedEngine, "_configure_basic_optimizer", make_wrapper)
 
 
 def on_accelerator_imported(module: ModuleType) -> None:
@@ -157,7 +184,7 @@ def on_accelerator_imported(module: ModuleType) -> None:
 
         return map_pytorch_optim_to_deepspeed
 
-    _wrap_once(module, "map_pytorch_optim_to_deepspeed", make_wrapper)
+    wrap_once(module, "map_pytorch_optim_to_deepspeed", make_wrapper)
 
 
 def on_hf_deepspeed_imported(module: ModuleType) -> None:
@@ -183,4 +210,4 @@ def on_hf_deepspeed_imported(module: ModuleType) -> None:
 
         return trainer_config_process
 
-    _wrap_once(module.HfTrainerDeepSpeedConfig, "trainer_config_process", make_wrapper)
+    wrap_once(module.HfTrainerDeepSpeedConfig, "trainer_config_process", make_wrapper)

@@ -24,7 +24,6 @@ Supported: ZeRO stages 1, 2 and 3 with data parallelism only (no tensor or pipel
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import logging
 import os
@@ -34,6 +33,7 @@ from types import ModuleType
 import torch
 
 from ..optimizer import Anon
+from ._patches import wrap_once
 
 __all__ = ["ANON_EXTRA_STATE_KEYS", "convert", "main"]
 
@@ -186,38 +186,34 @@ def _check_anon_state(optimizer, where: str) -> None:
 
 def on_zero12_imported(module: ModuleType) -> None:
     """``deepspeed.runtime.zero.stage_1_and_2``: refuse a universal checkpoint that lost Anon's precond."""
-    cls = module.DeepSpeedZeroOptimizer
-    original = cls._load_universal_checkpoint
-    if getattr(original, "_anon_hf_wrapped", False):
-        return
 
-    @functools.wraps(original)
-    def _load_universal_checkpoint(self, checkpoint_folder, *args, **kwargs):
-        result = original(self, checkpoint_folder, *args, **kwargs)
-        _check_anon_state(self.optimizer, checkpoint_folder)
-        return result
+    def make_wrapper(original):
+        def _load_universal_checkpoint(self, checkpoint_folder, *args, **kwargs):
+            result = original(self, checkpoint_folder, *args, **kwargs)
+            _check_anon_state(self.optimizer, checkpoint_folder)
+            return result
 
-    _load_universal_checkpoint._anon_hf_wrapped = True
-    cls._load_universal_checkpoint = _load_universal_checkpoint
+        return _load_universal_checkpoint
+
+    wrap_once(module.DeepSpeedZeroOptimizer, "_load_universal_checkpoint", make_wrapper)
 
 
 def on_zero3_imported(module: ModuleType) -> None:
     """``deepspeed.runtime.zero.stage3``: also load the state keys its universal loader does not know."""
-    cls = module.DeepSpeedZeroOptimizer_Stage3
-    original = cls.load_hp_checkpoint_state_from_checkpoint_dir_stage3
-    if getattr(original, "_anon_hf_wrapped", False):
-        return
 
-    @functools.wraps(original)
-    def load_hp_checkpoint_state_from_checkpoint_dir_stage3(self, checkpoint_dir, *args, **kwargs):
-        result = original(self, checkpoint_dir, *args, **kwargs)
-        if isinstance(self.optimizer, Anon):
-            _load_extra_zero3_keys(self, os.path.join(checkpoint_dir, "zero"))
-            _check_anon_state(self.optimizer, checkpoint_dir)
-        return result
+    def make_wrapper(original):
+        def load_hp_checkpoint_state_from_checkpoint_dir_stage3(self, checkpoint_dir, *args, **kwargs):
+            result = original(self, checkpoint_dir, *args, **kwargs)
+            if isinstance(self.optimizer, Anon):
+                _load_extra_zero3_keys(self, os.path.join(checkpoint_dir, "zero"))
+                _check_anon_state(self.optimizer, checkpoint_dir)
+            return result
 
-    load_hp_checkpoint_state_from_checkpoint_dir_stage3._anon_hf_wrapped = True
-    cls.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = load_hp_checkpoint_state_from_checkpoint_dir_stage3
+        return load_hp_checkpoint_state_from_checkpoint_dir_stage3
+
+    wrap_once(
+        module.DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3", make_wrapper
+    )
 
 
 def _load_extra_zero3_keys(zero_optimizer, zero_dir: str) -> None:

@@ -13,27 +13,34 @@ transformers has no public optimizer registry (notes §2): ``TrainingArguments.o
 * ``transformers.trainer``: add :class:`~anon_hf.integrations.trainer_callback.AnonCallback` to every Trainer
   whose optimizer is Anon and, only if the handler table was missing, wrap ``get_optimizer_cls_and_kwargs``.
 
-Each ``on_*_imported`` function is called by ``anon_hf``'s post-import hooks with the module that was just
-imported and touches only that module; none of this module's top-level code imports transformers.
+Each ``on_*_imported`` function is a row of the table in ``_patches.py``, called with the module that was just
+imported, and touches only that module; none of this module's top-level code imports transformers. A patch that
+fails is logged there and raises :class:`~anon_hf.integrations._patches.PatchError` when ``optim="anon"`` is used.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
-import math
 import threading
+import types
+import typing
 from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
-from ..optimizer import _STATE_DTYPE_NAMES, Anon
+from .. import optimizer as _optimizer
+from ..import_utils import SUPPORTED_VERSIONS
+from ..optimizer import Anon
+from ._patches import PatchError, require, wrap_once
 
 __all__ = [
     "OPTIM_NAME",
     "SUPPORTED_TRANSFORMERS",
     "get_anon_optimizer",
+    "optim_args_spec",
     "parse_optim_args",
     "register",
     "uses_anon",
@@ -43,110 +50,24 @@ logger = logging.getLogger(__name__)
 
 OPTIM_NAME = "anon"
 _ENUM_MEMBER = "ANON"
-# The range whose private optimizer plumbing this module was written against (tested: 5.24).
-SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+# The range whose private optimizer plumbing this module was written against (see make test-compat).
+SUPPORTED_TRANSFORMERS = SUPPORTED_VERSIONS["transformers"]
 
 _lock = threading.RLock()
 # What the import hooks managed to install; register() and Trainer construction report what is missing.
 _status: dict[str, str | None] = {"enum": None, "handler": None, "trainer": None}
-_errors: dict[str, str] = {}
 _registered = False
 
 
 # --------------------------------------------------------------------------------------------------------------
-# optim_args: typed, validated, with every valid key in the error
+# optim_args: text turned into the types of Anon's signature; the class itself checks the ranges
 # --------------------------------------------------------------------------------------------------------------
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 _NONE = ("none", "null", "auto", "")
+_NONE_TYPE = type(None)
 
-
-def _to_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError("expected true or false")
-
-
-def _to_optional_bool(text: str) -> bool | None:
-    return None if text.lower() in _NONE else _to_bool(text)
-
-
-def _to_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("expected a finite number")
-    return value
-
-
-def _to_positive_float(text: str) -> float:
-    value = _to_float(text)
-    if value <= 0.0:
-        raise ValueError("expected a number > 0")
-    return value
-
-
-def _to_unit_interval(text: str) -> float:
-    value = _to_float(text)
-    if not 0.0 <= value < 1.0:
-        raise ValueError("expected a number in [0, 1)")
-    return value
-
-
-def _to_refresh(text: str) -> Any:
-    if text in ("pow2", "every"):
-        return text
-    value = int(text)
-    if value < 1:
-        raise ValueError("expected pow2, every or an integer >= 1")
-    return value
-
-
-def _to_bounds(text: str) -> tuple[float | None, float | None] | None:
-    # transformers splits optim_args on "," before handlers see them, so a pair is written LO:HI.
-    if text.lower() in _NONE:
-        return None
-    parts = text.split(":")
-    if len(parts) != 2:
-        raise ValueError("expected LO:HI, e.g. -1:1, 0: or :1 (an empty side is unbounded)")
-    lo, hi = (None if part.lower() in _NONE else _to_float(part) for part in parts)
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"expected LO <= HI, got {lo} > {hi}")
-    return lo, hi
-
-
-def _to_nonfinite_policy(text: str) -> str:
-    if text not in ("raise", "skip"):
-        raise ValueError("expected raise or skip")
-    return text
-
-
-def _to_state_dtype(text: str) -> str | None:
-    if text.lower() in _NONE:
-        return None
-    if text.removeprefix("torch.") not in _STATE_DTYPE_NAMES:
-        raise ValueError(f"expected one of {', '.join(_STATE_DTYPE_NAMES)} or none")
-    return text
-
-
-# key -> (caster, the allowed values as written in errors and docs)
-_OPTIM_ARGS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "gamma": (_to_float, "float, any finite value (0 = SGD-like, 1 = Adam-like; default 1.0)"),
-    "eps": (_to_positive_float, "float > 0, added inside the power (default 1e-16)"),
-    "beta3": (_to_unit_interval, "float in [0, 1) (default 0.5)"),
-    "refresh": (_to_refresh, "pow2, every, or an integer N >= 1 (default pow2)"),
-    "decoupled_weight_decay": (_to_bool, "true or false (default true)"),
-    "bounds": (_to_bounds, "LO:HI with an empty side unbounded, e.g. -1:1 or 0: (default none)"),
-    "foreach": (_to_optional_bool, "true, false or none (default none = auto)"),
-    "fused": (_to_optional_bool, "true, false or none: one pass per tensor (C++ kernel on CPU) (default none)"),
-    "on_nonfinite": (_to_nonfinite_policy, "raise or skip (default raise)"),
-    "precond_dtype": (_to_state_dtype, "bf16, fp32, fp64 or none, storage of precond (default none = param dtype)"),
-    "moments_dtype": (_to_state_dtype, "bf16, fp32, fp64 or none, storage of exp_avg/exp_avg_sq (default none)"),
-    "verify_sync": (_to_bool, "true or false (default true)"),
-}
 # Keys that belong to TrainingArguments: point to the flag instead of accepting a second way to set them.
 _FROM_TRAINING_ARGS = {
     "lr": "--learning_rate",
@@ -158,13 +79,123 @@ _FROM_TRAINING_ARGS = {
 }
 
 
-def _valid_keys_text() -> str:
-    return "; ".join(f"{key}: {allowed}" for key, (_, allowed) in _OPTIM_ARGS.items())
+def _union_members(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
 
 
-def _optim_args_error(message: str) -> ValueError:
+def _to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _to_pair(text: str, hint: Any) -> tuple:
+    # transformers splits optim_args on "," before handlers see them, so a pair is written LO:HI.
+    element_hints = typing.get_args(hint)
+    parts = text.split(":")
+    if len(element_hints) != 2 or len(parts) != 2:
+        raise ValueError("expected LO:HI, e.g. -1:1, 0: or :1 (an empty side is unbounded)")
+    return tuple(_from_text(part, element) for part, element in zip(parts, element_hints, strict=True))
+
+
+def _member_converter(member: Any) -> tuple[int, Callable[[str], Any]] | None:
+    """(precedence, converter) for one member of a type hint; None for a type text cannot give (e.g. Tensor)."""
+    origin = typing.get_origin(member)
+    if member is bool:
+        return 0, _to_bool
+    if member is int:
+        return 1, int
+    if member is float:
+        return 2, float
+    if origin is tuple:
+        return 3, lambda text: _to_pair(text, member)
+    if origin is typing.Literal:
+        choices = {str(choice): choice for choice in typing.get_args(member)}
+        return 4, lambda text: choices[text] if text in choices else _raise(f"expected one of {', '.join(choices)}")
+    if member is str:
+        return 9, str
+    return None
+
+
+def _raise(message: str) -> Any:
+    raise ValueError(message)
+
+
+def _from_text(text: str, hint: Any) -> Any:
+    """Turn ``text`` into a value of type ``hint`` (bool, int, float, a LO:HI pair, a Literal, str, or a union).
+
+    Members are tried from the most to the least specific (bool, int, float, pair, Literal, str), so
+    ``refresh=4`` gives 4 and ``refresh=pow2`` gives "pow2". Ranges are not checked here.
+    """
+    members = _union_members(hint)
+    if _NONE_TYPE in members and text.lower() in _NONE:
+        return None
+    converters = sorted(filter(None, map(_member_converter, members)), key=lambda item: item[0])
+    reasons = []
+    for _, convert in converters:
+        try:
+            return convert(text)
+        except ValueError as err:
+            reasons.append(str(err))
+    raise ValueError("; ".join(dict.fromkeys(reasons)) or "no text form")
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "integer", float: "float", str: "name", _NONE_TYPE: "none"}
+    parts = []
+    for member in _union_members(hint):
+        if typing.get_origin(member) is tuple:
+            sides = [arg for arg in _union_members(typing.get_args(member)[0]) if arg is not _NONE_TYPE]
+            parts.append(f"LO:HI of {_describe(sides[0])} (a side may be empty)")
+        elif typing.get_origin(member) is typing.Literal:
+            parts.append(" or ".join(map(str, typing.get_args(member))))
+        elif member in names:
+            parts.append(names[member])
+    if parts[:1] == ["true or false"] and "none" in parts:
+        return "true, false or none"
+    return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else "".join(parts)
+
+
+def _default_text(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ":".join("" if part is None else str(part) for part in value)
+    return str(value)
+
+
+@functools.cache
+def optim_args_spec(optimizer_cls: type = Anon) -> dict[str, tuple[Any, str]]:
+    """The keys ``optim_args`` accepts for ``optimizer_cls``: key -> (type hint, allowed text for errors and docs).
+
+    Read from the signature of ``optimizer_cls.__init__``: every keyword argument except ``params`` and the ones
+    TrainingArguments sets (lr, betas, weight_decay), typed by its annotation (or by its default's type), so a
+    hyperparameter added to the class is accepted here with no edit.
+    """
+    try:
+        hints = typing.get_type_hints(optimizer_cls.__init__)
+    except Exception:  # an annotation that cannot be evaluated: fall back to the defaults' types
+        hints = {}
+    spec = {}
+    for name, parameter in inspect.signature(optimizer_cls.__init__).parameters.items():
+        if name in ("self", "params") or name in _FROM_TRAINING_ARGS or parameter.default is inspect.Parameter.empty:
+            continue
+        hint = hints.get(name, type(parameter.default))
+        if _describe(hint):
+            spec[name] = (hint, f"{_describe(hint)} (default {_default_text(parameter.default)})")
+    return spec
+
+
+def _valid_keys_text(optimizer_cls: type) -> str:
+    return "; ".join(f"{key}: {allowed}" for key, (_, allowed) in optim_args_spec(optimizer_cls).items())
+
+
+def _optim_args_error(message: str, optimizer_cls: type = Anon, optim_name: str = "anon") -> ValueError:
     return ValueError(
-        f"Invalid optim_args for optim='anon': {message}. Valid keys: {_valid_keys_text()}. "
+        f"Invalid optim_args for optim={optim_name!r}: {message}. Valid keys: {_valid_keys_text(optimizer_cls)}. "
         "lr, weight_decay and betas come from --learning_rate, --weight_decay, --adam_beta1/--adam_beta2; "
         "--adam_epsilon is not used by Anon (its eps sits inside the power: set eps=... here)."
     )
@@ -183,32 +214,84 @@ def _split_optim_args(text: str) -> dict[str, str]:
     return pairs
 
 
-def parse_optim_args(optim_args: dict[str, str] | str | None) -> dict[str, Any]:
-    """Cast and validate ``optim_args`` for Anon; return the keyword arguments for :class:`~anon_hf.Anon`.
+def _signature_defaults(optimizer_cls: type) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for klass in (Anon, optimizer_cls):  # a subclass may take its parent's keywords through **kwargs
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults[name] = parameter.default
+    return defaults
+
+
+def _validate(group: dict[str, Any]) -> None:
+    # The class's own validator, on a group as the constructor builds it (dtype names mapped first). Building a
+    # throwaway optimizer instead would draw an id from the cross-rank refresh check's counter on this rank only.
+    group = {
+        **group,
+        **{name: _optimizer._state_dtype(group.get(name)) for name in ("precond_dtype", "moments_dtype")},
+    }
+    _optimizer._validate_hyperparameters(group)
+
+
+def _check_with_the_class(kwargs: dict[str, Any], raw: dict[str, str], optimizer_cls: type, optim_name: str) -> None:
+    """Validate with the class's validator, each key alone (so the error names it), then all together."""
+    defaults = _signature_defaults(optimizer_cls)
+    for key, value in kwargs.items():
+        try:
+            _validate({**defaults, key: value})
+        except (ValueError, TypeError) as err:
+            raise _optim_args_error(f"{key}={raw[key]!r} is not valid ({err})", optimizer_cls, optim_name) from None
+    try:
+        _validate({**defaults, **kwargs})
+    except (ValueError, TypeError, RuntimeError) as err:  # keys that contradict each other, e.g. fused and foreach
+        raise _optim_args_error(f"{', '.join(kwargs)} do not go together ({err})", optimizer_cls, optim_name) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(items: tuple[tuple[str, str], ...], optimizer_cls: type, optim_name: str) -> dict[str, Any]:
+    raw = dict(items)
+    spec = optim_args_spec(optimizer_cls)
+    kwargs: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key in _FROM_TRAINING_ARGS:
+            message = f"{key!r} is set with {_FROM_TRAINING_ARGS[key]}, not in optim_args"
+            raise _optim_args_error(message, optimizer_cls, optim_name)
+        if key not in spec:
+            raise _optim_args_error(f"unknown key {key!r}", optimizer_cls, optim_name)
+        hint, allowed = spec[key]
+        try:
+            kwargs[key] = _from_text(text, hint)
+        except ValueError as err:
+            message = f"{key}={text!r} is not valid ({err}; allowed: {allowed})"
+            raise _optim_args_error(message, optimizer_cls, optim_name) from None
+    _check_with_the_class(kwargs, raw, optimizer_cls, optim_name)
+    return kwargs
+
+
+def parse_optim_args(
+    optim_args: dict[str, str] | str | None, optimizer_cls: type = Anon, optim_name: str = OPTIM_NAME
+) -> dict[str, Any]:
+    """Turn ``optim_args`` into keyword arguments for ``optimizer_cls``, checked by Anon's own validator.
+
+    Keys and types come from ``optimizer_cls.__init__``'s signature (:func:`optim_args_spec`); the ranges are
+    checked by the validator the constructor runs (``anon_hf.optimizer._validate_hyperparameters``). The result of one text is kept, so the check at argument parsing and the Trainer's
+    handler parse it once per process.
 
     Args:
         optim_args: the ``"key=value,key=value"`` string of ``TrainingArguments.optim_args``, or the dict of
             strings transformers parses it into. ``None`` or empty gives ``{}``.
+        optimizer_cls: the class the keyword arguments are for (default: :class:`~anon_hf.Anon`).
+        optim_name: the ``--optim`` name, for the error message (default: ``"anon"``).
 
     Raises:
-        ValueError: an unknown key or a bad value, naming it and listing every valid key with its range; raised
-            before any optimizer exists.
+        ValueError: an unknown key or a bad value, naming it, its text and the allowed values, and listing every
+            valid key with its type and default; raised before any optimizer exists.
     """
     if not optim_args:
         return {}
     raw = _split_optim_args(optim_args) if isinstance(optim_args, str) else dict(optim_args)
-    kwargs: dict[str, Any] = {}
-    for key, text in raw.items():
-        if key in _FROM_TRAINING_ARGS:
-            raise _optim_args_error(f"{key!r} is set with {_FROM_TRAINING_ARGS[key]}, not in optim_args")
-        if key not in _OPTIM_ARGS:
-            raise _optim_args_error(f"unknown key {key!r}")
-        caster, allowed = _OPTIM_ARGS[key]
-        try:
-            kwargs[key] = caster(str(text))
-        except ValueError as err:
-            raise _optim_args_error(f"{key}={text!r} is not valid ({err}; allowed: {allowed})") from None
-    return kwargs
+    items = tuple((str(key), str(value)) for key, value in raw.items())
+    return dict(_parse(items, optimizer_cls, optim_name))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,6 +313,7 @@ def get_anon_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
     :func:`parse_optim_args`. ``--adam_epsilon`` is deliberately not mapped to ``eps``: Anon adds eps inside the
     power (default 1e-16), Adam adds it to the square root (default 1e-8).
     """
+    require(("transformers",), "optim='anon' in the Trainer", _WAY_OUT)
     anon_kwargs = parse_optim_args(ctx.optim_args)
     default_eps = _default_adam_epsilon(ctx.args)
     if default_eps is not None and ctx.args.adam_epsilon != default_eps:
@@ -298,50 +382,42 @@ def _add_enum_member(enum_cls: Any, name: str, value: str) -> Any:
     return member
 
 
-def _guarded(part: str) -> Callable[[Callable[[ModuleType], None]], Callable[[ModuleType], None]]:
-    """Never let a patch break the user's ``import transformers``: record the failure and log it instead."""
-
-    def decorate(patch: Callable[[ModuleType], None]) -> Callable[[ModuleType], None]:
-        @functools.wraps(patch)
-        def wrapper(module: ModuleType) -> None:
-            # No lock here: the import system already runs this once per module, under that module's import
-            # lock, and taking `_lock` too could deadlock against a `register()` that holds it while importing.
-            try:
-                patch(module)
-            except Exception as err:
-                _errors[part] = f"{type(err).__name__}: {err}"
-                logger.error(
-                    "anon_hf could not register optim='anon' with %s (%s); transformers%s is supported.",
-                    module.__name__,
-                    _errors[part],
-                    SUPPORTED_TRANSFORMERS,
-                )
-
-        return wrapper
-
-    return decorate
+_WAY_OUT = (
+    " Or build Anon yourself and pass it: Trainer(optimizers=(anon_hf.create_anon_optimizer(model, lr=...), None))."
+)
 
 
-@_guarded("enum")
+def _require_registered(use: str) -> None:
+    """Raise :class:`PatchError` for ``use`` unless every transformers patch applied and a handler is installed."""
+    require(("transformers",), use, _WAY_OUT)
+    if _status["enum"] is None or _status["handler"] is None:
+        raise PatchError(
+            f"{use} needs optim='anon' registered with transformers, and this transformers has neither "
+            "transformers.trainer_optimizer._OPTIMIZER_HANDLERS nor Trainer.get_optimizer_cls_and_kwargs (or was "
+            f"not imported yet). anon_hf supports transformers{SUPPORTED_TRANSFORMERS}: pip install "
+            f"'transformers{SUPPORTED_TRANSFORMERS}'.{_WAY_OUT}"
+        )
+
+
 def on_training_args_imported(module: ModuleType) -> None:
     """``transformers.training_args``: add ``OptimizerNames.ANON`` and the early ``optim_args`` check."""
-    member = _add_enum_member(module.OptimizerNames, _ENUM_MEMBER, OPTIM_NAME)
-    training_args_cls = module.TrainingArguments
-    original = training_args_cls.__post_init__
-    if not getattr(original, "_anon_hf_wrapped", False):
 
-        @functools.wraps(original)
+    def make_wrapper(original):
         def __post_init__(self, *args, **kwargs):
+            if _is_anon_name(self.optim):
+                require(("transformers",), "TrainingArguments(optim='anon')", _WAY_OUT)
             original(self, *args, **kwargs)
             if _is_anon_name(self.optim):
                 parse_optim_args(self.optim_args)
 
-        __post_init__._anon_hf_wrapped = True
-        training_args_cls.__post_init__ = __post_init__
+        return __post_init__
+
+    # The check goes in first, so that a failure to add the member is reported by it at use.
+    wrap_once(module.TrainingArguments, "__post_init__", make_wrapper)
+    member = _add_enum_member(module.OptimizerNames, _ENUM_MEMBER, OPTIM_NAME)
     _status["enum"] = f"{module.__name__}.OptimizerNames.{member.name}"
 
 
-@_guarded("handler")
 def on_trainer_optimizer_imported(module: ModuleType) -> None:
     """``transformers.trainer_optimizer``: add the handler to ``_OPTIMIZER_HANDLERS`` if that table exists."""
     handlers = getattr(module, "_OPTIMIZER_HANDLERS", None)
@@ -356,80 +432,54 @@ def on_trainer_optimizer_imported(module: ModuleType) -> None:
 
 def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> bool:
     """Fallback: route ``optim="anon"`` around a missing handler table. False if the method is not there."""
-    descriptor = trainer_cls.__dict__.get("get_optimizer_cls_and_kwargs")
-    if not isinstance(descriptor, staticmethod):
+    if not isinstance(inspect.getattr_static(trainer_cls, "get_optimizer_cls_and_kwargs", None), staticmethod):
         return False
-    original = descriptor.__func__
-    if getattr(original, "_anon_hf_wrapped", False):
-        return True
 
-    @functools.wraps(original)
-    def get_optimizer_cls_and_kwargs(args, model=None):
-        if not _is_anon_name(args.optim):
-            return original(args, model)
-        ctx = SimpleNamespace(
-            args=args,
-            model=model,
-            optimizer_kwargs={"lr": args.learning_rate},
-            adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
-            optim_args=args.optim_args or {},
-        )
-        return _get_anon_optimizer(ctx)
+    def make_wrapper(original):
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            if not _is_anon_name(args.optim):
+                return original(args, model)
+            ctx = SimpleNamespace(
+                args=args,
+                model=model,
+                optimizer_kwargs={"lr": args.learning_rate},
+                adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+                optim_args=args.optim_args or {},
+            )
+            return _get_anon_optimizer(ctx)
 
-    get_optimizer_cls_and_kwargs._anon_hf_wrapped = True
-    trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+        return get_optimizer_cls_and_kwargs
+
+    wrap_once(trainer_cls, "get_optimizer_cls_and_kwargs", make_wrapper)
     return True
-
-
-def _unsupported_message() -> str:
-    details = "; ".join(f"{part}: {error}" for part, error in _errors.items()) or "the private API was not found"
-    return (
-        f"anon_hf could not register optim='anon' with this transformers ({details}). anon_hf supports "
-        f"transformers{SUPPORTED_TRANSFORMERS}; install a version in that range (pip install "
-        f"'transformers{SUPPORTED_TRANSFORMERS}'), or build Anon yourself and pass it with "
-        "Trainer(optimizers=(anon_hf.create_anon_optimizer(model, lr=...), None))."
-    )
 
 
 def _after_trainer_init(trainer: Any) -> None:
     if not uses_anon(trainer):
         return
-    if _is_anon_name(getattr(trainer.args, "optim", None)) and not (_status["enum"] and _status["handler"]):
-        raise RuntimeError(_unsupported_message())
+    if _is_anon_name(getattr(trainer.args, "optim", None)):
+        _require_registered("Trainer(args=TrainingArguments(optim='anon'))")
     from .trainer_callback import AnonCallback, add_anon_callback
 
     if not any(isinstance(callback, AnonCallback) for callback in trainer.callback_handler.callbacks):
         add_anon_callback(trainer)
 
 
-@_guarded("trainer")
 def on_trainer_imported(module: ModuleType) -> None:
     """``transformers.trainer``: auto-add the callback; wrap the optimizer lookup if the handler table is gone."""
     trainer_cls = module.Trainer
-    if _status["handler"] is None:
-        if _wrap_get_optimizer_cls_and_kwargs(trainer_cls):
-            _status["handler"] = f"{module.__name__}.Trainer.get_optimizer_cls_and_kwargs (wrapped)"
-        else:
-            _errors.setdefault("handler", "neither _OPTIMIZER_HANDLERS nor Trainer.get_optimizer_cls_and_kwargs")
-    original = trainer_cls.__init__
-    if not getattr(original, "_anon_hf_wrapped", False):
 
-        @functools.wraps(original)
+    def make_wrapper(original):
         def __init__(self, *args, **kwargs):
             original(self, *args, **kwargs)
             _after_trainer_init(self)
 
-        __init__._anon_hf_wrapped = True
-        trainer_cls.__init__ = __init__
+        return __init__
+
+    wrap_once(trainer_cls, "__init__", make_wrapper)
     _status["trainer"] = f"{module.__name__}.Trainer"
-
-
-# Module -> patch; anon_hf/__init__.py registers these with its post-import hooks.
-IMPORT_HOOKS: dict[str, Callable[[ModuleType], None]] = {
-    "transformers.training_args": on_training_args_imported,
-    "transformers.trainer_optimizer": on_trainer_optimizer_imported,
-    "transformers.trainer": on_trainer_imported,
-}
+    if _status["handler"] is None and _wrap_get_optimizer_cls_and_kwargs(trainer_cls):
+        _status["handler"] = f"{module.__name__}.Trainer.get_optimizer_cls_and_kwargs (wrapped)"
 
 
 def register() -> None:
@@ -440,7 +490,8 @@ def register() -> None:
     was missing and the fallback must be installed; otherwise its patch waits for the user's own import.
 
     Raises:
-        RuntimeError: this transformers cannot take ``optim="anon"``; the message names the supported range.
+        PatchError: (a ``RuntimeError``) this transformers cannot take ``optim="anon"``; the message names what
+            failed and the supported range.
     """
     global _registered
     if _registered:
@@ -459,6 +510,5 @@ def register() -> None:
             pass  # a layout without this module: the Trainer fallback below takes over
         if _status["handler"] is None:
             importlib.import_module("transformers.trainer")
-        if _status["enum"] is None or _status["handler"] is None:
-            raise RuntimeError(_unsupported_message())
+        _require_registered("anon_hf.register()")
         _registered = True
