@@ -14,7 +14,9 @@ biases and norm weights, without; groups with ``gamma == 0`` have ``v == 1`` and
 * ``anon/group{i}/step_size_median``: ``lr * median(v)``, the typical per-element step applied to the
   bias-corrected momentum;
 * ``anon/group{i}/step_size_spread``: ``max(v) / min(v)``, how far apart the largest and smallest per-element
-  step sizes are (1 for SGD-like, large for strongly adaptive steps).
+  step sizes are (1 for SGD-like, large for strongly adaptive steps);
+* ``anon/group{i}/unseen_fraction``: the fraction of elements no refresh has seen a gradient of yet (``v == 0``
+  with ``keep_unseen``, e.g. embedding rows of tokens not met so far); min, median and max are over the others.
 
 Min and max are exact. The median comes from a histogram of ``log v`` with ``bins`` bins between the min and
 the max, so its relative error is at most ``(max / min) ** (1 / (2 * bins)) - 1`` (0.7 % for a spread of 1e6
@@ -100,25 +102,29 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
     if distributed:
         device = _collective_device(device)
 
-    # Pass 1: exact min and max, as one max-reduction over (-min, max) pairs. inf/-inf mark "no elements here".
+    # Pass 1: exact min (over v > 0: v == 0 marks an element not seen yet) and max, as one max-reduction over
+    # (-min, max) pairs. inf/-inf mark "no elements here".
     extremes = torch.full((len(groups), 2), -math.inf, dtype=torch.float64, device=device)
     for row, (_, _, tensors) in enumerate(groups):
         for t in tensors:
-            extremes[row, 0] = torch.maximum(extremes[row, 0], -t.min().to(device, torch.float64))
+            smallest_seen = torch.where(t > 0, t, math.inf).min()
+            extremes[row, 0] = torch.maximum(extremes[row, 0], -smallest_seen.to(device, torch.float64))
             extremes[row, 1] = torch.maximum(extremes[row, 1], t.max().to(device, torch.float64))
     if distributed:
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     lows, highs = (-extremes[:, 0]).tolist(), extremes[:, 1].tolist()
 
-    # Pass 2: a histogram of log v between the global min and max, summed over ranks, gives the median.
-    counts = torch.zeros((len(groups), bins), dtype=torch.float64, device=device)
+    # Pass 2: a histogram of log v between the global min and max, summed over ranks, gives the median (histc
+    # leaves out log 0 = -inf); the two last columns count the unseen elements and all elements.
+    counts = torch.zeros((len(groups), bins + 2), dtype=torch.float64, device=device)
     for row, (_, _, tensors) in enumerate(groups):
         lo, hi = lows[row], highs[row]
-        if not (0.0 < lo < hi < math.inf):
-            continue
         for t in tensors:
-            hist = torch.histc(t.float().log(), bins=bins, min=math.log(lo), max=math.log(hi))
-            counts[row] += hist.to(device, torch.float64)
+            counts[row, bins] += (t == 0).sum().to(device, torch.float64)
+            counts[row, bins + 1] += t.numel()
+            if 0.0 < lo < hi < math.inf:
+                hist = torch.histc(t.float().log(), bins=bins, min=math.log(lo), max=math.log(hi))
+                counts[row, :bins] += hist.to(device, torch.float64)
     if distributed:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     counts = counts.cpu()
@@ -126,10 +132,13 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
     stats: dict[str, float] = {}
     for row, (index, lr, _) in enumerate(groups):
         lo, hi = lows[row], highs[row]
-        if not lo <= hi:  # no elements on any rank
+        unseen, total = counts[row, bins].item(), counts[row, bins + 1].item()
+        if not lo <= hi:  # no elements on any rank, or none seen yet
+            if total > 0:
+                stats[f"anon/group{index}/unseen_fraction"] = unseen / total
             continue
         if 0.0 < lo < hi < math.inf:
-            cumulative = counts[row].cumsum(0)
+            cumulative = counts[row, :bins].cumsum(0)
             k = int(torch.searchsorted(cumulative, cumulative[-1] / 2).item())
             width = (math.log(hi) - math.log(lo)) / bins
             median = math.exp(math.log(lo) + (k + 0.5) * width)
@@ -141,6 +150,7 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
         stats[prefix + "precond_max"] = hi
         stats[prefix + "step_size_median"] = lr * median
         stats[prefix + "step_size_spread"] = hi / lo if lo > 0 else math.inf
+        stats[prefix + "unseen_fraction"] = unseen / total
     return stats
 
 
