@@ -185,8 +185,18 @@ def test_adam_epsilon_is_not_mapped_to_eps(tmp_path, caplog):
         optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert optimizer_cls is Anon
     assert "eps" not in kwargs
-    assert kwargs == {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}
+    assert kwargs == {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "fused": True}
     assert "adam_epsilon=0.001 is ignored" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "expected"),
+    [(None, True), ("fused=false", False), ("fused=none", None), ("foreach=true", None), ("foreach=false", True)],
+)
+def test_optim_anon_takes_the_fused_path_unless_told_otherwise(tmp_path, optim_args, expected):
+    # The Trainer's default optimizer, adamw_torch_fused, is fused; --optim anon's default is too.
+    _, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim_args=optim_args))
+    assert kwargs.get("fused") is expected
 
 
 # --- optim_args errors -----------------------------------------------------------------------------------------
@@ -305,7 +315,7 @@ def test_fallback_wraps_get_optimizer_cls_and_kwargs_without_handler_table(tmp_p
     args = training_args(tmp_path, learning_rate=2e-3, weight_decay=0.01, optim_args="gamma=0.25")
     assert trainer_cls.get_optimizer_cls_and_kwargs(args) == (
         Anon,
-        {"lr": 2e-3, "betas": (0.9, 0.999), "weight_decay": 0.01, "gamma": 0.25},
+        {"lr": 2e-3, "betas": (0.9, 0.999), "weight_decay": 0.01, "gamma": 0.25, "fused": True},
     )
     with pytest.raises(ValueError, match="unsupported optimizer: .*ADAMW_TORCH"):
         trainer_cls.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adamw_torch"))

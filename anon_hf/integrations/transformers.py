@@ -311,7 +311,8 @@ def get_anon_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
     ``weight_decay`` from ``--weight_decay``; the Trainer's decay/no-decay param groups are kept (the bias and
     norm group carries ``weight_decay=0``). Anon's own hyperparameters come from ``--optim_args``, see
     :func:`parse_optim_args`. ``--adam_epsilon`` is deliberately not mapped to ``eps``: Anon adds eps inside the
-    power (default 1e-16), Adam adds it to the square root (default 1e-8).
+    power (default 1e-16), Adam adds it to the square root (default 1e-8). ``fused`` defaults to ``True`` here
+    (``fused=false`` or ``foreach=true`` in ``--optim_args`` turn it off), as the Trainer's default AdamW is fused.
     """
     require(("transformers",), "optim='anon' in the Trainer", _WAY_OUT)
     anon_kwargs = parse_optim_args(ctx.optim_args)
@@ -324,6 +325,10 @@ def get_anon_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
         )
     ctx.optimizer_kwargs.update({"betas": ctx.adam_kwargs["betas"], "weight_decay": ctx.args.weight_decay})
     ctx.optimizer_kwargs.update(anon_kwargs)
+    if "fused" not in anon_kwargs and not anon_kwargs.get("foreach"):
+        # As the Trainer's default AdamW is fused: the C++ kernel on CPU, compiled graphs on CUDA, foreach where
+        # neither runs (one log line says why). `--optim_args fused=false` opts out; the class keeps torch's None.
+        ctx.optimizer_kwargs["fused"] = True
     return Anon, ctx.optimizer_kwargs
 
 
