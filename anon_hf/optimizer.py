@@ -413,6 +413,7 @@ class Anon(torch.optim.Optimizer):
                         f"parameters, but this group holds a {p.dtype} parameter of shape {tuple(p.shape)}: put "
                         "complex parameters in a param group with precond_dtype=None and moments_dtype=None."
                     )
+        dtypes: dict[torch.dtype, tuple[torch.dtype, torch.dtype]] = {}  # _storage_dtypes per param dtype
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -420,7 +421,7 @@ class Anon(torch.optim.Optimizer):
                 raise RuntimeError("Anon does not support sparse gradients, consider SparseAdam instead")
             has_complex |= torch.is_complex(p)
             state = self.state[p]
-            moments_dtype, precond_dtype = _storage_dtypes(group, p)
+            moments_dtype, precond_dtype = dtypes.get(p.dtype) or dtypes.setdefault(p.dtype, _storage_dtypes(group, p))
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
@@ -447,8 +448,12 @@ class Anon(torch.optim.Optimizer):
             if not group["fused"]:
                 continue
             for p in group["params"]:
-                if p.grad is not None and not (
-                    p.device.type in FUSED_DEVICES and (p.is_floating_point() or p.is_complex())
+                if (
+                    p.grad is not None
+                    and p not in self.state
+                    and not (  # a param with state passed already
+                        p.device.type in FUSED_DEVICES and (p.is_floating_point() or p.is_complex())
+                    )
                 ):
                     raise RuntimeError(
                         "`fused=True` requires all the params to be floating point Tensors of "
