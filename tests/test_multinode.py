@@ -1,0 +1,294 @@
+"""Beyond one machine, simulated on one: two torchrun agents ("nodes") meeting at a c10d rendezvous on 127.0.0.1.
+
+Each agent is started as on a real node (``torchrun --nnodes 2 --nproc_per_node N --rdzv_backend c10d
+--rdzv_endpoint HOST:PORT --rdzv_id JOB``; the commands of docs/distributed.md#multi-node with 127.0.0.1 for the
+host) and runs its gloo CPU ranks under ``-m anon_hf run``, so every rank of both agents is registered by the
+launcher wrapper, not by the worker. What runs (see ``tests/distributed/multinode_worker.py``):
+
+* world size 4 (2 agents x 2): FSDP2, ZeRO-2 and ZeRO-3 against one process; their step-6 checkpoints;
+* world size 2 (2 agents x 1): DDP, FSDP2, ZeRO-2 and ZeRO-3 against one process, and the world-4 checkpoints
+  resumed on 2 ranks (FSDP2 by DCP resharding, ZeRO through ``python -m anon_hf.integrations.deepspeed_universal``);
+* world size 1: the same resumes on one rank;
+* the refresh sync check across agents: one node's ranks stepping differently, and one rank stopped (SIGSTOP).
+
+Tolerances are those of tests/test_distributed.py: ``PARITY_ATOL`` against one process on the same global batch
+(all-reduce round-off, amplified for elements whose gradient is ~1e-8; measured up to 1e-5 here), ``RESUME_ATOL``
+for a resumed run against the unresized one (fp32 round-off of a differently split batch; measured up to 2.4e-7).
+The resumed preconditioner must equal the saved one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from crash.ports import free_port
+from test_distributed import PARITY_ATOL, REFRESHES, RESUME_ATOL, requires_stack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(ROOT, "tests", "distributed")
+PORTS = range(29650, 29690)
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+SYNC_TIMEOUT_S = 5  # ANON_HF_SYNC_TIMEOUT for the stopped-rank test (60 s by default)
+
+
+def launch(
+    worker_args: list[str],
+    out_dir,
+    *,
+    nnodes: int,
+    nproc_per_node: int,
+    env=None,
+    timeout: float = 600,
+    grace: float | None = None,
+) -> types.SimpleNamespace:
+    """Start ``nnodes`` torchrun agents as on separate nodes and wait for all of them.
+
+    Each agent gets its own process group (session), so that one still running at ``timeout``, or ``grace``
+    seconds after the first agent ended, is killed with its ranks; ``killed`` lists those agents. Returns the
+    agents' exit codes, their output and the seconds taken.
+    """
+    port = free_port(ports=PORTS)
+    if nnodes == 1:
+        rendezvous = ["--nproc_per_node", str(nproc_per_node), "--master_port", str(port)]
+    else:
+        rendezvous = [
+            *("--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node)),
+            *("--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"anon-hf-{port}"),
+        ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, **(env or {})}
+    logs = [open(os.path.join(out_dir, f"agent{node}.log"), "w+") for node in range(nnodes)]
+    start = time.monotonic()
+    agents = [
+        subprocess.Popen(
+            [TORCHRUN, *rendezvous, *worker_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        for log in logs
+    ]
+    first_exit = None
+    while any(agent.poll() is None for agent in agents):
+        now = time.monotonic()
+        if first_exit is None and any(agent.poll() is not None for agent in agents):
+            first_exit = now
+        if now - start > timeout or (grace is not None and first_exit is not None and now - first_exit > grace):
+            break
+        time.sleep(0.5)
+    killed = [node for node, agent in enumerate(agents) if agent.poll() is None]
+    for node in killed:
+        os.killpg(agents[node].pid, signal.SIGKILL)
+        agents[node].wait()
+    output = []
+    for log in logs:
+        log.seek(0)
+        output.append(log.read())
+        log.close()
+    return types.SimpleNamespace(
+        codes=[agent.returncode for agent in agents],
+        output="\n".join(output),
+        seconds=time.monotonic() - start,
+        killed=killed,
+    )
+
+
+def under_anon_hf_run(script: str, out_dir, *args) -> list[str]:
+    return ["-m", "anon_hf", "run", os.path.join(WORKERS, script), str(out_dir), *args]
+
+
+def read_reports(out_dir, name: str, world: int) -> list[dict]:
+    reports = []
+    for rank in range(world):
+        path = os.path.join(out_dir, f"{name}.rank{rank}.json")
+        reports.append(json.load(open(path)) if os.path.exists(path) else {})
+    return reports
+
+
+def _job(tmp_path_factory, name: str, runs: list[str], *, nnodes: int, nproc_per_node: int, source=None):
+    out_dir = tmp_path_factory.mktemp(name)
+    args = ["--from", str(source.out_dir), *runs] if source else runs
+    run = launch(
+        under_anon_hf_run("multinode_worker.py", out_dir, *args), out_dir, nnodes=nnodes, nproc_per_node=nproc_per_node
+    )
+    run.out_dir = out_dir
+    run.reports = read_reports(out_dir, "multinode", nnodes * nproc_per_node)
+    return run
+
+
+def _section(run, key: str) -> list[dict]:
+    """One worker section from every rank, failing with the worker's traceback or the agents' output if missing."""
+    for rank, report in enumerate(run.reports):
+        if f"{key}_error" in report:
+            pytest.fail(f"{key} raised on rank {rank}:\n{report[f'{key}_error']}")
+    missing = [rank for rank, report in enumerate(run.reports) if key not in report]
+    if missing:
+        pytest.fail(f"{key}: no result from ranks {missing} (exit codes {run.codes}); output:\n{run.output[-6000:]}")
+    return [report[key] for report in run.reports]
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    """2 agents x 2 ranks: FSDP2, ZeRO-2 and ZeRO-3, with step-6 checkpoints; the ZeRO ones then converted."""
+    run = _job(tmp_path_factory, "world4", ["fsdp2", "zero2", "zero3"], nnodes=2, nproc_per_node=2)
+    run.conversions = {}
+    for stage in ("zero2", "zero3"):
+        step6 = os.path.join(run.out_dir, f"{stage}_ckpt", "step6")
+        command = [sys.executable, "-m", "anon_hf.integrations.deepspeed_universal", "--input_folder", step6]
+        command += ["--output_folder", f"{step6}_universal"]
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}
+        run.conversions[stage] = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    return run
+
+
+@pytest.fixture(scope="module")
+def world2(world4, tmp_path_factory):
+    """2 agents x 1 rank: the engines against one process, then the world-4 checkpoints resumed."""
+    runs = ["ddp", "fsdp2", "zero2", "zero3", "resize_fsdp2", "resize_zero2", "resize_zero3", "refuse_zero2"]
+    return _job(tmp_path_factory, "world2", runs, nnodes=2, nproc_per_node=1, source=world4)
+
+
+@pytest.fixture(scope="module")
+def world1(world4, tmp_path_factory):
+    runs = ["resize_fsdp2", "resize_zero2", "resize_zero3", "refuse_zero2"]
+    return _job(tmp_path_factory, "world1", runs, nnodes=1, nproc_per_node=1, source=world4)
+
+
+# --------------------------------------------------------------------------------------- parity across agents
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_two_agents_match_one_process_refresh_together_and_resume(world2, engine):
+    for rank, result in enumerate(_section(world2, engine)):
+        assert result["parity"]["compared"] == 20
+        assert result["parity"]["max_abs_diff"] <= PARITY_ATOL, (rank, result["parity"])
+        assert result["refresh_history"] == REFRESHES, rank
+        resume = result["resume_sharded" if engine == "fsdp2" else "resume"]
+        assert resume["max_abs_diff"] <= RESUME_ATOL, (rank, resume)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_two_agents_of_two_ranks_match_one_process(world4, engine):
+    for rank, result in enumerate(_section(world4, engine)):
+        assert result["parity"]["max_abs_diff"] <= PARITY_ATOL, (rank, result["parity"])
+        assert result["refresh_history"] == REFRESHES, rank
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_each_agent_is_a_node_and_anon_hf_run_registers_every_rank(world4, world2):
+    # torchrun numbers the ranks node by node: ranks 0, 1 on the agent of group rank 0, ranks 2, 3 on the other.
+    where4, where2 = _section(world4, "where"), _section(world2, "where")
+    assert [(w["group_rank"], w["local_rank"]) for w in where4] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert [w["group_rank"] for w in where2] == ["0", "1"]
+    # Recorded before the worker imports anything of anon_hf: the `-m anon_hf run` wrapper registered Anon.
+    assert all(w["preloaded"] for w in where4 + where2)
+
+
+# --------------------------------------------------------------------------------------- resizing
+
+
+@pytest.mark.parametrize("world", [2, 1])
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_world_4_checkpoint_resumes_on_fewer_ranks_with_its_preconditioner_and_schedule(
+    world4, world2, world1, engine, world
+):
+    for stage, conversion in world4.conversions.items():
+        assert conversion.returncode == 0, (stage, conversion.stdout[-3000:] + conversion.stderr[-3000:])
+    run = {2: world2, 1: world1}[world]
+    for rank, result in enumerate(_section(run, f"resize_{engine}")):
+        assert result["steps_after_load"] == [6], rank
+        assert result["precond"]["compared"] == 20
+        assert result["precond"]["max_abs_diff"] == 0.0, (rank, result["precond"])  # moved, not recomputed
+        # The next refreshes are those of the unresized run: steps 8 and 16. (FSDP2's resume first runs torch's
+        # zero-gradient initialisation step on the empty optimizer, which refreshes at its step 1.)
+        assert result["refresh_history"][-2:] == [8, 16] and len(result["refresh_history"]) <= 3, rank
+        assert result["resume"]["compared"] == 20
+        assert result["resume"]["max_abs_diff"] <= RESUME_ATOL, (rank, result["resume"])
+
+
+@pytest.mark.parametrize("world", [2, 1])
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_unconverted_zero_checkpoint_is_refused_on_another_world_size(world2, world1, world):
+    run = {2: world2, 1: world1}[world]
+    for error in _section(run, "refuse_zero2"):
+        assert error.startswith("ZeRORuntimeException"), error
+        assert f"DP world size of 4 but the current world size is {world}" in error
+
+
+# --------------------------------------------------------------------------------------- sync check across agents
+
+
+@pytest.mark.distributed
+@requires_stack
+def test_one_nodes_ranks_stepping_differently_fail_naming_both_nodes(tmp_path):
+    run = launch(
+        [os.path.join(WORKERS, "desync_worker.py"), str(tmp_path), "ddp", "1", "node1"],
+        tmp_path,
+        nnodes=2,
+        nproc_per_node=2,
+        timeout=240,
+    )
+    reports = read_reports(tmp_path, "desync_ddp", 4)
+    assert run.killed == [] and all(code != 0 for code in run.codes), (run.codes, run.output[-4000:])
+    errors = {rank: r["error"] for rank, r in enumerate(reports) if "error" in r}
+    # Node 1's ranks (2, 3) run one step ahead; each node-0 rank meets one of them as its ring neighbour.
+    assert sorted(errors) == [0, 1], (errors, run.output[-4000:])
+    host = socket.gethostname()
+    assert f"rank 0 (node 0, host {host}, local rank 0) at step 8 (its step() call 8)" in errors[0]
+    assert f"rank 3 (node 1, host {host}, local rank 1) at step 8 (its step() call 7)" in errors[0]
+    assert f"rank 2 (node 1, host {host}, local rank 0)" in errors[1]
+    assert all(r["error_at_step"] == 8 for r in reports if "error" in r)
+    assert not any(r.get("finished") for r in reports)
+
+
+@pytest.mark.distributed
+@requires_stack
+def test_stopped_rank_on_the_other_node_fails_the_job_within_the_sync_timeout(tmp_path):
+    # FSDP2: the check before a refresh waits for the neighbours. Rank 1, alone on node 1, stops itself (SIGSTOP)
+    # after the backward pass of step 8, so its sockets stay open and no collective fails: only the time-out can
+    # end rank 0's wait.
+    run = launch(
+        [os.path.join(WORKERS, "desync_worker.py"), str(tmp_path), "fsdp2", "stop"],
+        tmp_path,
+        nnodes=2,
+        nproc_per_node=1,
+        env={"ANON_HF_SYNC_TIMEOUT": str(SYNC_TIMEOUT_S)},
+        timeout=240,
+        grace=15,
+    )
+    first, stopped = read_reports(tmp_path, "desync_fsdp2", 2)
+    assert "stopped_at" in stopped and "error" in first, run.output[-4000:]
+    host = socket.gethostname()
+    assert (
+        f"rank 0 (node 0, host {host}, local rank 0) is about to run refresh #4 at step 8 (its step() call 8), but "
+        f"rank 1 (node 1, host {host}, local rank 0) did not reach its refresh #4 within {SYNC_TIMEOUT_S} s"
+    ) in first["error"]
+    # Rank 0 may start waiting a moment before rank 1 records the time it stops.
+    waited = first["error_time"] - stopped["stopped_at"]
+    assert SYNC_TIMEOUT_S - 1 <= waited < SYNC_TIMEOUT_S + 30, waited
+    # Rank 0's failure ends its agent. The other agent ends its stopped rank only if it loses the rendezvous store
+    # with it (when rank 0's agent hosted that store), so it may be left to the job's scheduler (see the docs).
+    ended = [code for node, code in enumerate(run.codes) if node not in run.killed]
+    assert ended and all(code != 0 for code in ended), (run.codes, run.killed, run.output[-4000:])
