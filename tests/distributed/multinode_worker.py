@@ -107,7 +107,7 @@ def main(out_dir: str, source: str | None, runs: list[str]) -> None:
     rank, world = init_process_group()
     report = Report(out_dir, "multinode", rank)
     report["where"] = {
-        "group_rank": os.environ.get("GROUP_RANK"),
+        "group_rank": os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK")),  # torchrun, deepspeed
         "local_rank": os.environ.get("LOCAL_RANK"),
         "world": world,
         "local_world": os.environ.get("LOCAL_WORLD_SIZE"),
@@ -150,7 +150,7 @@ def _resize_zero(stage: int, rank: int, world: int, source: str) -> dict:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # the deepspeed launcher's
     source_dir = None
     if len(args) > 2 and args[1] == "--from":
         source_dir = args[2]
