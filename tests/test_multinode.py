@@ -9,7 +9,9 @@ launcher wrapper, not by the worker. What runs (see ``tests/distributed/multinod
 * world size 2 (2 agents x 1): DDP, FSDP2, ZeRO-2 and ZeRO-3 against one process, and the world-4 checkpoints
   resumed on 2 ranks (FSDP2 by DCP resharding, ZeRO through ``python -m anon_hf.integrations.deepspeed_universal``);
 * world size 1: the same resumes on one rank;
-* the refresh sync check across agents: one node's ranks stepping differently, and one rank stopped (SIGSTOP).
+* the refresh sync check across agents: one node's ranks stepping differently, and one rank stopped (SIGSTOP);
+* the other multi-machine launchers, one per simulated node: ``accelerate launch --config_file
+  recipes/configs/accelerate_2nodes.yaml --machine_rank N`` (DDP) and ``deepspeed --hostfile ... --no_ssh --node_rank N`` (ZeRO-2).
 
 Tolerances are those of tests/test_distributed.py: ``PARITY_ATOL`` against one process on the same global batch
 (all-reduce round-off, amplified for elements whose gradient is ~1e-8; measured up to 1e-5 here), ``RESUME_ATOL``
@@ -35,47 +37,34 @@ from test_distributed import PARITY_ATOL, REFRESHES, RESUME_ATOL, requires_stack
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "distributed")
 PORTS = range(29650, 29690)
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+BIN = os.path.dirname(sys.executable)
+TORCHRUN = os.path.join(BIN, "torchrun")
 SYNC_TIMEOUT_S = 5  # ANON_HF_SYNC_TIMEOUT for the stopped-rank test (60 s by default)
 
 
-def launch(
-    worker_args: list[str],
-    out_dir,
-    *,
-    nnodes: int,
-    nproc_per_node: int,
-    env=None,
-    timeout: float = 600,
-    grace: float | None = None,
-) -> types.SimpleNamespace:
-    """Start ``nnodes`` torchrun agents as on separate nodes and wait for all of them.
-
-    Each agent gets its own process group (session), so that one still running at ``timeout``, or ``grace``
-    seconds after the first agent ended, is killed with its ranks; ``killed`` lists those agents. Returns the
-    agents' exit codes, their output and the seconds taken.
-    """
-    port = free_port(ports=PORTS)
+def torchrun_agents(program: list[str], *, nnodes: int, nproc_per_node: int) -> list[list[str]]:
+    """One torchrun command per node: a c10d rendezvous at 127.0.0.1 (a plain single-node launch for 1 node)."""
+    port = str(free_port(ports=PORTS))
     if nnodes == 1:
-        rendezvous = ["--nproc_per_node", str(nproc_per_node), "--master_port", str(port)]
-    else:
-        rendezvous = [
-            *("--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node)),
-            *("--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"anon-hf-{port}"),
-        ]
+        return [[TORCHRUN, "--nproc_per_node", str(nproc_per_node), "--master_port", port, *program]]
+    rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"anon-hf-{port}"]
+    command = [TORCHRUN, "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node), *rendezvous, *program]
+    return [command] * nnodes
+
+
+def launch(commands: list[list[str]], out_dir, *, env=None, timeout: float = 600, grace=None) -> types.SimpleNamespace:
+    """Start one launcher per simulated node and wait for all of them.
+
+    Each launcher gets its own process group (session), so that one still running at ``timeout``, or ``grace``
+    seconds after the first launcher ended, is killed with its ranks; ``killed`` lists those. Returns the exit
+    codes, the output of every launcher and the seconds taken.
+    """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, **(env or {})}
-    logs = [open(os.path.join(out_dir, f"agent{node}.log"), "w+") for node in range(nnodes)]
+    logs = [open(os.path.join(out_dir, f"node{node}.log"), "w+") for node in range(len(commands))]
     start = time.monotonic()
     agents = [
-        subprocess.Popen(
-            [TORCHRUN, *rendezvous, *worker_args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        for log in logs
+        subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
+        for command, log in zip(commands, logs, strict=True)
     ]
     first_exit = None
     while any(agent.poll() is None for agent in agents):
@@ -102,8 +91,9 @@ def launch(
     )
 
 
-def under_anon_hf_run(script: str, out_dir, *args) -> list[str]:
-    return ["-m", "anon_hf", "run", os.path.join(WORKERS, script), str(out_dir), *args]
+def worker(script: str, out_dir, *args) -> list[str]:
+    """``anon_hf run`` of a worker script: the program after ``-m`` (torchrun, accelerate) or ``--module``."""
+    return ["anon_hf", "run", os.path.join(WORKERS, script), str(out_dir), *args]
 
 
 def read_reports(out_dir, name: str, world: int) -> list[dict]:
@@ -117,9 +107,8 @@ def read_reports(out_dir, name: str, world: int) -> list[dict]:
 def _job(tmp_path_factory, name: str, runs: list[str], *, nnodes: int, nproc_per_node: int, source=None):
     out_dir = tmp_path_factory.mktemp(name)
     args = ["--from", str(source.out_dir), *runs] if source else runs
-    run = launch(
-        under_anon_hf_run("multinode_worker.py", out_dir, *args), out_dir, nnodes=nnodes, nproc_per_node=nproc_per_node
-    )
+    program = ["-m", *worker("multinode_worker.py", out_dir, *args)]
+    run = launch(torchrun_agents(program, nnodes=nnodes, nproc_per_node=nproc_per_node), out_dir)
     run.out_dir = out_dir
     run.reports = read_reports(out_dir, "multinode", nnodes * nproc_per_node)
     return run
@@ -243,13 +232,8 @@ def test_unconverted_zero_checkpoint_is_refused_on_another_world_size(world2, wo
 @pytest.mark.distributed
 @requires_stack
 def test_one_nodes_ranks_stepping_differently_fail_naming_both_nodes(tmp_path):
-    run = launch(
-        [os.path.join(WORKERS, "desync_worker.py"), str(tmp_path), "ddp", "1", "node1"],
-        tmp_path,
-        nnodes=2,
-        nproc_per_node=2,
-        timeout=240,
-    )
+    program = [os.path.join(WORKERS, "desync_worker.py"), str(tmp_path), "ddp", "1", "node1"]
+    run = launch(torchrun_agents(program, nnodes=2, nproc_per_node=2), tmp_path, timeout=240)
     reports = read_reports(tmp_path, "desync_ddp", 4)
     assert run.killed == [] and all(code != 0 for code in run.codes), (run.codes, run.output[-4000:])
     errors = {rank: r["error"] for rank, r in enumerate(reports) if "error" in r}
@@ -269,14 +253,13 @@ def test_stopped_rank_on_the_other_node_fails_the_job_within_the_sync_timeout(tm
     # FSDP2: the check before a refresh waits for the neighbours. Rank 1, alone on node 1, stops itself (SIGSTOP)
     # after the backward pass of step 8, so its sockets stay open and no collective fails: only the time-out can
     # end rank 0's wait.
+    program = [os.path.join(WORKERS, "desync_worker.py"), str(tmp_path), "fsdp2", "stop"]
     run = launch(
-        [os.path.join(WORKERS, "desync_worker.py"), str(tmp_path), "fsdp2", "stop"],
+        torchrun_agents(program, nnodes=2, nproc_per_node=1),
         tmp_path,
-        nnodes=2,
-        nproc_per_node=1,
         env={"ANON_HF_SYNC_TIMEOUT": str(SYNC_TIMEOUT_S)},
         timeout=240,
-        grace=15,
+        grace=5,
     )
     first, stopped = read_reports(tmp_path, "desync_fsdp2", 2)
     assert "stopped_at" in stopped and "error" in first, run.output[-4000:]
@@ -292,3 +275,53 @@ def test_stopped_rank_on_the_other_node_fails_the_job_within_the_sync_timeout(tm
     # with it (when rank 0's agent hosted that store), so it may be left to the job's scheduler (see the docs).
     ended = [code for node, code in enumerate(run.codes) if node not in run.killed]
     assert ended and all(code != 0 for code in ended), (run.codes, run.killed, run.output[-4000:])
+
+
+# --------------------------------------------------------------------------------------- other launchers
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_accelerate_two_machine_config_runs_ddp_like_one_process(tmp_path):
+    # The 2-machine recipe (2 x 8 GPUs, node0:29500), scaled to 1 process per simulated machine on 127.0.0.1.
+    config = os.path.join(ROOT, "recipes", "configs", "accelerate_2nodes.yaml")
+    port = str(free_port(ports=PORTS))
+    commands = [
+        [os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "--machine_rank", str(node)]
+        + ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+        + ["-m", *worker("multinode_worker.py", tmp_path, "ddp")]
+        for node in (0, 1)
+    ]
+    run = launch(commands, tmp_path, timeout=300)
+    run.reports = read_reports(tmp_path, "multinode", 2)
+    where = _section(run, "where")
+    assert [w["group_rank"] for w in where] == ["0", "1"] and all(w["preloaded"] for w in where)
+    for rank, result in enumerate(_section(run, "ddp")):
+        assert result["parity"]["max_abs_diff"] <= PARITY_ATOL, (rank, result["parity"])
+        assert result["refresh_history"] == REFRESHES
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_deepspeed_hostfile_two_nodes_run_zero2_like_one_process(tmp_path):
+    # The hostfile's names are labels here: with --no_ssh each node starts its own launcher with its --node_rank.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port(ports=PORTS))
+    commands = [
+        [os.path.join(BIN, "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node)]
+        + ["--master_addr", "127.0.0.1", "--master_port", port]
+        + ["--module", *worker("multinode_worker.py", tmp_path, "zero2")]
+        for node in (0, 1)
+    ]
+    run = launch(commands, tmp_path, timeout=300)
+    run.reports = read_reports(tmp_path, "multinode", 2)
+    where = _section(run, "where")
+    assert [w["group_rank"] for w in where] == ["0", "1"] and all(w["preloaded"] for w in where)
+    for rank, result in enumerate(_section(run, "zero2")):
+        assert result["inner_type"] == "Anon"
+        assert result["parity"]["max_abs_diff"] <= PARITY_ATOL, (rank, result["parity"])
+        assert result["refresh_history"] == REFRESHES
+        assert result["resume"]["max_abs_diff"] <= RESUME_ATOL, (rank, result["resume"])
