@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -50,6 +53,30 @@ def torchrun_agents(program: list[str], *, nnodes: int, nproc_per_node: int) -> 
     rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"anon-hf-{port}"]
     command = [TORCHRUN, "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node), *rendezvous, *program]
     return [command] * nnodes
+
+
+def accelerate_machines(program: list[str]) -> list[list[str]]:
+    """The 2-machine recipe (2 x 8 GPUs at node0:29500), scaled to 1 process per simulated machine on 127.0.0.1."""
+    config = os.path.join(ROOT, "recipes", "configs", "accelerate_2nodes.yaml")
+    port = str(free_port(ports=PORTS))
+    return [
+        [os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "--machine_rank", str(node)]
+        + ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port, *program]
+        for node in (0, 1)
+    ]
+
+
+def deepspeed_nodes(program: list[str], folder) -> list[list[str]]:
+    """The deepspeed launcher once per node, without ssh; the hostfile's names are only labels then."""
+    hostfile = os.path.join(folder, "hostfile")
+    with open(hostfile, "w") as handle:
+        handle.write("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port(ports=PORTS))
+    return [
+        [os.path.join(BIN, "deepspeed"), "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node)]
+        + ["--master_addr", "127.0.0.1", "--master_port", port, *program]
+        for node in (0, 1)
+    ]
 
 
 def launch(commands: list[list[str]], out_dir, *, env=None, timeout: float = 600, grace=None) -> types.SimpleNamespace:
@@ -284,16 +311,8 @@ def test_stopped_rank_on_the_other_node_fails_the_job_within_the_sync_timeout(tm
 @pytest.mark.distributed
 @requires_stack
 def test_accelerate_two_machine_config_runs_ddp_like_one_process(tmp_path):
-    # The 2-machine recipe (2 x 8 GPUs, node0:29500), scaled to 1 process per simulated machine on 127.0.0.1.
-    config = os.path.join(ROOT, "recipes", "configs", "accelerate_2nodes.yaml")
-    port = str(free_port(ports=PORTS))
-    commands = [
-        [os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "--machine_rank", str(node)]
-        + ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
-        + ["-m", *worker("multinode_worker.py", tmp_path, "ddp")]
-        for node in (0, 1)
-    ]
-    run = launch(commands, tmp_path, timeout=300)
+    program = ["-m", *worker("multinode_worker.py", tmp_path, "ddp")]
+    run = launch(accelerate_machines(program), tmp_path, timeout=300)
     run.reports = read_reports(tmp_path, "multinode", 2)
     where = _section(run, "where")
     assert [w["group_rank"] for w in where] == ["0", "1"] and all(w["preloaded"] for w in where)
@@ -306,17 +325,8 @@ def test_accelerate_two_machine_config_runs_ddp_like_one_process(tmp_path):
 @pytest.mark.distributed
 @requires_stack
 def test_deepspeed_hostfile_two_nodes_run_zero2_like_one_process(tmp_path):
-    # The hostfile's names are labels here: with --no_ssh each node starts its own launcher with its --node_rank.
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = str(free_port(ports=PORTS))
-    commands = [
-        [os.path.join(BIN, "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node)]
-        + ["--master_addr", "127.0.0.1", "--master_port", port]
-        + ["--module", *worker("multinode_worker.py", tmp_path, "zero2")]
-        for node in (0, 1)
-    ]
-    run = launch(commands, tmp_path, timeout=300)
+    program = ["--module", *worker("multinode_worker.py", tmp_path, "zero2")]
+    run = launch(deepspeed_nodes(program, tmp_path), tmp_path, timeout=300)
     run.reports = read_reports(tmp_path, "multinode", 2)
     where = _section(run, "where")
     assert [w["group_rank"] for w in where] == ["0", "1"] and all(w["preloaded"] for w in where)
@@ -325,3 +335,42 @@ def test_deepspeed_hostfile_two_nodes_run_zero2_like_one_process(tmp_path):
         assert result["parity"]["max_abs_diff"] <= PARITY_ATOL, (rank, result["parity"])
         assert result["refresh_history"] == REFRESHES
         assert result["resume"]["max_abs_diff"] <= RESUME_ATOL, (rank, result["resume"])
+
+
+# --------------------------------------------------------------------------------------- the docs run these
+
+
+def _options(command: list[str]) -> list[str]:
+    """The launcher's own options (up to the program), without values: ``["--nnodes", "--rdzv_backend", ...]``."""
+    end = next(i for i, token in enumerate(command) if token in ("-m", "--module"))
+    return sorted(token.split("=")[0] for token in command[1:end] if token.startswith("--"))
+
+
+def _documented(launcher: str) -> list[list[str]]:
+    """Every ``launcher ...`` command line of the Multi-node section of docs/distributed.md, as tokens."""
+    text = open(os.path.join(ROOT, "docs", "distributed.md"), encoding="utf-8").read()
+    section = text[text.index("## Multi-node") : text.index("## Memory, measured per rank")]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line, comments=True)
+            if launcher in tokens:
+                commands.append(tokens[tokens.index(launcher) :])
+    return commands
+
+
+def test_docs_multinode_commands_are_the_tested_ones():
+    program = ["-m", "anon_hf", "run", "train.py"]
+    tested = _options(torchrun_agents(program, nnodes=2, nproc_per_node=1)[0])
+    documented = _documented("torchrun")
+    assert len(documented) == 2  # torchrun on each node, and the same under srun
+    assert all(_options(command) == tested for command in documented), documented
+    assert all(command[command.index("-m") :][:3] == ["-m", "anon_hf", "run"] for command in documented)
+
+    tested = _options(accelerate_machines(program)[0][1:])  # [1:]: "accelerate launch" is one launcher
+    config_form = [c for c in _documented("accelerate") if "--config_file" in c]
+    assert config_form and all(set(_options(c[1:])) <= set(tested) for c in config_form), config_form
+
+    tested = _options(deepspeed_nodes(["--module", "anon_hf", "run", "train.py"], tempfile.mkdtemp())[0])
+    no_ssh = [c for c in _documented("deepspeed") if "--no_ssh" in c]
+    assert no_ssh and all(_options(c) == tested for c in no_ssh), no_ssh
