@@ -34,6 +34,7 @@ import time
 import types
 
 import pytest
+import torch.distributed as dist
 from crash.ports import free_port
 from test_distributed import PARITY_ATOL, REFRESHES, RESUME_ATOL, requires_stack
 
@@ -374,3 +375,64 @@ def test_docs_multinode_commands_are_the_tested_ones():
     tested = _options(deepspeed_nodes(["--module", "anon_hf", "run", "train.py"], tempfile.mkdtemp())[0])
     no_ssh = [c for c in _documented("deepspeed") if "--no_ssh" in c]
     assert no_ssh and all(_options(c) == tested for c in no_ssh), no_ssh
+
+
+# --------------------------------------------------------------------------------------- the check's parts, in one process
+
+
+def test_node_identity_reads_each_launchers_node_rank(monkeypatch):
+    from anon_hf import _sync
+
+    for name in ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    host = socket.gethostname()
+    assert _sync._node_identity() == f"node ?, host {host}"
+    monkeypatch.setenv("SLURM_NODEID", "3")
+    monkeypatch.setenv("CROSS_RANK", "2")  # the deepspeed launcher's, preferred to SLURM's
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert _sync._node_identity() == f"node 2, host {host}, local rank 5"
+    monkeypatch.setenv("GROUP_RANK", "1")  # torchrun's (and accelerate's)
+    assert _sync._node_identity() == f"node 1, host {host}, local rank 5"
+
+
+def _checker_on(store):
+    from anon_hf import _sync
+
+    checker = _sync.RefreshSyncChecker()
+    checker._store = dist.PrefixStore("anon_hf/optimizer0/", store)
+    checker._ranks = dist.PrefixStore("anon_hf/ranks/", store)
+    checker.calls = 8
+    return checker
+
+
+def test_wait_for_a_missing_rank_ends_after_the_timeout_naming_its_node(monkeypatch):
+    from anon_hf import RefreshOutOfSyncError
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    checker = _checker_on(store)
+    checker._ranks.set("rank1", "node 1, host gpu-02, local rank 0")
+    checker._store.set("refresh2/rank1", "4,4")
+    monkeypatch.setenv("ANON_HF_SYNC_TIMEOUT", "0.5")
+    start = time.monotonic()
+    with pytest.raises(RefreshOutOfSyncError) as caught:
+        checker._wait_for(checker._store, "refresh3/rank1", 3, 0, 1, 8)
+    assert time.monotonic() - start >= 0.5
+    assert (
+        "but rank 1 (node 1, host gpu-02, local rank 0) did not reach its refresh #4 within 0.5 s (its last refresh, "
+        "#3, was at step 4 (its step() call 4))"
+    ) in str(caught.value)
+    assert "rank 2 (its node is unknown: it never reached its first refresh)" == checker._describe(2)
+
+
+def test_a_lost_store_fails_at_once_naming_the_store():
+    class LostStore:
+        def wait(self, keys, timeout):
+            raise RuntimeError("Connection reset by peer")
+
+        check = wait
+
+    checker = _checker_on(dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False))
+    with pytest.raises(
+        RuntimeError, match=r"lost the job's key-value store \(MASTER_ADDR:MASTER_PORT .*reset by peer"
+    ):
+        checker._wait_for(LostStore(), "refresh3/rank1", 3, 0, 1, 8)
