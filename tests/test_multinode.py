@@ -21,7 +21,6 @@ The resumed preconditioner must equal the saved one exactly.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -36,7 +35,7 @@ import types
 import pytest
 import torch.distributed as dist
 from crash.ports import free_port
-from test_distributed import PARITY_ATOL, REFRESHES, RESUME_ATOL, requires_stack
+from test_distributed import PARITY_ATOL, REFRESHES, RESUME_ATOL, _section, read_reports, requires_stack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "distributed")
@@ -124,46 +123,30 @@ def worker(script: str, out_dir, *args) -> list[str]:
     return ["anon_hf", "run", os.path.join(WORKERS, script), str(out_dir), *args]
 
 
-def read_reports(out_dir, name: str, world: int) -> list[dict]:
-    reports = []
-    for rank in range(world):
-        path = os.path.join(out_dir, f"{name}.rank{rank}.json")
-        reports.append(json.load(open(path)) if os.path.exists(path) else {})
-    return reports
-
-
 def _job(tmp_path_factory, name: str, runs: list[str], *, nnodes: int, nproc_per_node: int, source=None):
     out_dir = tmp_path_factory.mktemp(name)
     args = ["--from", str(source.out_dir), *runs] if source else runs
     program = ["-m", *worker("multinode_worker.py", out_dir, *args)]
     run = launch(torchrun_agents(program, nnodes=nnodes, nproc_per_node=nproc_per_node), out_dir)
-    run.out_dir = out_dir
-    run.reports = read_reports(out_dir, "multinode", nnodes * nproc_per_node)
+    return _with_reports(run, out_dir, nnodes * nproc_per_node)
+
+
+def _with_reports(run, out_dir, world: int):
+    """Attach what test_distributed's ``_section`` reads: every rank's report and the sections that raised."""
+    run.out_dir, run.code = out_dir, run.codes
+    run.reports = read_reports(out_dir, "multinode", world)
+    run.errors = {key: value for report in run.reports for key, value in report.items() if key.endswith("_error")}
     return run
-
-
-def _section(run, key: str) -> list[dict]:
-    """One worker section from every rank, failing with the worker's traceback or the agents' output if missing."""
-    for rank, report in enumerate(run.reports):
-        if f"{key}_error" in report:
-            pytest.fail(f"{key} raised on rank {rank}:\n{report[f'{key}_error']}")
-    missing = [rank for rank, report in enumerate(run.reports) if key not in report]
-    if missing:
-        pytest.fail(f"{key}: no result from ranks {missing} (exit codes {run.codes}); output:\n{run.output[-6000:]}")
-    return [report[key] for report in run.reports]
 
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory):
     """2 agents x 2 ranks: FSDP2, ZeRO-2 and ZeRO-3, with step-6 checkpoints; the ZeRO ones then converted."""
     run = _job(tmp_path_factory, "world4", ["fsdp2", "zero2", "zero3"], nnodes=2, nproc_per_node=2)
-    run.conversions = {}
-    for stage in ("zero2", "zero3"):
-        step6 = os.path.join(run.out_dir, f"{stage}_ckpt", "step6")
-        command = [sys.executable, "-m", "anon_hf.integrations.deepspeed_universal", "--input_folder", step6]
-        command += ["--output_folder", f"{step6}_universal"]
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}
-        run.conversions[stage] = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    run.conversions = {
+        stage: convert_to_universal(os.path.join(run.out_dir, f"{stage}_ckpt", "step6"))
+        for stage in ("zero2", "zero3")
+    }
     return run
 
 
@@ -176,8 +159,16 @@ def world2(world4, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world1(world4, tmp_path_factory):
-    runs = ["resize_fsdp2", "resize_zero2", "resize_zero3", "refuse_zero2"]
+    runs = ["resize_fsdp2", "resize_zero2", "resize_zero3", "refuse_zero2", "gamma0_zero2", "gamma0_zero3"]
     return _job(tmp_path_factory, "world1", runs, nnodes=1, nproc_per_node=1, source=world4)
+
+
+def convert_to_universal(step_folder: str) -> subprocess.CompletedProcess:
+    """anon_hf's converter, as the docs run it, writing ``<step_folder>_universal``."""
+    command = [sys.executable, "-m", "anon_hf.integrations.deepspeed_universal", "--input_folder", step_folder]
+    command += ["--output_folder", f"{step_folder}_universal"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
 
 
 # --------------------------------------------------------------------------------------- parity across agents
@@ -254,6 +245,21 @@ def test_unconverted_zero_checkpoint_is_refused_on_another_world_size(world2, wo
         assert f"DP world size of 4 but the current world size is {world}" in error
 
 
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_gamma_0_zero_checkpoint_is_refused_by_the_converter_before_writing(world1, stage):
+    step3 = _section(world1, f"gamma0_{stage}")[0]
+    conversion = convert_to_universal(step3)
+    assert conversion.returncode != 0
+    assert (
+        "to a universal checkpoint: its optimizer state has no exp_avg_sq (it has ['exp_avg', 'step']), which "
+        "DeepSpeed's converter requires. Anon keeps no exp_avg_sq with gamma=0."
+    ) in conversion.stderr, conversion.stderr[-3000:]
+    assert not os.path.exists(f"{step3}_universal")
+
+
 # --------------------------------------------------------------------------------------- sync check across agents
 
 
@@ -313,8 +319,7 @@ def test_stopped_rank_on_the_other_node_fails_the_job_within_the_sync_timeout(tm
 @requires_stack
 def test_accelerate_two_machine_config_runs_ddp_like_one_process(tmp_path):
     program = ["-m", *worker("multinode_worker.py", tmp_path, "ddp")]
-    run = launch(accelerate_machines(program), tmp_path, timeout=300)
-    run.reports = read_reports(tmp_path, "multinode", 2)
+    run = _with_reports(launch(accelerate_machines(program), tmp_path, timeout=300), tmp_path, 2)
     where = _section(run, "where")
     assert [w["group_rank"] for w in where] == ["0", "1"] and all(w["preloaded"] for w in where)
     for rank, result in enumerate(_section(run, "ddp")):
@@ -327,8 +332,7 @@ def test_accelerate_two_machine_config_runs_ddp_like_one_process(tmp_path):
 @requires_stack
 def test_deepspeed_hostfile_two_nodes_run_zero2_like_one_process(tmp_path):
     program = ["--module", *worker("multinode_worker.py", tmp_path, "zero2")]
-    run = launch(deepspeed_nodes(program, tmp_path), tmp_path, timeout=300)
-    run.reports = read_reports(tmp_path, "multinode", 2)
+    run = _with_reports(launch(deepspeed_nodes(program, tmp_path), tmp_path, timeout=300), tmp_path, 2)
     where = _section(run, "where")
     assert [w["group_rank"] for w in where] == ["0", "1"] and all(w["preloaded"] for w in where)
     for rank, result in enumerate(_section(run, "zero2")):

@@ -14,7 +14,9 @@ RUN is any of:
   FSDP2 model and Anon, reshard it onto this world size, train to step 20;
 * ``resize_zero2``, ``resize_zero3``: the same from SOURCE_DIR's universal checkpoint ``zero<stage>_ckpt/
   step6_universal`` (made by ``python -m anon_hf.integrations.deepspeed_universal``);
-* ``refuse_zero2``: load SOURCE_DIR's ZeRO-2 checkpoint as is (not universal) on this world size.
+* ``refuse_zero2``: load SOURCE_DIR's ZeRO-2 checkpoint as is (not universal) on this world size;
+* ``gamma0_zero2``, ``gamma0_zero3``: 3 steps of Anon with ``gamma=0`` (no ``exp_avg_sq``), checkpointed to
+  ``OUT_DIR/gamma0_zero<stage>_ckpt/step3`` for the converter to refuse.
 
 Each rank writes ``OUT_DIR/multinode.rank<r>.json`` with where it ran (node rank, local rank) and whether Anon
 was registered before the worker imported anything of anon_hf (true under ``-m anon_hf run``).
@@ -48,6 +50,7 @@ from _common import (  # noqa: E402
 )
 from engines_worker import (  # noqa: E402
     ds_config,
+    ds_train,
     fsdp2_full_state,
     fsdp2_model,
     fsdp2_train,
@@ -103,6 +106,20 @@ def refuse_zero2(world: int, source: str) -> str:
     return "no error"
 
 
+def gamma0_checkpoint(stage: int, rank: int, world: int, out_dir: str) -> str:
+    """A ZeRO checkpoint of Anon with gamma=0 after 3 steps; returns its folder."""
+    import deepspeed
+
+    config = ds_config(stage, world)
+    config["optimizer"]["params"]["gamma"] = 0.0
+    model = tiny_llama()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    ds_train(engine, global_batches(3), rank, world)
+    ckpt_root = os.path.join(out_dir, f"gamma0_zero{stage}_ckpt")
+    engine.save_checkpoint(ckpt_root, tag="step3")
+    return os.path.join(ckpt_root, "step3")
+
+
 def main(out_dir: str, source: str | None, runs: list[str]) -> None:
     rank, world = init_process_group()
     report = Report(out_dir, "multinode", rank)
@@ -130,6 +147,8 @@ def main(out_dir: str, source: str | None, runs: list[str]) -> None:
         "resize_zero2": lambda: _resize_zero(2, rank, world, source),
         "resize_zero3": lambda: _resize_zero(3, rank, world, source),
         "refuse_zero2": lambda: refuse_zero2(world, source),
+        "gamma0_zero2": lambda: gamma0_checkpoint(2, rank, world, out_dir),
+        "gamma0_zero3": lambda: gamma0_checkpoint(3, rank, world, out_dir),
     }
     for name in runs:
         try:
