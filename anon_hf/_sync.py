@@ -152,9 +152,10 @@ class RefreshSyncChecker:
             key = f"refresh{index}/rank{other}"
             if wait:
                 self._wait_for(store, key, index, rank, other, step)
-            elif not store.check([key]):
+            published = _published(store, key, rank)
+            if published is None:
                 continue
-            other_calls, other_step = (int(v) for v in store.get(key).decode().split(","))
+            other_calls, other_step = published
             if other_calls != self.calls or other_step != step:
                 lead = step - self.calls - (other_step - other_calls)
                 raise RefreshOutOfSyncError(
@@ -197,6 +198,17 @@ class RefreshSyncChecker:
             f"differs, or it stopped or hangs, so it will not join this refresh's collectives. (A rank slower than "
             f"that is also reported here: raise {TIMEOUT_ENV}.) {_ADVICE}"
         )
+
+
+def _published(store, key: str, rank: int) -> tuple[int, int] | None:
+    """A neighbour's published ``(step() calls, step)`` under ``key``, or None if it has not published it yet."""
+    try:
+        if not store.check([key]):
+            return None
+        calls, step = (int(v) for v in store.get(key).decode().split(","))
+    except Exception as err:  # the store's error types differ across torch versions
+        raise RuntimeError(_store_lost_message(rank, err)) from err
+    return calls, step
 
 
 def _store_lost_message(rank: int, err: Exception) -> str:
