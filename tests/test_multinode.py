@@ -429,14 +429,17 @@ def test_wait_for_a_missing_rank_ends_after_the_timeout_naming_its_node(monkeypa
 
 
 def test_a_lost_store_fails_at_once_naming_the_store():
+    from anon_hf import _sync
+
     class LostStore:
-        def wait(self, keys, timeout):
+        def wait(self, *args):
             raise RuntimeError("Connection reset by peer")
 
-        check = wait
+        check = get = wait
 
     checker = _checker_on(dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False))
-    with pytest.raises(
-        RuntimeError, match=r"lost the job's key-value store \(MASTER_ADDR:MASTER_PORT .*reset by peer"
-    ):
+    lost = r"lost the job's key-value store \(MASTER_ADDR:MASTER_PORT .*reset by peer"
+    with pytest.raises(RuntimeError, match=lost):  # FSDP2: the wait before a refresh
         checker._wait_for(LostStore(), "refresh3/rank1", 3, 0, 1, 8)
+    with pytest.raises(RuntimeError, match=lost):  # DDP, ZeRO: reading what a neighbour published
+        _sync._published(LostStore(), "refresh3/rank1", 0)
