@@ -227,9 +227,8 @@ def test_world_4_checkpoint_resumes_on_fewer_ranks_with_its_preconditioner_and_s
         assert result["steps_after_load"] == [6], rank
         assert result["precond"]["compared"] == 20
         assert result["precond"]["max_abs_diff"] == 0.0, (rank, result["precond"])  # moved, not recomputed
-        # The next refreshes are those of the unresized run: steps 8 and 16. (FSDP2's resume first runs torch's
-        # zero-gradient initialisation step on the empty optimizer, which refreshes at its step 1.)
-        assert result["refresh_history"][-2:] == [8, 16] and len(result["refresh_history"]) <= 3, rank
+        # The next refreshes are those of the unresized run: steps 8 and 16.
+        assert result["refreshes_after_load"] == [8, 16], rank
         assert result["resume"]["compared"] == 20
         assert result["resume"]["max_abs_diff"] <= RESUME_ATOL, (rank, result["resume"])
 

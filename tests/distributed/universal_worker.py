@@ -75,6 +75,7 @@ def resume_universal(stage: int, ckpt_root: str, tag: str, source_dir: str, rank
         "precond": max_abs_diff(loaded, expected),
         "resume": max_abs_diff(zero_full_params(engine, stage), final),
         "refresh_history": anon.refresh_history,
+        "refreshes_after_load": anon.refresh_history,  # a fresh engine: no step ran before the load
     }
 
 
