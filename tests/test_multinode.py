@@ -324,6 +324,7 @@ def test_accelerate_two_machine_config_runs_ddp_like_one_process(tmp_path):
     for rank, result in enumerate(_section(run, "ddp")):
         assert result["parity"]["max_abs_diff"] <= PARITY_ATOL, (rank, result["parity"])
         assert result["refresh_history"] == REFRESHES
+        assert result["resume"]["max_abs_diff"] <= RESUME_ATOL, (rank, result["resume"])
 
 
 @pytest.mark.slow
