@@ -6,7 +6,8 @@ For each engine: 20 steps of the tiny Llama on fixed data, with a checkpoint at 
 optimizer resume from that checkpoint and run to step 20. Each rank records, per engine, the largest difference
 of the final parameters from single-process Anon on the same global batch, the difference of the resumed run
 from the uninterrupted one, the sizes of its state tensors next to the sizes of its partitions, and the steps
-at which Anon refreshed. ZeRO-2/3 checkpoints and the final parameters stay in OUT_DIR for the universal test.
+at which Anon refreshed. The FSDP2 (sharded DCP) and ZeRO-2/3 checkpoints, the step-6 preconditioners and the
+final parameters stay in OUT_DIR for the resumes on other world sizes (universal_worker.py, multinode_worker.py).
 """
 
 from __future__ import annotations
