@@ -18,6 +18,11 @@ while its neighbours block in the next forward, and nobody reaches the check. Fo
 *before* the refresh and waits (at most ``ANON_HF_SYNC_TIMEOUT`` seconds, default 60) for the neighbours to
 publish the same refresh; a neighbour that does not arrive is out of sync. In a healthy run the wait is the
 skew between ranks, which the refresh's own collectives would have waited for anyway.
+
+Across machines the store is the job's own: the one torchrun's rendezvous (or the launcher's MASTER_ADDR and
+MASTER_PORT) gives the process group, served by the launcher of node 0. At its first refresh each rank also
+publishes where it runs (node rank, host name, local rank, from the variables the launchers set), so that an
+error can name the node of a rank that stepped differently or never arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +47,9 @@ _instance_ids = itertools.count()
 
 TIMEOUT_ENV = "ANON_HF_SYNC_TIMEOUT"
 _DEFAULT_TIMEOUT_S = 60.0
+# The node rank as each launcher names it: torchrun and accelerate (GROUP_RANK), the deepspeed launcher
+# (CROSS_RANK), SLURM (SLURM_NODEID).
+_NODE_RANK_ENVS = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
 
 
 def _wait_timeout() -> timedelta:
@@ -52,6 +61,14 @@ def _wait_timeout() -> timedelta:
     if not seconds > 0:
         raise ValueError(f"Invalid {TIMEOUT_ENV} value: {raw!r} (allowed: a number of seconds > 0)")
     return timedelta(seconds=seconds)
+
+
+def _node_identity() -> str:
+    """Where this process runs, e.g. ``"node 1, host gpu-07, local rank 0"`` (``node ?`` under no known launcher)."""
+    node = next((os.environ[name] for name in _NODE_RANK_ENVS if os.environ.get(name)), "?")
+    where = f"node {node}, host {socket.gethostname()}"
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"{where}, local rank {local_rank}" if local_rank else where
 
 
 def upcoming_collective_refresh(param_groups: list[dict[str, Any]], state: Any) -> int | None:
@@ -92,6 +109,7 @@ class RefreshSyncChecker:
         self.calls = 0
         self._refreshes = 0
         self._store = None
+        self._ranks = None  # where each rank runs, shared by every optimizer of the job
         self._store_failed = False
 
     def count_call(self) -> None:
@@ -102,7 +120,9 @@ class RefreshSyncChecker:
             try:
                 from torch.distributed.distributed_c10d import _get_default_store
 
-                self._store = dist.PrefixStore(f"anon_hf/optimizer{self.instance_id}/", _get_default_store())
+                default_store = _get_default_store()
+                self._store = dist.PrefixStore(f"anon_hf/optimizer{self.instance_id}/", default_store)
+                self._ranks = dist.PrefixStore("anon_hf/ranks/", default_store)
             except Exception as err:  # a private torch helper: degrade to no check, loudly, once
                 self._store_failed = True
                 logger.warning("Anon cannot reach the process group's store (%s); refresh sync is not verified.", err)
@@ -122,28 +142,49 @@ class RefreshSyncChecker:
         rank, world = dist.get_rank(), dist.get_world_size()
         index = self._refreshes
         self._refreshes += 1
-        store.set(f"refresh{index}/rank{rank}", f"{self.calls},{step}")
+        try:
+            if index == 0:
+                self._ranks.set(f"rank{rank}", _node_identity())
+            store.set(f"refresh{index}/rank{rank}", f"{self.calls},{step}")
+        except Exception as err:  # the store's error types differ across torch versions
+            raise RuntimeError(_store_lost_message(rank, err)) from err
         for other in sorted({(rank - 1) % world, (rank + 1) % world} - {rank}):
             key = f"refresh{index}/rank{other}"
             if wait:
-                timeout = _wait_timeout()
-                try:
-                    store.wait([key], timeout)
-                except Exception as err:  # the store's timeout error type differs across torch versions
-                    raise RefreshOutOfSyncError(
-                        self._missing_message(store, index, rank, other, step, timeout)
-                    ) from err
-            elif not store.check([key]):
+                self._wait_for(store, key, index, rank, other, step)
+            published = _published(store, key, rank)
+            if published is None:
                 continue
-            other_calls, other_step = (int(v) for v in store.get(key).decode().split(","))
+            other_calls, other_step = published
             if other_calls != self.calls or other_step != step:
                 lead = step - self.calls - (other_step - other_calls)
                 raise RefreshOutOfSyncError(
-                    f"Anon's preconditioner refresh is out of sync across ranks: refresh #{index + 1} ran on rank "
-                    f"{rank} at step {step} (its step() call {self.calls}) but on rank {other} at step "
-                    f"{other_step} (its step() call {other_calls}); rank {rank}'s step counter is "
-                    f"{'ahead of' if lead > 0 else 'behind'} rank {other}'s by {abs(lead)}. {_ADVICE}"
+                    f"Anon's preconditioner refresh is out of sync across ranks: refresh #{index + 1} ran on "
+                    f"{self._describe(rank)} at step {step} (its step() call {self.calls}) but on "
+                    f"{self._describe(other)} at step {other_step} (its step() call {other_calls}); rank {rank}'s "
+                    f"step counter is {'ahead of' if lead > 0 else 'behind'} rank {other}'s by {abs(lead)}. {_ADVICE}"
                 )
+
+    def _wait_for(self, store, key: str, index: int, rank: int, other: int, step: int) -> None:
+        """Block until ``key`` is published, at most ``ANON_HF_SYNC_TIMEOUT`` seconds; raise naming the missing rank."""
+        timeout = _wait_timeout()
+        try:
+            store.wait([key], timeout)
+        except Exception as err:  # a timeout or a lost store: the error types differ across torch versions
+            try:
+                store.check([key])
+            except Exception:
+                raise RuntimeError(_store_lost_message(rank, err)) from err
+            raise RefreshOutOfSyncError(self._missing_message(store, index, rank, other, step, timeout)) from err
+
+    def _describe(self, rank: int) -> str:
+        """``"rank 3 (node 1, host gpu-07, local rank 1)"``, from what that rank published at its first refresh."""
+        try:
+            if self._ranks.check([f"rank{rank}"]):
+                return f"rank {rank} ({self._ranks.get(f'rank{rank}').decode()})"
+        except Exception:  # naming the node is a courtesy: never let it mask the error being reported
+            pass
+        return f"rank {rank} (its node is unknown: it never reached its first refresh)"
 
     def _missing_message(self, store, index: int, rank: int, other: int, step: int, timeout: timedelta) -> str:
         last = "it has not refreshed yet"
@@ -151,12 +192,31 @@ class RefreshSyncChecker:
             other_calls, other_step = store.get(f"refresh{index - 1}/rank{other}").decode().split(",")
             last = f"its last refresh, #{index}, was at step {other_step} (its step() call {other_calls})"
         return (
-            f"Anon's preconditioner refresh is out of sync across ranks: rank {rank} is about to run refresh "
-            f"#{index + 1} at step {step} (its step() call {self.calls}), but rank {other} did not reach its refresh "
-            f"#{index + 1} within {timeout.total_seconds():g} s ({last}): its step counter differs, so it will not "
-            f"join this refresh's collectives. (A rank slower than that is also reported here: raise "
-            f"{TIMEOUT_ENV}.) {_ADVICE}"
+            f"Anon's preconditioner refresh is out of sync across ranks: {self._describe(rank)} is about to run "
+            f"refresh #{index + 1} at step {step} (its step() call {self.calls}), but {self._describe(other)} did not "
+            f"reach its refresh #{index + 1} within {timeout.total_seconds():g} s ({last}): its step counter "
+            f"differs, or it stopped or hangs, so it will not join this refresh's collectives. (A rank slower than "
+            f"that is also reported here: raise {TIMEOUT_ENV}.) {_ADVICE}"
         )
+
+
+def _published(store, key: str, rank: int) -> tuple[int, int] | None:
+    """A neighbour's published ``(step() calls, step)`` under ``key``, or None if it has not published it yet."""
+    try:
+        if not store.check([key]):
+            return None
+        calls, step = (int(v) for v in store.get(key).decode().split(","))
+    except Exception as err:  # the store's error types differ across torch versions
+        raise RuntimeError(_store_lost_message(rank, err)) from err
+    return calls, step
+
+
+def _store_lost_message(rank: int, err: Exception) -> str:
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (
+        f"Anon's refresh sync check on rank {rank} ({_node_identity()}) lost the job's key-value store "
+        f"(MASTER_ADDR:MASTER_PORT {address}, served by the launcher of node 0: that node may have failed): {err}"
+    )
 
 
 _ADVICE = (

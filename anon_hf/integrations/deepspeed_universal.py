@@ -63,6 +63,8 @@ def convert(
     Raises:
         NotImplementedError: the checkpoint uses tensor or pipeline parallelism.
         FileNotFoundError: ``input_folder`` holds no ZeRO optimizer files.
+        ValueError: the optimizer state has no ``exp_avg_sq`` (Anon with ``gamma=0``), which DeepSpeed's converter
+            requires; nothing is written then.
     """
     from deepspeed.checkpoint import ds_to_universal as stock
 
@@ -82,9 +84,15 @@ def convert(
         inject_missing_state=inject_missing_state,
     )
     if stage <= 2:
-        extra = _extra_fragments_zero12(input_folder)
+        extra, keys = _extra_fragments_zero12(input_folder)
     else:
-        extra = _extra_fragments_zero3(stock, zero3_files or optim_files)
+        extra, keys = _extra_fragments_zero3(stock, zero3_files or optim_files)
+    if "exp_avg_sq" not in keys:
+        raise ValueError(
+            f"Cannot convert {input_folder} to a universal checkpoint: its optimizer state has no exp_avg_sq (it has "
+            f"{sorted(keys)}), which DeepSpeed's converter requires. Anon keeps no exp_avg_sq with gamma=0. Resume "
+            "this checkpoint on the world size that wrote it."
+        )
     stock.main(args)
     written = sorted({key for per_key in extra.values() for key in per_key})
     zero_dir = os.path.join(output_folder, "zero")
@@ -104,8 +112,11 @@ def convert(
     return written
 
 
-def _extra_fragments_zero12(input_folder: str) -> dict[str, dict[str, list]]:
-    """ZeRO-1/2: each rank's flat partition holds fragments of parameters; gather the extra keys' fragments."""
+def _extra_fragments_zero12(input_folder: str) -> tuple[dict[str, dict[str, list]], set[str]]:
+    """ZeRO-1/2: each rank's flat partition holds fragments of parameters; gather the extra keys' fragments.
+
+    Returns the fragments by parameter name and key, and every state key the partitions hold.
+    """
     from deepspeed.checkpoint import DeepSpeedCheckpoint
     from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT, PARAM_SLICE_MAPPINGS
 
@@ -116,6 +127,7 @@ def _extra_fragments_zero12(input_folder: str) -> dict[str, dict[str, list]]:
             f"{checkpoint.tp_degree} and pipeline degree {checkpoint.pp_degree}."
         )
     extra: dict[str, dict[str, list]] = {}
+    keys: set[str] = set()
     for dp_index in range(checkpoint.dp_degree):
         optim_sd = checkpoint.get_zero_checkpoint_state(pp_index=0, tp_index=0, dp_index=dp_index)[
             OPTIMIZER_STATE_DICT
@@ -123,17 +135,21 @@ def _extra_fragments_zero12(input_folder: str) -> dict[str, dict[str, list]]:
         states = optim_sd[BASE_OPTIMIZER_STATE]["state"]
         for group_id, mapping in enumerate(optim_sd[PARAM_SLICE_MAPPINGS]):
             flat_state = states.get(group_id, {})
+            keys.update(flat_state)
             for key, flat in flat_state.items():
                 if key in _STOCK_KEYS or not isinstance(flat, torch.Tensor) or flat.dim() != 1:
                     continue
                 for name, fragment in mapping.items():
                     piece = flat.narrow(0, fragment.start, fragment.numel).clone()
                     extra.setdefault(name, {}).setdefault(key, []).append((dp_index, piece))
-    return extra
+    return extra, keys
 
 
-def _extra_fragments_zero3(stock: ModuleType, optim_files: list[str]) -> dict[str, dict[str, list]]:
-    """ZeRO-3: each rank holds a padded 1/dp slice of every parameter, laid out sub-group by sub-group."""
+def _extra_fragments_zero3(stock: ModuleType, optim_files: list[str]) -> tuple[dict[str, dict[str, list]], set[str]]:
+    """ZeRO-3: each rank holds a padded 1/dp slice of every parameter, laid out sub-group by sub-group.
+
+    Returns the fragments by parameter name and key, and every state key the partitions hold.
+    """
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
 
     model_files = stock._get_zero3_model_state_files(os.path.dirname(optim_files[0]))
@@ -145,11 +161,13 @@ def _extra_fragments_zero3(stock: ModuleType, optim_files: list[str]) -> dict[st
         )
     param_shapes = stock._parse_model_states_stage3([model_grid[0][0]])
     extra: dict[str, dict[str, list]] = {}
+    keys: set[str] = set()
     for dp_index, path in enumerate(optim_grid[0]):
         optim_sd = torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
         states = optim_sd[OPTIMIZER_STATE_DICT]["state"]
         for sub_group, shapes in enumerate(param_shapes):
             flat_state = states.get(sub_group, {})
+            keys.update(flat_state)
             offset = 0
             for name, shape in shapes.items():
                 numel = stock._shape_numel(shape)
@@ -161,7 +179,7 @@ def _extra_fragments_zero3(stock: ModuleType, optim_files: list[str]) -> dict[st
                     piece = flat.narrow(0, offset, unpadded).clone()
                     extra.setdefault(name, {}).setdefault(key, []).append((dp_index, piece))
                 offset += partitioned
-    return extra
+    return extra, keys
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -6,7 +6,8 @@ For each engine: 20 steps of the tiny Llama on fixed data, with a checkpoint at 
 optimizer resume from that checkpoint and run to step 20. Each rank records, per engine, the largest difference
 of the final parameters from single-process Anon on the same global batch, the difference of the resumed run
 from the uninterrupted one, the sizes of its state tensors next to the sizes of its partitions, and the steps
-at which Anon refreshed. ZeRO-2/3 checkpoints and the final parameters stay in OUT_DIR for the universal test.
+at which Anon refreshed. The FSDP2 (sharded DCP) and ZeRO-2/3 checkpoints, the step-6 preconditioners and the
+final parameters stay in OUT_DIR for the resumes on other world sizes (universal_worker.py, multinode_worker.py).
 """
 
 from __future__ import annotations
@@ -98,6 +99,34 @@ def _roundtrip(state_dict, report, name):
 # ---------------------------------------------------------------- FSDP2
 
 
+def fsdp2_model(seed: int = 0) -> torch.nn.Module:
+    """The tiny Llama with each decoder layer and the whole model under raw ``fully_shard`` (any world size)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(seed)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def fsdp2_train(model, opt, chunk, rank: int, world: int) -> None:
+    for batch in chunk:
+        causal_lm_loss(model, local_rows(batch, rank, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """Every parameter gathered from its DTensor shards (a collective), by name."""
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def fsdp2_full_state(model, opt: Anon, key: str) -> dict[str, torch.Tensor]:
+    """One optimizer state key of every parameter, gathered from the DTensor shards (a collective), by name."""
+    return {n: opt.state[p][key].full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
 def run_fsdp2(rank, world, batches, reference, report, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -107,28 +136,17 @@ def run_fsdp2(rank, world, batches, reference, report, out_dir):
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    def sharded_model(seed=0):
-        model = tiny_llama(seed)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-
     def train(model, opt, chunk):
-        for batch in chunk:
-            causal_lm_loss(model, local_rows(batch, rank, world)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        fsdp2_train(model, opt, chunk, rank, world)
 
-    def full_params(model):
-        return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-
-    model = sharded_model()
+    model = fsdp2_model()
     opt = Anon(model.parameters(), **ANON_KWARGS)
     train(model, opt, batches[:SAVE_AT])
+    precond = fsdp2_full_state(model, opt, "precond")
+    if rank == 0:  # what a resume on another world size must load
+        torch.save(precond, os.path.join(out_dir, f"fsdp2_precond_step{SAVE_AT}.pt"))
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # Written to disk at once, as a checkpoint would be: the "step" tensors of the returned dict are the
     # optimizer's own CPU tensors, which the next steps increment in place.
@@ -147,6 +165,8 @@ def run_fsdp2(rank, world, batches, reference, report, out_dir):
     )
     train(model, opt, batches[SAVE_AT:])
     final = full_params(model)
+    if rank == 0:
+        torch.save(final, os.path.join(out_dir, "fsdp2_final.pt"))
 
     layout = []
     for p in model.parameters():
@@ -165,7 +185,7 @@ def run_fsdp2(rank, world, batches, reference, report, out_dir):
             )
 
     # Resume from the full (gathered) state dicts: rank 0's copy is broadcast.
-    resumed_full = sharded_model(seed=1)
+    resumed_full = fsdp2_model(seed=1)
     ropt_full = Anon(resumed_full.parameters(), **ANON_KWARGS)
     load_full = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     saved = torch.load(full_path, weights_only=True)
@@ -177,7 +197,7 @@ def run_fsdp2(rank, world, batches, reference, report, out_dir):
 
     # Resume from the sharded DCP checkpoint: building the state dict of an empty optimizer runs torch's
     # zero-gradient, lr = 0 initialisation step, which must create every key and change nothing.
-    resumed_sharded = sharded_model(seed=1)
+    resumed_sharded = fsdp2_model(seed=1)
     ropt_sharded = Anon(resumed_sharded.parameters(), **ANON_KWARGS)
     state = {
         "model": get_model_state_dict(resumed_sharded),

@@ -33,24 +33,8 @@ def resume(stage: int, out_dir: str, report: Report) -> None:
     name = f"zero{stage}"
     ckpt_root = os.path.join(out_dir, f"{name}_ckpt")
     written = convert(os.path.join(ckpt_root, TAG), os.path.join(ckpt_root, f"{TAG}_universal"))
+    result = {"written_keys": written, **resume_universal(stage, ckpt_root, f"{TAG}_universal", out_dir, 0, 1)}
     config = ds_config(stage, world=1, checkpoint={"load_universal": True})
-    model = tiny_llama(seed=1)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    engine.load_checkpoint(ckpt_root, tag=f"{TAG}_universal", load_optimizer_states=True)
-    anon = engine.optimizer.optimizer
-    loaded = zero_full_state(engine, stage, "precond")
-    expected = torch.load(os.path.join(out_dir, f"{name}_precond_step{SAVE_AT}.pt"), weights_only=True)
-    steps_after_load = sorted({int(s["step"].item()) for s in anon.state.values()})
-    ds_train(engine, global_batches()[SAVE_AT:], rank=0, world=1)
-    final = torch.load(os.path.join(out_dir, f"{name}_final.pt"), weights_only=True)
-    result = {
-        "written_keys": written,
-        "steps_after_load": steps_after_load,
-        "precond": max_abs_diff(loaded, expected),
-        "resume": max_abs_diff(zero_full_params(engine, stage), final),
-        "refresh_history": anon.refresh_history,
-    }
-    del engine, anon
 
     # The stock converter's output has no precond: loading it into Anon must stop, not reset it to ones.
     from deepspeed.checkpoint import ds_to_universal as stock
@@ -65,6 +49,34 @@ def resume(stage: int, out_dir: str, report: Report) -> None:
     except Exception as err:
         result["stock_load"] = f"{type(err).__name__}: {err}"
     report[name] = result
+
+
+def resume_universal(stage: int, ckpt_root: str, tag: str, source_dir: str, rank: int, world: int) -> dict:
+    """Load the universal checkpoint ``ckpt_root/tag`` on ``world`` ranks and train from step 6 to step 20.
+
+    Compares the loaded preconditioner and the final parameters with what the run that wrote the checkpoint saved
+    in ``source_dir`` (``zero<stage>_precond_step6.pt``, ``zero<stage>_final.pt``).
+    """
+    import deepspeed
+
+    name = f"zero{stage}"
+    config = ds_config(stage, world=world, checkpoint={"load_universal": True})
+    model = tiny_llama(seed=1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine.load_checkpoint(ckpt_root, tag=tag, load_optimizer_states=True)
+    anon = engine.optimizer.optimizer
+    loaded = zero_full_state(engine, stage, "precond")
+    expected = torch.load(os.path.join(source_dir, f"{name}_precond_step{SAVE_AT}.pt"), weights_only=True)
+    steps_after_load = sorted({int(s["step"].item()) for s in anon.state.values()})
+    ds_train(engine, global_batches()[SAVE_AT:], rank=rank, world=world)
+    final = torch.load(os.path.join(source_dir, f"{name}_final.pt"), weights_only=True)
+    return {
+        "steps_after_load": steps_after_load,
+        "precond": max_abs_diff(loaded, expected),
+        "resume": max_abs_diff(zero_full_params(engine, stage), final),
+        "refresh_history": anon.refresh_history,
+        "refreshes_after_load": anon.refresh_history,  # a fresh engine: no step ran before the load
+    }
 
 
 def _stock_args(input_folder: str, output_folder: str):
