@@ -49,6 +49,13 @@ def assert_trained_with_anon(result, world_size):
     assert [h["anon/refresh_step"] for h in result["log_history"] if "anon/refresh_step" in h] == [1, 2]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment(monkeypatch):
+    # cli.run() exports ANON_HF_AUTO_REGISTER and PYTHONPATH for its children; keep them out of later tests.
+    monkeypatch.delenv("ANON_HF_AUTO_REGISTER", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+
+
 @pytest.fixture
 def fake_console_script(tmp_path):
     """A console script `anon-hf-test-parse` -> parse_args:main, declared by a throwaway dist-info on sys.path."""
