@@ -154,7 +154,8 @@ def run(argv: list[str], forwarded: list[str] | None = None) -> int:
         status = _run_entry_point(target, entry_point, args)
         _close_process_group()
         return status
-    executable = shutil.which(target)
+    # This interpreter's scripts folder first (the deepspeed launcher lives there, not in the entry points).
+    executable = shutil.which(target, path=os.path.dirname(sys.executable)) or shutil.which(target)
     if executable is not None:
         status = _run_executable(executable, args)
         _close_process_group()
