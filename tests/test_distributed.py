@@ -303,7 +303,9 @@ def test_trainer_zero2_config_optimizer_block_fills_auto_and_keeps_anon_eps(trai
 ANON_STATS = ("precond_min", "precond_median", "precond_max", "step_size_median", "step_size_spread")
 
 
-@pytest.mark.parametrize("case, groups", [("zero2_block", 1), ("zero3_block", 1), ("zero2_optim_anon", 2)])
+@pytest.mark.parametrize(
+    "case, groups", [("zero2_block", 1), ("zero3_block", 1), ("zero2_optim_anon", 2), ("zero3_optim_anon", 2)]
+)
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack

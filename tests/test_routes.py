@@ -318,3 +318,25 @@ def test_deepspeed_block_conflicts_raise_naming_both_and_the_ways_out(ds_routes,
     report, _ = ds_routes
     assert "error" in report[case], report[case]
     assert re.search(DS_ERRORS[case], report[case]["error"]), report[case]["error"]
+
+
+def test_stats_find_zero3_partitions_that_the_param_groups_no_longer_hold():
+    """ZeRO-3 empties the inner optimizer's param groups after each step; the partitions stay on its wrapper."""
+    from types import SimpleNamespace
+
+    from anon_hf.integrations.trainer_callback import preconditioner_stats, zero3_group_tensors
+
+    flats = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+    anon = Anon([{"params": [flats[0]]}, {"params": [flats[1]]}], lr=0.1)
+    for flat, values in zip(flats, ([1.0, 2.0, 4.0, 8.0], [3.0, 3.0, 3.0]), strict=True):
+        anon.state[flat]["precond"] = torch.tensor(values)
+    for group in anon.param_groups:
+        group["params"] = []  # as DeepSpeed's stage3._optimizer_step leaves them
+    wrapper = SimpleNamespace(optimizer=SimpleNamespace(
+        optimizer=anon, fp32_partitioned_groups_flat=flats, sub_group_to_group_id={0: 0, 1: 1}
+    ))  # fmt: skip
+    assert preconditioner_stats(anon) == {}
+    stats = preconditioner_stats(anon, params_by_group=zero3_group_tensors(wrapper))
+    assert (stats["anon/group0/precond_min"], stats["anon/group0/precond_max"]) == (1.0, 8.0)
+    assert stats["anon/group1/precond_median"] == 3.0
+    assert zero3_group_tensors(anon) is None
