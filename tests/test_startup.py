@@ -1,8 +1,10 @@
 """Registration in every interpreter a run starts (anon_hf/_startup.py): `anon-hf run`'s children, spawned
 workers, the `anon-hf enable` .pth, turning it off, and a regular wheel install."""
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -227,9 +229,15 @@ def test_a_pth_left_behind_by_an_uninstall_is_harmless(tmp_path):
 def test_wheel_install_registers_children_and_enables(tmp_path, parent_script):
     """Build the wheel, install it with --no-deps into a fresh venv that sees this environment's packages through
     a plain path entry (so this environment's editable anon_hf is not visible there), and run both routes."""
-    wheels = tmp_path / "wheels"
+    source, wheels = tmp_path / "source", tmp_path / "wheels"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):  # what the build reads, copied so the checkout is left alone
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "anon_hf", source / "anon_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    # Without setuptools here, pip fetches the build requirements from the registry into an isolated build.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(wheels), str(source)],
         capture_output=True,
         text=True,
     )
