@@ -124,6 +124,32 @@ def _run_executable(path: str, args: list[str]) -> int:
     return subprocess.call([path, *args])
 
 
+ACCELERATE_CPU_WARNING = (
+    "anon-hf: warning: `accelerate launch --cpu --num_processes {n}` starts ONE process (accelerate's behaviour), "
+    "not {n}. For {n} processes on CPU use `accelerate launch --multi_gpu --num_processes {n} SCRIPT.py ... "
+    "--use_cpu true`."
+)
+
+
+def accelerate_cpu_processes(argv: list[str]) -> int | None:
+    """The ``--num_processes`` of an ``accelerate launch --cpu`` command line (options before the ``.py`` script),
+    when above 1: accelerate then starts a single process without a word. None otherwise."""
+    if len(argv) < 2 or os.path.basename(argv[0]) != "accelerate" or argv[1] != "launch":
+        return None
+    options = []
+    for arg in argv[2:]:
+        if arg.endswith(".py"):
+            break
+        options += arg.split("=", 1) if arg.startswith("--") else [arg]
+    if "--cpu" not in options:
+        return None
+    for flag in ("--num_processes", "--num-processes"):
+        if flag in options[:-1]:
+            value = options[options.index(flag) + 1]
+            return int(value) if value.isdigit() and int(value) > 1 else None
+    return None
+
+
 def run(argv: list[str], forwarded: list[str] | None = None) -> int:
     """Run ``argv`` (``SCRIPT.py ARGS``, ``-m MODULE ARGS`` or ``COMMAND ARGS``) after ``import anon_hf``.
 
@@ -135,6 +161,9 @@ def run(argv: list[str], forwarded: list[str] | None = None) -> int:
     import anon_hf  # noqa: F401  (installs the post-import hooks that register Anon)
 
     _register_children()
+    processes = accelerate_cpu_processes(argv)
+    if processes is not None:
+        print(ACCELERATE_CPU_WARNING.format(n=processes), file=sys.stderr)
     forwarded = forwarded or []
     if argv[0] == "-m":
         if len(argv) < 2:
