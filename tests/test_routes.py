@@ -242,17 +242,19 @@ DS_PROBE = textwrap.dedent(
             report[name] = {"params": optimizer.get("params"), "type": optimizer.get("type")}
         except Exception as err:
             report[name] = {"error": f"{type(err).__name__}: {err}"}
-    # Trainer(optimizers=...) next to a config's optimizer block: the Trainer would drop the one passed.
+    # Trainer(optimizers=...) under DeepSpeed: deepspeed_init drops the one passed, with or without a block.
     import tiny
     from transformers import Trainer
 
     model = tiny.tiny_llama()
-    try:
-        args = TrainingArguments("unused", deepspeed=block(), use_cpu=True, report_to="none")
-        Trainer(model=model, args=args, train_dataset=tiny.TokenDataset(), optimizers=(anon_hf.Anon(model.parameters()), None))
-        report["optimizers_with_block"] = {"error": "no error"}
-    except Exception as err:
-        report["optimizers_with_block"] = {"error": f"{type(err).__name__}: {err}"}
+    for name, config in (("optimizers_with_block", block()), ("optimizers_without_block", without_block())):
+        try:
+            args = TrainingArguments("unused", deepspeed=config, use_cpu=True, report_to="none")
+            optimizer = anon_hf.Anon(model.parameters())
+            Trainer(model=model, args=args, train_dataset=tiny.TokenDataset(), optimizers=(optimizer, None))
+            report[name] = {"error": "no error"}
+        except Exception as err:
+            report[name] = {"error": f"{type(err).__name__}: {err}"}
     print(json.dumps(report))
     """
 )
@@ -308,6 +310,8 @@ DS_ERRORS = {
     "optimizers_with_block": r"^ValueError: Trainer\(optimizers=\.\.\.\) and the DeepSpeed config's optimizer block "
     r"\(\"type\": 'Anon'\) both choose the optimizer; under DeepSpeed the Trainer builds the config's and drops the "
     r"one passed\. Either remove the \"optimizer\" block from the DeepSpeed config, or drop optimizers=\.$",
+    "optimizers_without_block": r"^ValueError: Trainer\(optimizers=\.\.\.\) passes an Anon, but under DeepSpeed the "
+    r"Trainer drops an optimizer passed that way.*optimizer_cls_and_kwargs=\(anon_hf\.Anon, kwargs\)",
     "auto_left_unfilled": r"^ValueError: optimizer\.params for Anon holds \"auto\" for \['gamma'\].*--optim_args",
 }
 

@@ -232,7 +232,17 @@ def _check_cls_and_kwargs(trainer: Any, args: Any) -> None:
 
 def _check_against_deepspeed_block(trainer: Any, args: Any) -> None:
     config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
-    block = config.get("optimizer") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return
+    if _find_anon(trainer.optimizer) is not None and "optimizer" not in config:
+        # transformers' deepspeed_init sets trainer.optimizer = None, then builds from --optim (default: AdamW).
+        raise ValueError(
+            "Trainer(optimizers=...) passes an Anon, but under DeepSpeed the Trainer drops an optimizer passed that "
+            "way and builds its own from --optim (AdamW unless --optim anon). Either pass "
+            "optimizer_cls_and_kwargs=(anon_hf.Anon, kwargs) instead, or use --optim anon --optim_args ..., or name "
+            'Anon in the DeepSpeed config\'s optimizer block ({"type": "Anon", "params": {...}}).'
+        )
+    block = config.get("optimizer")
     cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, None)
     passed_anon = _find_anon(trainer.optimizer) is not None or (
         isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0], Anon)
