@@ -116,6 +116,23 @@ def test_anon_hf_run_accelerate_launch(tmp_path):
     assert_two_ranks_trained(out)
 
 
+@pytest.mark.distributed
+@pytest.mark.skipif(not (BIN / "deepspeed").is_file(), reason="the deepspeed launcher is not installed")
+def test_anon_hf_run_deepspeed_launcher(tmp_path):
+    # `deepspeed` is a plain script, not an entry point: found in this interpreter's scripts folder.
+    out = tmp_path / "out"
+    command = [str(BIN / "anon-hf"), "run", "deepspeed", "--num_gpus", "2", "--master_port", "29523", str(TRAIN)]
+    result = subprocess.run(
+        [*command, "--output_dir", str(out), *COMMON, "--per_device_train_batch_size", "4"],
+        capture_output=True,
+        text=True,
+        env=env(DS_ACCELERATOR="cpu"),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_two_ranks_trained(out)
+
+
 # --- in process: TRL trainers and PEFT, with resume --------------------------------------------------------------
 
 
