@@ -277,3 +277,16 @@ def test_wheel_install_registers_children_and_enables(tmp_path, parent_script):
     subprocess.run([str(env_dir / "bin" / "anon-hf"), "disable"], check=True, env=env, capture_output=True)
     (child,) = probe([str(python), "-c", PROBE], env=env, cwd=tmp_path)
     assert child["parsed"] is None
+
+
+def test_a_command_that_is_not_python_runs_as_a_child_with_the_switch(tmp_path, monkeypatch):
+    """`anon-hf run python ...` (or any executable on PATH): a child process that inherits the switch."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    out = tmp_path / "env.txt"
+    code = (
+        f"import os; open({str(out)!r}, 'w').write(os.environ['{_startup.ENV_VAR}'] + ' ' + os.environ['PYTHONPATH'])"
+    )
+    assert cli.main(["run", Path(sys.executable).name, "-c", code]) == 0
+    switch, pythonpath = out.read_text().split(" ", 1)
+    assert switch == "1" and pythonpath.split(os.pathsep)[0] == _startup.site_dir()
+    assert cli.main(["run", Path(sys.executable).name, "-c", "raise SystemExit(3)"]) == 3
