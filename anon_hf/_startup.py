@@ -20,7 +20,6 @@ never imports either library never imports anon_hf or torch because of this. Two
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -74,7 +73,7 @@ class _Trigger:
 
 def _import_anon_hf() -> None:
     try:
-        importlib.import_module("anon_hf")
+        __import__("anon_hf")
     except Exception as err:  # a start-up hook must not break the user's import of transformers
         import warnings
 
@@ -113,14 +112,15 @@ def chain_sitecustomize(own_dir: str) -> None:
     ``sys.modules["sitecustomize"]``.
     """
     from importlib.machinery import PathFinder
-    from importlib.util import module_from_spec
 
     own = os.path.normcase(os.path.abspath(own_dir))
     rest = [entry for entry in sys.path if os.path.normcase(os.path.abspath(entry or os.curdir)) != own]
     spec = PathFinder.find_spec("sitecustomize", rest)
     if spec is None or spec.loader is None:
         return
-    module = module_from_spec(spec)
+    # Not importlib.util.module_from_spec: importlib.util imports contextlib and collections, a few ms at start-up.
+    module = type(sys)(spec.name)
+    module.__spec__, module.__loader__, module.__file__ = spec, spec.loader, spec.origin
     sys.modules["sitecustomize"] = module
     spec.loader.exec_module(module)
 
@@ -132,9 +132,10 @@ def pth_line(startup_file: str | None = None) -> str:
     """
     path = os.path.abspath(startup_file or __file__)
     return (
-        f"import os, importlib.util as _u; _p = {path!r}; "
-        "_s = os.path.isfile(_p) and _u.spec_from_file_location('_anon_hf_startup', _p); "
-        "_m = _s and _u.module_from_spec(_s); _s and (_s.loader.exec_module(_m) or _m.install(default=True))\n"
+        f"import os, sys, importlib.machinery as _im; _p = {path!r}; "
+        "_m = os.path.isfile(_p) and type(sys)('_anon_hf_startup'); "
+        "_m and (setattr(_m, '__file__', _p) or _im.SourceFileLoader('_anon_hf_startup', _p).exec_module(_m) "
+        "or _m.install(default=True))\n"
     )
 
 

@@ -9,12 +9,14 @@ installs the trigger that imports anon_hf when transformers or DeepSpeed is firs
 
 def _anon_hf_startup() -> None:
     import os
-    from importlib.util import module_from_spec, spec_from_file_location
+    import sys
+    from importlib.machinery import SourceFileLoader  # not importlib.util: that costs a few ms at start-up
 
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = spec_from_file_location("_anon_hf_startup", os.path.join(os.path.dirname(here), "_startup.py"))
-    startup = module_from_spec(spec)
-    spec.loader.exec_module(startup)
+    path = os.path.join(os.path.dirname(here), "_startup.py")
+    startup = type(sys)("_anon_hf_startup")
+    startup.__file__ = path
+    SourceFileLoader("_anon_hf_startup", path).exec_module(startup)
     try:
         startup.install(default=False)
     finally:
