@@ -344,3 +344,21 @@ def test_stats_find_zero3_partitions_that_the_param_groups_no_longer_hold():
     assert (stats["anon/group0/precond_min"], stats["anon/group0/precond_max"]) == (1.0, 8.0)
     assert stats["anon/group1/precond_median"] == 3.0
     assert zero3_group_tensors(anon) is None
+
+
+def test_a_deepspeed_config_from_accelerates_plugin_counts_too():
+    """`accelerate launch` with a DeepSpeed config file (no --deepspeed): the config lives on accelerate's plugin.
+    (That route cannot run on CPU: the Trainer's use_cpu makes accelerate drop DeepSpeed; the lookup is checked.)"""
+    from types import SimpleNamespace
+
+    from anon_hf.integrations.routes import deepspeed_config_names_anon
+
+    def accelerator(block):
+        hf_ds_config = SimpleNamespace(config={"optimizer": block})
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(hf_ds_config=hf_ds_config)))
+
+    args = SimpleNamespace(hf_deepspeed_config=None)
+    assert deepspeed_config_names_anon(args, accelerator({"type": "Anon"}))
+    assert not deepspeed_config_names_anon(args, accelerator({"type": "AdamW"}))
+    assert not deepspeed_config_names_anon(args, SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)))
+    assert not deepspeed_config_names_anon(args)

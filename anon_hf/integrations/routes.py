@@ -114,10 +114,20 @@ def _is_anon_type(name: object) -> bool:
     return isinstance(name, str) and name.lower() == Anon.__name__.lower()
 
 
-def deepspeed_config_names_anon(args: Any) -> bool:
-    """Whether ``args`` (TrainingArguments) carry a DeepSpeed config whose optimizer block is Anon."""
+def _deepspeed_config(args: Any, accelerator: Any = None) -> dict | None:
+    """The Trainer's DeepSpeed config: from ``--deepspeed`` (``args.hf_deepspeed_config``), else from accelerate's
+    DeepSpeed plugin (``accelerate launch`` with a DeepSpeed config file). None without DeepSpeed."""
     config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
-    block = config.get("optimizer") if isinstance(config, dict) else None
+    if config is None and accelerator is not None:
+        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+        config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+    return config if isinstance(config, dict) else None
+
+
+def deepspeed_config_names_anon(args: Any, accelerator: Any = None) -> bool:
+    """Whether the Trainer's DeepSpeed config (see :func:`_deepspeed_config`) has an optimizer block naming Anon."""
+    config = _deepspeed_config(args, accelerator)
+    block = config.get("optimizer") if config is not None else None
     return isinstance(block, dict) and _is_anon_type(block.get("type"))
 
 
@@ -231,8 +241,8 @@ def _check_cls_and_kwargs(trainer: Any, args: Any) -> None:
 
 
 def _check_against_deepspeed_block(trainer: Any, args: Any) -> None:
-    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
-    if not isinstance(config, dict):
+    config = _deepspeed_config(args, getattr(trainer, "accelerator", None))
+    if config is None:
         return
     if _find_anon(trainer.optimizer) is not None and "optimizer" not in config:
         # transformers' deepspeed_init sets trainer.optimizer = None, then builds from --optim (default: AdamW).

@@ -257,7 +257,7 @@ def uses_anon(trainer: Any) -> bool:
         return True
     if find_anon(getattr(trainer, "optimizer", None)) is not None:
         return True
-    if deepspeed_config_names_anon(getattr(trainer, "args", None)):
+    if deepspeed_config_names_anon(getattr(trainer, "args", None), getattr(trainer, "accelerator", None)):
         return True
     cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
     return bool(cls_and_kwargs) and isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0], Anon)
