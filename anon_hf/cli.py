@@ -8,14 +8,20 @@ For scripts the user cannot edit (a library's example, TRL's CLI, ...)::
 
 ``import anon_hf`` installs post-import hooks, so the target registers Anon the moment it imports transformers;
 then the target runs in this process with its own ``sys.argv``, as ``python`` would run it. There is no
-training logic here. Every process of a multi-process launch registers, because every process runs this:
+training logic here. Every Python interpreter the target starts registers too: ``run`` sets
+``ANON_HF_AUTO_REGISTER=1`` and puts anon-hf's ``sitecustomize`` first on ``PYTHONPATH`` (``anon_hf/_startup.py``),
+so launchers and CLIs that re-spawn themselves work from outside::
 
-    torchrun --nproc_per_node 2 -m anon_hf run train.py --optim anon ...
-    torchrun --nproc_per_node 2 $(which anon-hf) run train.py --optim anon ...
-    accelerate launch --num_processes 2 -m anon_hf run train.py --optim anon ...
-    deepspeed --num_gpus 2 --module anon_hf run train.py --optim anon ...
+    anon-hf run torchrun --nproc_per_node 2 train.py --optim anon ...
+    anon-hf run accelerate launch --multi_gpu --num_processes 2 train.py --optim anon ...
+    anon-hf run deepspeed --num_gpus 2 train.py --optim anon ...
+    anon-hf run trl sft --optim anon ...          # trl re-runs trl/scripts/sft.py through accelerate launch
 
-The ``--local_rank=N`` that the DeepSpeed launcher inserts after the program is handed on to the target. Also available as ``python -m anon_hf``.
+and from inside (``torchrun --nproc_per_node 2 -m anon_hf run train.py ...``). The ``--local_rank=N`` that the
+DeepSpeed launcher inserts after the program is handed on to the target. Also available as ``python -m anon_hf``.
+
+``anon-hf enable`` / ``anon-hf disable`` add / remove a ``.pth`` in site-packages that does the same for every
+interpreter of the environment, with no launcher.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import runpy
+import shutil
+import subprocess
 import sys
+
+from . import _startup
 
 __all__ = ["main"]
 
@@ -31,12 +41,16 @@ USAGE = """\
 usage: anon-hf run SCRIPT.py [ARGS ...]
        anon-hf run -m MODULE [ARGS ...]
        anon-hf run COMMAND [ARGS ...]      (an installed console script, e.g. a library's CLI)
+       anon-hf enable [--site-packages DIR]   (every script of this environment: --optim anon, no launcher)
+       anon-hf disable [--site-packages DIR]  (undo enable)
        anon-hf --version
 
 Runs the target in this process with its own arguments, after `import anon_hf`, so that
 `--optim anon` works in transformers' TrainingArguments, HfArgumentParser and Trainer.
-Works as the program of torchrun, accelerate launch and the deepspeed launcher:
-  torchrun --nproc_per_node 2 -m anon_hf run train.py --optim anon ..."""
+Every Python process the target starts registers too (ANON_HF_AUTO_REGISTER=1 and anon-hf's
+sitecustomize on PYTHONPATH; ANON_HF_AUTO_REGISTER=0 turns that off), so launchers work from outside:
+  anon-hf run torchrun --nproc_per_node 2 train.py --optim anon ...
+  anon-hf run trl sft --optim anon ..."""
 
 
 class UsageError(Exception):
@@ -86,6 +100,56 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _register_children() -> None:
+    """Make every Python interpreter the target starts register Anon as well (see :mod:`anon_hf._startup`).
+
+    ``ANON_HF_AUTO_REGISTER=0`` keeps the registration in this process only.
+    """
+    if not _startup.wanted(default=True):
+        return
+    os.environ[_startup.ENV_VAR] = "1"
+    site_dir, pythonpath = _startup.site_dir(), os.environ.get("PYTHONPATH", "")
+    if site_dir not in pythonpath.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([site_dir, pythonpath]) if pythonpath else site_dir
+
+
+def _run_executable(path: str, args: list[str]) -> int:
+    """A command on PATH that is not a console-script entry point (e.g. ``deepspeed``): a Python script runs in
+    this process, as its shebang's interpreter would run it; anything else runs as a child with this environment."""
+    with open(path, "rb") as handle:
+        first_line = handle.readline()
+    if first_line.startswith(b"#!") and b"python" in first_line:
+        _run_path(path, args)
+        return 0
+    return subprocess.call([path, *args])
+
+
+ACCELERATE_CPU_WARNING = (
+    "anon-hf: warning: `accelerate launch --cpu --num_processes {n}` starts ONE process (accelerate's behaviour), "
+    "not {n}. For {n} processes on CPU use `accelerate launch --multi_gpu --num_processes {n} SCRIPT.py ... "
+    "--use_cpu true`."
+)
+
+
+def accelerate_cpu_processes(argv: list[str]) -> int | None:
+    """The ``--num_processes`` of an ``accelerate launch --cpu`` command line (options before the ``.py`` script),
+    when above 1: accelerate then starts a single process without a word. None otherwise."""
+    if len(argv) < 2 or os.path.basename(argv[0]) != "accelerate" or argv[1] != "launch":
+        return None
+    options = []
+    for arg in argv[2:]:
+        if arg.endswith(".py"):
+            break
+        options += arg.split("=", 1) if arg.startswith("--") else [arg]
+    if "--cpu" not in options:
+        return None
+    for flag in ("--num_processes", "--num-processes"):
+        if flag in options[:-1]:
+            value = options[options.index(flag) + 1]
+            return int(value) if value.isdigit() and int(value) > 1 else None
+    return None
+
+
 def run(argv: list[str], forwarded: list[str] | None = None) -> int:
     """Run ``argv`` (``SCRIPT.py ARGS``, ``-m MODULE ARGS`` or ``COMMAND ARGS``) after ``import anon_hf``.
 
@@ -96,6 +160,10 @@ def run(argv: list[str], forwarded: list[str] | None = None) -> int:
         raise UsageError("anon-hf run: missing the script, -m MODULE or command to run")
     import anon_hf  # noqa: F401  (installs the post-import hooks that register Anon)
 
+    _register_children()
+    processes = accelerate_cpu_processes(argv)
+    if processes is not None:
+        print(ACCELERATE_CPU_WARNING.format(n=processes), file=sys.stderr)
     forwarded = forwarded or []
     if argv[0] == "-m":
         if len(argv) < 2:
@@ -115,10 +183,40 @@ def run(argv: list[str], forwarded: list[str] | None = None) -> int:
         status = _run_entry_point(target, entry_point, args)
         _close_process_group()
         return status
+    # This interpreter's scripts folder first (the deepspeed launcher lives there, not in the entry points).
+    executable = shutil.which(target, path=os.path.dirname(sys.executable)) or shutil.which(target)
+    if executable is not None:
+        status = _run_executable(executable, args)
+        _close_process_group()
+        return status
     raise UsageError(
-        f"anon-hf run: {target!r} is neither a file nor an installed console script "
+        f"anon-hf run: {target!r} is neither a file nor an installed console script or command "
         "(check the path, or that the package providing the command is installed in this environment)"
     )
+
+
+def _site_packages_option(argv: list[str]) -> str | None:
+    if not argv:
+        return None
+    if len(argv) == 2 and argv[0] == "--site-packages":
+        return argv[1]
+    raise UsageError(f"anon-hf: unexpected arguments {argv!r} (allowed: --site-packages DIR)")
+
+
+def toggle(command: str, argv: list[str]) -> int:
+    """``anon-hf enable`` / ``anon-hf disable``: add or remove the start-up ``.pth`` in site-packages."""
+    site_packages = _site_packages_option(argv)
+    if command == "enable":
+        path = _startup.enable(site_packages)
+        print(
+            f"anon-hf: wrote {path}: every Python process of this environment now registers Anon when it imports "
+            f"transformers or deepspeed (--optim anon works with no launcher). {_startup.ENV_VAR}=0 turns it off "
+            "for one process; `anon-hf disable` removes it."
+        )
+        return 0
+    path = _startup.disable(site_packages)
+    print(f"anon-hf: removed {path}" if path else "anon-hf: nothing to remove (not enabled)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"anon-hf {__version__}")
         return 0
-    if argv[0] != "run":
+    if argv[0] not in ("run", "enable", "disable"):
         print(f"anon-hf: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     try:
+        if argv[0] != "run":
+            return toggle(argv[0], argv[1:])
         return run(argv[1:], forwarded)
     except UsageError as err:
         print(f"{err}\n{USAGE}", file=sys.stderr)

@@ -49,6 +49,13 @@ def assert_trained_with_anon(result, world_size):
     assert [h["anon/refresh_step"] for h in result["log_history"] if "anon/refresh_step" in h] == [1, 2]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment(monkeypatch):
+    # cli.run() exports ANON_HF_AUTO_REGISTER and PYTHONPATH for its children; keep them out of later tests.
+    monkeypatch.delenv("ANON_HF_AUTO_REGISTER", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+
+
 @pytest.fixture
 def fake_console_script(tmp_path):
     """A console script `anon-hf-test-parse` -> parse_args:main, declared by a throwaway dist-info on sys.path."""
@@ -260,3 +267,18 @@ def test_zero2_under_torchrun_trains_with_anon_and_the_callback_finds_it(tmp_pat
     refresh_logs = [[h for h in rank["log_history"] if "anon/refresh_step" in h] for rank in ranks]
     assert refresh_logs[0] == refresh_logs[1]
     assert all(0 < h["anon/group0/precond_min"] <= h["anon/group0/precond_median"] for h in refresh_logs[0])
+
+
+@pytest.mark.parametrize(
+    "argv, processes",
+    [
+        (["accelerate", "launch", "--cpu", "--num_processes", "2", "train.py", "--x"], 2),
+        (["accelerate", "launch", "--num_processes=4", "--cpu", "train.py"], 4),
+        (["accelerate", "launch", "--cpu", "--num_processes", "1", "train.py"], None),
+        (["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "train.py", "--cpu"], None),
+        (["torchrun", "--cpu", "--num_processes", "2", "train.py"], None),
+    ],
+)
+def test_accelerate_launch_cpu_with_several_processes_is_flagged(argv, processes):
+    # accelerate launch --cpu --num_processes 2 runs one process; `anon-hf run` says so on stderr before it starts.
+    assert cli.accelerate_cpu_processes(argv) == processes

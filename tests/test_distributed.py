@@ -300,6 +300,27 @@ def test_trainer_zero2_config_optimizer_block_fills_auto_and_keeps_anon_eps(trai
     _check_trainer_run(_section(trainer_runs, "zero2_block"))
 
 
+ANON_STATS = ("precond_min", "precond_median", "precond_max", "step_size_median", "step_size_spread")
+
+
+@pytest.mark.parametrize(
+    "case, groups", [("zero2_block", 1), ("zero3_block", 1), ("zero2_optim_anon", 2), ("zero3_optim_anon", 2)]
+)
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_trainer_under_deepspeed_logs_anon_telemetry_on_every_rank(trainer_runs, case, groups):
+    """An Anon named only in the DeepSpeed config (no --optim anon) gets the AnonCallback as --optim anon does; it
+    finds Anon inside DeepSpeed's wrappers, every rank joins the all-reduces and logs the same numbers."""
+    results = _section(trainer_runs, case)
+    expected = {"anon/refresh_step"} | {f"anon/group{g}/{stat}" for g in range(groups) for stat in ANON_STATS}
+    for result in results:
+        assert result["callbacks"][0] == "AnonCallback"
+        assert [entry["anon/refresh_step"] for entry in result["anon_log"]] == REFRESHES
+        assert {key for entry in result["anon_log"] for key in entry} == expected
+    assert results[0]["anon_log"] == results[1]["anon_log"]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack

@@ -49,3 +49,65 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+SENTENCES = [
+    "the optimizer refreshes its preconditioner at powers of two",
+    "a tiny model learns to continue short sentences",
+    "gamma one is adam like and gamma zero is sgd like",
+    "every rank steps together and refreshes together",
+]
+
+
+def save_tiny_causal_lm(directory) -> str:
+    """Save a tiny Llama and a byte-level BPE tokenizer (eos/pad/bos set) to ``directory``, as from the hub.
+
+    What ``--model_name_or_path`` of a CLI such as ``trl sft`` loads, offline. Returns ``str(directory)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(SENTENCES * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    model = tiny_llama(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def save_text_dataset(directory, kind: str = "sft") -> str:
+    """A local data set folder ``load_dataset(directory)`` reads (a ``train.jsonl``): ``text`` rows for SFT,
+    ``prompt``/``chosen``/``rejected`` rows for DPO. Returns ``str(directory)``."""
+    import json
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    rows = []
+    for index, sentence in enumerate(SENTENCES * 4):
+        words = sentence.split()
+        if kind == "sft":
+            rows.append({"text": sentence})
+        else:
+            other = SENTENCES[(index + 1) % len(SENTENCES)].split()
+            rows.append(
+                {
+                    "prompt": " ".join(words[:3]),
+                    "chosen": " " + " ".join(words[3:]),
+                    "rejected": " " + " ".join(other[3:]),
+                }
+            )
+    with open(os.path.join(directory, "train.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(directory)

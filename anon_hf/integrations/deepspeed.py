@@ -91,7 +91,8 @@ def validate_anon_params(params: Mapping[str, Any], *, allow_auto: bool = False,
     if bad_autos:
         raise ValueError(
             f'{where} for Anon holds "auto" for {bad_autos}, which the Trainer does not fill (it fills only '
-            f"{', '.join(TRAINER_AUTO_KEYS)}). Give numbers for them."
+            f"{', '.join(TRAINER_AUTO_KEYS)}). Give numbers for them, or pass them with --optim anon --optim_args "
+            'KEY=VALUE (anon-hf fills a block\'s "auto" from --optim_args).'
         )
 
 
@@ -193,6 +194,9 @@ def on_hf_deepspeed_imported(module: ModuleType) -> None:
     def make_wrapper(original):
         def trainer_config_process(self, args, *rest, **kwargs):
             block = self.config.get("optimizer") if isinstance(self.config, dict) else None
+            from .routes import reconcile_deepspeed_block
+
+            reconcile_deepspeed_block(block, args)  # the block against --optim/--optim_args: fill or refuse
             if not (isinstance(block, dict) and _is_anon_type(block.get("type"))):
                 return original(self, args, *rest, **kwargs)
             _check_type_spelling(block["type"])

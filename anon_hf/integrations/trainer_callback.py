@@ -41,7 +41,7 @@ from transformers.trainer_callback import TrainerCallback
 from .._dtensor import local
 from ..optimizer import Anon
 
-__all__ = ["AnonCallback", "add_anon_callback", "find_anon", "preconditioner_stats"]
+__all__ = ["AnonCallback", "add_anon_callback", "find_anon", "preconditioner_stats", "zero3_group_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,28 @@ def find_anon(optimizer: Any) -> Anon | None:
     return None
 
 
+def zero3_group_tensors(optimizer: Any) -> dict[int, list[Tensor]] | None:
+    """Param group index -> its flat fp32 partitions, when ``optimizer`` wraps DeepSpeed's ZeRO-3 optimizer.
+
+    ZeRO-3 puts a sub-group's partition into the inner optimizer's param group only for the duration of that
+    ``step()`` call and empties the group afterwards, so the groups hold no tensors when a callback looks. The
+    partitions and their group stay on the ZeRO-3 object. None for anything else.
+    """
+    for _ in range(_MAX_WRAPPERS):
+        if optimizer is None:
+            return None
+        flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+        mapping = getattr(optimizer, "sub_group_to_group_id", None)
+        if isinstance(flats, list) and isinstance(mapping, dict):
+            groups: dict[int, list[Tensor]] = {}
+            for sub_group, flat in enumerate(flats):
+                if flat is not None:
+                    groups.setdefault(mapping[sub_group], []).append(flat)
+            return groups
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
 def _collective_device(tensor_device: torch.device) -> torch.device:
     backend = str(dist.get_backend())
     if tensor_device.type == "cpu" and "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
@@ -72,7 +94,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, float]:
+def preconditioner_stats(
+    optimizer: Anon, *, bins: int = 1024, params_by_group: dict[int, list[Tensor]] | None = None
+) -> dict[str, float]:
     """Per param group min/median/max of the preconditioner and the spread of the step sizes ``lr * v``.
 
     In a distributed run this is a collective: every rank must call it, at the same point. Returns ``{}`` when no
@@ -81,15 +105,16 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
     Args:
         optimizer: an :class:`~anon_hf.Anon` (unwrap accelerate/DeepSpeed wrappers with :func:`find_anon`).
         bins: histogram bins for the median; its relative error is at most ``spread ** (1 / (2 * bins)) - 1``.
+        params_by_group: the tensors of a param group whose ``"params"`` list is empty between steps (DeepSpeed
+            ZeRO-3, see :func:`zero3_group_tensors`); groups with tensors of their own use those.
 
     Returns:
         ``{"anon/group{i}/precond_min": float, ..._median, ..._max, ...step_size_median, ...step_size_spread}``.
     """
     groups: list[tuple[int, float, list[Tensor]]] = []
     for index, group in enumerate(optimizer.param_groups):
-        tensors = [
-            local(optimizer.state[p]["precond"]) for p in group["params"] if "precond" in optimizer.state.get(p, {})
-        ]
+        params = group["params"] or (params_by_group or {}).get(index, [])
+        tensors = [local(optimizer.state[p]["precond"]) for p in params if "precond" in optimizer.state.get(p, {})]
         if group["gamma"] == 0 and not tensors:
             continue
         lr = group["lr"].item() if isinstance(group["lr"], Tensor) else float(group["lr"])
@@ -194,7 +219,8 @@ class AnonCallback(TrainerCallback):
         if anon is None or not anon.refresh_history or anon.refresh_history[-1] == self._last_refresh:
             return
         self._last_refresh = anon.refresh_history[-1]
-        self._pending = {"anon/refresh_step": self._last_refresh, **preconditioner_stats(anon, bins=self.bins)}
+        stats = preconditioner_stats(anon, bins=self.bins, params_by_group=zero3_group_tensors(optimizer))
+        self._pending = {"anon/refresh_step": self._last_refresh, **stats}
         control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):

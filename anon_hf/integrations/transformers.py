@@ -337,10 +337,16 @@ _get_anon_optimizer = get_anon_optimizer
 
 
 def uses_anon(trainer: Any) -> bool:
-    """Whether ``trainer`` will train with Anon: ``optim="anon"``, or an Anon passed in by the user."""
+    """Whether ``trainer`` will train with Anon: ``optim="anon"``, an Anon passed in by the user (``optimizers=``,
+    ``optimizer_cls_and_kwargs``), or a DeepSpeed config whose optimizer block is Anon."""
+    from .routes import deepspeed_config_names_anon
+    from .trainer_callback import find_anon
+
     if _is_anon_name(getattr(getattr(trainer, "args", None), "optim", None)):
         return True
-    if isinstance(getattr(trainer, "optimizer", None), Anon):
+    if find_anon(getattr(trainer, "optimizer", None)) is not None:
+        return True
+    if deepspeed_config_names_anon(getattr(trainer, "args", None), getattr(trainer, "accelerator", None)):
         return True
     cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
     return bool(cls_and_kwargs) and isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0], Anon)
@@ -460,6 +466,9 @@ def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> bool:
 
 
 def _after_trainer_init(trainer: Any) -> None:
+    from .routes import check_trainer_routes
+
+    check_trainer_routes(trainer)  # no silent choice between optim= and optimizers= / optimizer_cls_and_kwargs
     if not uses_anon(trainer):
         return
     if _is_anon_name(getattr(trainer.args, "optim", None)):

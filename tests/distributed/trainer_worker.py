@@ -114,6 +114,12 @@ def train(out_dir: str, deepspeed, max_steps: int = STEPS, **overrides) -> dict:
         "groups": json.loads(json.dumps(groups, default=str)),
         "refresh_history": inner.refresh_history,
         "inner_step_calls_per_iteration": sorted(set(calls.values())),
+        "callbacks": [type(callback).__name__ for callback in trainer.callback_handler.callbacks],
+        "anon_log": [
+            {key: value for key, value in entry.items() if key.startswith("anon/")}
+            for entry in trainer.state.log_history
+            if "anon/refresh_step" in entry
+        ],
     }
     current.clear()
     del trainer, inner

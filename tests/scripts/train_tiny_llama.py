@@ -51,6 +51,9 @@ def main():
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, f"result_rank{args.process_index}.json"), "w") as f:
         json.dump(result, f, default=str)
+    if torch.distributed.is_initialized():  # as a careful script ends: gloo can abort at exit otherwise
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
