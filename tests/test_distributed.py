@@ -300,7 +300,14 @@ def test_trainer_zero2_config_optimizer_block_fills_auto_and_keeps_anon_eps(trai
     _check_trainer_run(_section(trainer_runs, "zero2_block"))
 
 
-ANON_STATS = ("precond_min", "precond_median", "precond_max", "step_size_median", "step_size_spread")
+ANON_STATS = (
+    "precond_min",
+    "precond_median",
+    "precond_max",
+    "step_size_median",
+    "step_size_spread",
+    "unseen_fraction",
+)
 
 
 @pytest.mark.parametrize(

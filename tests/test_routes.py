@@ -27,7 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TELEMETRY_KEYS = {"anon/refresh_step"} | {
     f"anon/group{group}/{stat}"
     for group in (0, 1)
-    for stat in ("precond_min", "precond_median", "precond_max", "step_size_median", "step_size_spread")
+    for stat in (
+        "precond_min",
+        "precond_median",
+        "precond_max",
+        "step_size_median",
+        "step_size_spread",
+        "unseen_fraction",
+    )
 }
 
 
