@@ -12,6 +12,10 @@ amortized refresh overhead counts the 10 refreshes (1, 2, 4, ..., 512) of the fi
     python benchmarks/step_time.py                      # CPU, 1 thread, writes benchmarks/results/step_time_cpu.json
     python benchmarks/step_time.py --device cuda        # the same on a GPU
     python benchmarks/step_time.py --sets a --repeats 20
+    python benchmarks/step_time.py --sets a --optimizers adamw_fused,anon_fused,anon8bit_forloop,anon8bit_fused
+
+``anon8bit_*`` rows step ``Anon8bit`` (8-bit state): its fused row runs the 8-bit C++ kernel between refreshes and
+the reference path (decode, ``anon()``, encode) at refreshes, so its refresh columns time that path.
 
 The fused Anon path builds its C++ kernel (CPU, ~20 s once per machine, then loaded from the cache in well under a
 second) or compiles its graphs (``anon_fused_compiled`` and CUDA; tens of seconds, seconds with inductor's cache warm)
@@ -35,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from anon_hf import Anon  # noqa: E402
+from anon_hf import Anon, Anon8bit  # noqa: E402
 
 
 def llama_shapes(vocab=32000, hidden=512, intermediate=1376, layers=6):
@@ -74,6 +78,8 @@ def candidates():
         ("anon_foreach_bf16_precond", "anon", dict(foreach=True, precond_dtype="bf16"), False),
         ("anon_foreach_bf16_state", "anon", dict(foreach=True, **bf16), False),
         ("anon_fused_bf16_state", "anon", dict(fused=True, **bf16), False),
+        ("anon8bit_forloop", "anon8bit", dict(foreach=False), True),
+        ("anon8bit_fused", "anon8bit", dict(fused=True), True),
     ]
 
 
@@ -82,7 +88,7 @@ def build(family, params, kwargs):
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **kwargs)
     if family == "sgd":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **kwargs)
-    return Anon(params, lr=1e-4, weight_decay=0.01, **kwargs)
+    return (Anon8bit if family == "anon8bit" else Anon)(params, lr=1e-4, weight_decay=0.01, **kwargs)
 
 
 class _WithEnvironment:
@@ -137,7 +143,7 @@ def paired(reference, candidate, before, repeats, sync):
     return statistics.median(times), statistics.median(ref_times), statistics.median(ratios)
 
 
-def run_set(name, shapes, device, repeats, warmup, log):
+def run_set(name, shapes, device, repeats, warmup, log, only=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter((torch.randn(s, generator=generator) * 0.02).to(device)) for s in shapes]
@@ -150,20 +156,23 @@ def run_set(name, shapes, device, repeats, warmup, log):
         reference.step()
     rows = []
     for label, family, kwargs, time_refresh, *environment in candidates():
+        if only and label not in only:
+            continue
         optimizer = build(family, params, kwargs)
         if environment:
             optimizer = _WithEnvironment(optimizer, environment[0])
         row = dict(optimizer=label)
         started = time.perf_counter()
         optimizer.step()  # creates the state (Anon: step 1, the first refresh)
-        if family == "anon":
+        if family.startswith("anon"):
             set_steps(optimizer, 16)
             optimizer.step()  # fused: compiles the step graphs
             if time_refresh:
                 set_steps(optimizer, 31)
                 optimizer.step()  # fused: compiles the refresh graphs
-        row["compile_s"] = round(time.perf_counter() - started, 2) if kwargs.get("fused") and family == "anon" else 0.0
-        ordinary = (lambda opt=optimizer: set_steps(opt, 16)) if family == "anon" else (lambda: None)
+        anon = family.startswith("anon")
+        row["compile_s"] = round(time.perf_counter() - started, 2) if kwargs.get("fused") and anon else 0.0
+        ordinary = (lambda opt=optimizer: set_steps(opt, 16)) if anon else (lambda: None)
         for _ in range(warmup):
             ordinary()
             optimizer.step()
@@ -231,6 +240,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9, help="timed step pairs per optimizer (default 9)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sets", default="a,b", help="a: Llama-style 52M shapes, b: 1,200 small tensors")
+    parser.add_argument("--optimizers", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_time_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -242,7 +252,17 @@ def main(argv=None):
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         machine=machine(device),
-        sets=[run_set(*sets[key], device, args.repeats, args.warmup, print) for key in args.sets.split(",")],
+        sets=[
+            run_set(
+                *sets[key],
+                device,
+                args.repeats,
+                args.warmup,
+                print,
+                only=set(filter(None, args.optimizers.split(","))),
+            )
+            for key in args.sets.split(",")
+        ],
     )
     result["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")
