@@ -68,55 +68,47 @@ inline float exp2_poly(float x) {
   return as_float(as_int(r) + n * (1 << 23));
 }
 
-// One block of n <= kBlock elements, in passes simple enough for the compiler's vectorizer: widen the codes, decode,
-// update in fp32, encode, narrow.
+// One block of n <= kBlock elements in three passes the compiler vectorizes: decode and update (tracking the new absmax
+// of m and max of s), encode m, encode s. kPrecond = false: gamma == 0, no s and v (v = 1).
+template <bool kPrecond>
 void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc, float* __restrict__ m_absmax,
                uint8_t* __restrict__ sc, float* __restrict__ s_max, const uint8_t* __restrict__ vc,
                const float* __restrict__ v_lo, const float* __restrict__ v_hi, int64_t n, float neg_step_size,
                const Settings& st) {
-  alignas(64) int32_t code[kBlock];
   alignas(64) float m[kBlock];
   alignas(64) float s[kBlock];
-  alignas(64) float v[kBlock];
+  alignas(64) int32_t code[kBlock];  // encoded codes, narrowed in a pass of their own (faster than in the encoding)
   const float decay = st.s[kDecay], weight1 = st.s[kWeight1], sign = st.s[kSign], l2 = st.s[kL2];
   const float lo = st.s[kLo], hi = st.s[kHi];
   const float m_scale = *m_absmax;
-  for (int64_t j = 0; j < n; ++j) code[j] = mc[j];
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t magnitude = std::abs(code[j]);
-    const float value = as_float(((magnitude > 1 ? magnitude : 1) + kMBase) << kMShift) * m_scale;
-    m[j] = code[j] > 0 ? value : (code[j] < 0 ? -value : 0.0f);
-  }
-  if (st.preconditioned) {
-    const float s_scale = *s_max;
-    const float v_base = *v_lo, v_step = (*v_hi - *v_lo) * (1.0f / kVLevels);
-    for (int64_t j = 0; j < n; ++j) code[j] = sc[j];
-    for (int64_t j = 0; j < n; ++j) {
-      const float value = as_float(((code[j] > 1 ? code[j] : 1) + kSBase) << kSShift) * s_scale;
-      s[j] = code[j] != 0 ? value : 0.0f;
-    }
-    for (int64_t j = 0; j < n; ++j) code[j] = vc[j];
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const float value = exp2_poly(v_base + static_cast<float>(code[j] - 1) * v_step);
-      v[j] = code[j] != 0 ? value : 0.0f;
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) v[j] = 1.0f;
-  }
+  const float s_scale = kPrecond ? *s_max : 0.0f;
+  const float v_base = kPrecond ? *v_lo : 0.0f;
+  const float v_step = kPrecond ? (*v_hi - *v_lo) * (1.0f / kVLevels) : 0.0f;
   const float beta2 = st.s[kBeta2], weight2 = st.s[kWeight2];
   float m_top = 0.0f, s_top = 0.0f;
 #pragma omp simd reduction(max : m_top, s_top)
   for (int64_t j = 0; j < n; ++j) {
+    const int32_t cm = mc[j];
+    const int32_t magnitude = cm < 0 ? -cm : cm;
+    const float m_value = as_float(((magnitude > 1 ? magnitude : 1) + kMBase) << kMShift) * m_scale;
+    const float m_old = cm > 0 ? m_value : (cm < 0 ? -m_value : 0.0f);
+    const int32_t cs = kPrecond ? sc[j] : 0;
+    const float s_value = as_float(((cs > 1 ? cs : 1) + kSBase) << kSShift) * s_scale;
+    const float s_old = cs != 0 ? s_value : 0.0f;
+    const int32_t cv = kPrecond ? vc[j] : 1;
+    const float v_value = kPrecond ? exp2_poly(v_base + static_cast<float>(cv - 1) * v_step) : 1.0f;
+    const float v = cv != 0 ? v_value : 0.0f;
     const float pj = p[j];
     const float gj = g[j] * sign + pj * l2;  // l2 == 0 without L2 decay
-    const float mj = m[j] + (gj - m[j]) * weight1;
-    m[j] = mj;
-    s[j] = s[j] * beta2 + gj * gj * weight2;
-    const float updated = pj * decay + mj * v[j] * neg_step_size;
+    const float mj = m_old + (gj - m_old) * weight1;
+    const float sj = s_old * beta2 + gj * gj * weight2;
+    const float updated = pj * decay + mj * v * neg_step_size;
     p[j] = updated < lo ? lo : (updated > hi ? hi : updated);  // (-inf, inf) without bounds
-    m_top = m_top > std::fabs(mj) ? m_top : std::fabs(mj);
-    s_top = s_top > s[j] ? s_top : s[j];
+    m[j] = mj;
+    s[j] = sj;
+    const float am = std::fabs(mj);
+    m_top = m_top > am ? m_top : am;
+    s_top = s_top > sj ? s_top : sj;
   }
   // Requantize m: nearest code (ties away from zero) relative to the new absmax; below code 1, 1 if x is nearer the
   // smallest magnitude than 0, else 0.
@@ -133,7 +125,7 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
   }
   for (int64_t j = 0; j < n; ++j) mc[j] = static_cast<int8_t>(code[j]);
   *m_absmax = m_top;
-  if (!st.preconditioned) return;
+  if (!kPrecond) return;
   const float s_inverse = s_top > 0.0f ? 1.0f / s_top : 0.0f;
   for (int64_t j = 0; j < n; ++j) {
     const float x = s[j] * s_inverse;
@@ -211,7 +203,7 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       for (int64_t b = begin; b < end; ++b) {
         const int64_t start = b * kBlock;
         const int64_t n = std::min(kBlock, numel - start);
-        run_block(p + start, g + start, mc + start, ma + b, preconditioned ? sc + start : nullptr,
+        (preconditioned ? run_block<true> : run_block<false>)(p + start, g + start, mc + start, ma + b, preconditioned ? sc + start : nullptr,
                   preconditioned ? sm + b : nullptr, preconditioned ? vc + start : nullptr,
                   preconditioned ? vl + b : nullptr, preconditioned ? vh + b : nullptr, n, neg_step_size, st);
       }
