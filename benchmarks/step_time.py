@@ -12,7 +12,8 @@ amortized refresh overhead counts the 10 refreshes (1, 2, 4, ..., 512) of the fi
     python benchmarks/step_time.py                      # CPU, 1 thread, writes benchmarks/results/step_time_cpu.json
     python benchmarks/step_time.py --device cuda        # the same on a GPU
     python benchmarks/step_time.py --sets a --repeats 20
-    python benchmarks/step_time.py --sets a --optimizers adamw_fused,anon_fused,anon8bit_forloop,anon8bit_fused
+    python benchmarks/step_time.py --sets a --optimizers adamw_fused,anon_fused,anon8bit_forloop,anon8bit_fused \
+        --clock thread --out benchmarks/results/step_time_cpu_8bit.json
 
 ``anon8bit_*`` rows step ``Anon8bit`` (8-bit state): its fused row runs the 8-bit C++ kernel between refreshes and
 the reference path (decode, ``anon()``, encode) at refreshes, so its refresh columns time that path.
@@ -124,12 +125,17 @@ def state_bytes(optimizer, numel):
     return total / numel
 
 
+CLOCK = (
+    time.perf_counter
+)  # --clock thread: this thread's CPU time (steps on CPU, 1 thread), immune to a loaded machine
+
+
 def timed(fn, sync):
     sync()
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
     sync()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def paired(reference, candidate, before, repeats, sync):
@@ -240,10 +246,22 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9, help="timed step pairs per optimizer (default 9)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sets", default="a,b", help="a: Llama-style 52M shapes, b: 1,200 small tensors")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: time.perf_counter; thread: time.thread_time, the CPU time of this thread (CPU and --threads 1 "
+        "only; on a machine shared with other jobs it does not count the time spent waiting for a core)",
+    )
     parser.add_argument("--optimizers", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_time_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    global CLOCK
+    if args.clock == "thread":
+        if device.type != "cpu" or args.threads != 1:
+            parser.error("--clock thread needs --device cpu and --threads 1")
+        CLOCK = time.thread_time
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -257,3 +257,18 @@ def test_registered_for_deepspeed_and_exported():
     import anon_hf
 
     assert torch.optim.Anon8bit is Anon8bit and "Anon8bit" in anon_hf.__all__
+
+
+def test_deepspeed_accepts_the_config_type_anon8bit_under_zero():
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    from anon_hf.integrations.deepspeed import _check_type_spelling, validate_anon_params
+
+    assert Anon8bit in ZERO_SUPPORTED_OPTIMIZERS
+    assert _check_type_spelling("Anon8bit") is Anon8bit
+    with pytest.raises(ValueError, match=r"Invalid optimizer type 'anon8bit' .*write \"Anon8bit\""):
+        _check_type_spelling("anon8bit")
+    validate_anon_params({"lr": 1e-3, "min_8bit_size": 1024}, optimizer_cls=Anon8bit)
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['precond_dtype'\]"):
+        validate_anon_params({"precond_dtype": "bf16"}, optimizer_cls=Anon8bit)

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers.trainer_callback import TrainerCallback
 
+from .. import _quant8
 from .._dtensor import local
 from ..optimizer import Anon
 
@@ -70,6 +71,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _precond(state: dict) -> Tensor:
+    """A tensor's preconditioner v as this rank's float tensor; Anon8bit's 8-bit codes are decoded (one at a time)."""
+    if "precond_log2_min" in state:
+        return _quant8.dequantize("precond", state)
+    return local(state["precond"]).detach()
+
+
 def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, float]:
     """Per param group min/median/max of the preconditioner and the spread of the step sizes ``lr * v``.
 
@@ -83,27 +91,25 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
     Returns:
         ``{"anon/group{i}/precond_min": float, ..._median, ..._max, ...step_size_median, ...step_size_spread}``.
     """
-    groups: list[tuple[int, float, list[Tensor]]] = []
+    groups: list[tuple[int, float, list[dict]]] = []
     for index, group in enumerate(optimizer.param_groups):
-        tensors = [
-            local(optimizer.state[p]["precond"]) for p in group["params"] if "precond" in optimizer.state.get(p, {})
-        ]
-        if group["gamma"] == 0 and not tensors:
+        states = [optimizer.state[p] for p in group["params"] if "precond" in optimizer.state.get(p, {})]
+        if group["gamma"] == 0 and not states:
             continue
         lr = group["lr"].item() if isinstance(group["lr"], Tensor) else float(group["lr"])
-        groups.append((index, lr, [t.detach() for t in tensors if t.numel() > 0]))
+        groups.append((index, lr, [state for state in states if local(state["precond"]).numel() > 0]))
     distributed = _distributed()
     if not groups or (not distributed and not any(tensors for _, _, tensors in groups)):
         return {}
-    first = next((t for _, _, tensors in groups for t in tensors), None)
+    first = next((_precond(state) for _, _, states in groups for state in states), None)
     device = first.device if first is not None else torch.device("cpu")
     if distributed:
         device = _collective_device(device)
 
     # Pass 1: exact min and max, as one max-reduction over (-min, max) pairs. inf/-inf mark "no elements here".
     extremes = torch.full((len(groups), 2), -math.inf, dtype=torch.float64, device=device)
-    for row, (_, _, tensors) in enumerate(groups):
-        for t in tensors:
+    for row, (_, _, states) in enumerate(groups):
+        for t in map(_precond, states):
             extremes[row, 0] = torch.maximum(extremes[row, 0], -t.min().to(device, torch.float64))
             extremes[row, 1] = torch.maximum(extremes[row, 1], t.max().to(device, torch.float64))
     if distributed:
@@ -112,11 +118,11 @@ def preconditioner_stats(optimizer: Anon, *, bins: int = 1024) -> dict[str, floa
 
     # Pass 2: a histogram of log v between the global min and max, summed over ranks, gives the median.
     counts = torch.zeros((len(groups), bins), dtype=torch.float64, device=device)
-    for row, (_, _, tensors) in enumerate(groups):
+    for row, (_, _, states) in enumerate(groups):
         lo, hi = lows[row], highs[row]
         if not (0.0 < lo < hi < math.inf):
             continue
-        for t in tensors:
+        for t in map(_precond, states):
             hist = torch.histc(t.float().log(), bins=bins, min=math.log(lo), max=math.log(hi))
             counts[row] += hist.to(device, torch.float64)
     if distributed:

@@ -29,10 +29,13 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from ..optimizer import _STATE_DTYPE_NAMES, Anon
+from ..optimizer8bit import Anon8bit
 
 __all__ = [
     "OPTIM_NAME",
+    "OPTIM_NAME_8BIT",
     "SUPPORTED_TRANSFORMERS",
+    "get_anon_8bit_optimizer",
     "get_anon_optimizer",
     "parse_optim_args",
     "register",
@@ -43,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 OPTIM_NAME = "anon"
 _ENUM_MEMBER = "ANON"
+# `--optim anon_8bit`: Anon8bit (8-bit state), named like `adamw_8bit`; same optim_args.
+OPTIM_NAME_8BIT = "anon_8bit"
+_ENUM_MEMBER_8BIT = "ANON_8BIT"
 # The range whose private optimizer plumbing this module was written against (tested: 5.24).
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 
@@ -243,8 +249,15 @@ def get_anon_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
     return Anon, ctx.optimizer_kwargs
 
 
+def get_anon_8bit_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
+    """Get :class:`~anon_hf.Anon8bit` (``--optim anon_8bit``): the arguments of ``--optim anon``, 8-bit state."""
+    _, kwargs = get_anon_optimizer(ctx)
+    return Anon8bit, kwargs
+
+
 # transformers' naming, for a handler table that follows its conventions.
 _get_anon_optimizer = get_anon_optimizer
+_get_anon_8bit_optimizer = get_anon_8bit_optimizer
 
 
 def uses_anon(trainer: Any) -> bool:
@@ -258,7 +271,7 @@ def uses_anon(trainer: Any) -> bool:
 
 
 def _is_anon_name(optim: Any) -> bool:
-    return getattr(optim, "value", optim) == OPTIM_NAME
+    return getattr(optim, "value", optim) in (OPTIM_NAME, OPTIM_NAME_8BIT)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -326,6 +339,7 @@ def _guarded(part: str) -> Callable[[Callable[[ModuleType], None]], Callable[[Mo
 def on_training_args_imported(module: ModuleType) -> None:
     """``transformers.training_args``: add ``OptimizerNames.ANON`` and the early ``optim_args`` check."""
     member = _add_enum_member(module.OptimizerNames, _ENUM_MEMBER, OPTIM_NAME)
+    _add_enum_member(module.OptimizerNames, _ENUM_MEMBER_8BIT, OPTIM_NAME_8BIT)
     training_args_cls = module.TrainingArguments
     original = training_args_cls.__post_init__
     if not getattr(original, "_anon_hf_wrapped", False):
@@ -351,6 +365,7 @@ def on_trainer_optimizer_imported(module: ModuleType) -> None:
         logger.info("transformers.trainer_optimizer has no _OPTIMIZER_HANDLERS; anon_hf will wrap the Trainer.")
         return
     handlers[member] = _get_anon_optimizer
+    handlers[getattr(names, _ENUM_MEMBER_8BIT)] = _get_anon_8bit_optimizer
     _status["handler"] = f"{module.__name__}._OPTIMIZER_HANDLERS"
 
 
@@ -374,7 +389,8 @@ def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> bool:
             adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
             optim_args=args.optim_args or {},
         )
-        return _get_anon_optimizer(ctx)
+        eight_bit = getattr(args.optim, "value", args.optim) == OPTIM_NAME_8BIT
+        return (_get_anon_8bit_optimizer if eight_bit else _get_anon_optimizer)(ctx)
 
     get_optimizer_cls_and_kwargs._anon_hf_wrapped = True
     trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
