@@ -260,3 +260,11 @@ def test_zero2_under_torchrun_trains_with_anon_and_the_callback_finds_it(tmp_pat
     refresh_logs = [[h for h in rank["log_history"] if "anon/refresh_step" in h] for rank in ranks]
     assert refresh_logs[0] == refresh_logs[1]
     assert all(0 < h["anon/group0/precond_min"] <= h["anon/group0/precond_median"] for h in refresh_logs[0])
+
+
+@requires_transformers
+def test_the_launcher_accepts_optim_anon_8bit(tmp_path):
+    argv = [str(SCRIPTS / "parse_args.py"), "--output_dir", str(tmp_path), "--optim", "anon_8bit"]
+    launched = run([sys.executable, "-m", "anon_hf", "run", *argv, "--optim_args", "gamma=0.5"])
+    assert launched.returncode == 0, launched.stderr
+    assert json.loads(launched.stdout.splitlines()[-1])["optim"] == "anon_8bit"
