@@ -38,3 +38,15 @@ def test_anon8bit_two_ranks_match_one_process_and_resume_bitwise(eightbit, engin
             assert result["inner_type"] == "Anon8bit"  # built by DeepSpeed from the config's "type"
             # One flat partition per rank, not a multiple of the block: its tail block is handled.
             assert result["partition_numel"][0] % 256 != 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_universal_conversion_of_8bit_state_is_refused_before_writing(eightbit, tmp_path):
+    from anon_hf.integrations.deepspeed_universal import convert
+
+    _section(eightbit, "zero2")
+    with pytest.raises(NotImplementedError, match=r"Anon8bit's 8-bit state .*Resume it with the same ZeRO stage"):
+        convert(str(eightbit.out_dir / "zero2_8bit_ckpt" / "step6"), str(tmp_path / "universal"))
+    assert not (tmp_path / "universal").exists()
