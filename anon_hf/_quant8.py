@@ -52,14 +52,14 @@ QUANTIZED_KEYS = {
 
 
 def _blocks(flat: Tensor) -> Tensor:
-    """``flat`` (1-D) zero-padded to whole blocks, as ``(n_blocks, BLOCK)``."""
+    """``flat`` (1-D) zero-padded to whole blocks, as ``(n_blocks, BLOCK)`` (a view when no padding is needed)."""
     pad = (-flat.numel()) % BLOCK
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK) if pad else flat.view(-1, BLOCK)
 
 
-def _per_element(per_block: Tensor, numel: int) -> Tensor:
-    """Broadcast one value per block to the ``numel`` elements of the flattened tensor."""
-    return per_block.repeat_interleave(BLOCK)[:numel]
+def _unblocked(blocks: Tensor, like: Tensor) -> Tensor:
+    """``(n_blocks, BLOCK)`` back to the shape of ``like``, dropping the padding."""
+    return blocks.reshape(-1)[: like.numel()].reshape(like.shape)
 
 
 def _float_code(x: Tensor, shift: int, base: int) -> Tensor:
@@ -73,65 +73,66 @@ def _float_value(code: Tensor, shift: int, base: int) -> Tensor:
     return ((code + base) << shift).view(torch.float32)
 
 
+def _inverse(scale: Tensor) -> Tensor:
+    """``1 / scale`` per block as a column, 0 where the scale is 0 (a block of zeros)."""
+    return torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).unsqueeze(1)
+
+
 def _quantize_exp_avg(m: Tensor) -> tuple[Tensor, Tensor]:
-    flat = m.reshape(-1).float()
-    absmax = _blocks(flat).abs().amax(dim=1)
-    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    x = flat.abs() * _per_element(inverse, flat.numel())
+    blocks = _blocks(m.reshape(-1).float())
+    absmax = blocks.abs().amax(dim=1)
+    x = blocks.abs() * _inverse(absmax)
     code = _float_code(x, _M_SHIFT, _M_BASE).clamp_(max=127)
     smallest = _float_value(torch.ones((), dtype=torch.int32), _M_SHIFT, _M_BASE)
     # Below code 1 the nearer of 0 and the smallest magnitude; x == 0 (absmax == 0 too) gives 0.
     code = torch.where(code >= 1, code, (x >= smallest * 0.5).to(torch.int32))
-    code = torch.where(flat < 0, -code, code)
-    return code.to(torch.int8).view_as(m), absmax
+    code = torch.where(blocks < 0, -code, code)
+    return _unblocked(code.to(torch.int8), m), absmax
 
 
 def _dequantize_exp_avg(code: Tensor, absmax: Tensor) -> Tensor:
-    flat = code.reshape(-1).to(torch.int32)
-    magnitude = _float_value(flat.abs().clamp(min=1), _M_SHIFT, _M_BASE)
-    value = torch.where(flat == 0, 0.0, torch.where(flat < 0, -magnitude, magnitude))
-    return (value * _per_element(absmax, flat.numel())).view(code.shape)
+    blocks = _blocks(code.reshape(-1)).to(torch.int32)
+    magnitude = _float_value(blocks.abs().clamp(min=1), _M_SHIFT, _M_BASE)
+    value = torch.where(blocks == 0, 0.0, torch.where(blocks < 0, -magnitude, magnitude))
+    return _unblocked(value * absmax.unsqueeze(1), code)
 
 
 def _quantize_exp_avg_sq(s: Tensor) -> tuple[Tensor, Tensor]:
-    flat = s.reshape(-1).float()
-    top = _blocks(flat).amax(dim=1)
-    inverse = torch.where(top > 0, 1.0 / top, torch.zeros_like(top))
-    x = flat * _per_element(inverse, flat.numel())
+    blocks = _blocks(s.reshape(-1).float())
+    top = blocks.amax(dim=1)
+    x = blocks * _inverse(top)
     code = _float_code(x, _S_SHIFT, _S_BASE).clamp_(1, 255)
-    code = torch.where(flat > 0, code, 0)
-    return code.to(torch.uint8).view_as(s), top
+    code = torch.where(blocks > 0, code, 0)
+    return _unblocked(code.to(torch.uint8), s), top
 
 
 def _dequantize_exp_avg_sq(code: Tensor, top: Tensor) -> Tensor:
-    flat = code.reshape(-1).to(torch.int32)
-    value = torch.where(flat == 0, 0.0, _float_value(flat.clamp(min=1), _S_SHIFT, _S_BASE))
-    return (value * _per_element(top, flat.numel())).view(code.shape)
+    blocks = _blocks(code.reshape(-1)).to(torch.int32)
+    value = torch.where(blocks == 0, 0.0, _float_value(blocks.clamp(min=1), _S_SHIFT, _S_BASE))
+    return _unblocked(value * top.unsqueeze(1), code)
 
 
 def _quantize_precond(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    flat = v.reshape(-1).float()
-    positive = flat > 0
-    log_v = torch.where(positive, flat.clamp(min=torch.finfo(torch.float32).tiny).log2(), 0.0)
-    blocks = _blocks(log_v)
-    mask = _blocks(positive.float()) > 0
+    blocks = _blocks(v.reshape(-1).float())
+    positive = blocks > 0
+    log_v = torch.where(positive, blocks.clamp(min=torch.finfo(torch.float32).tiny).log2(), 0.0)
     inf = torch.tensor(float("inf"))
-    low = torch.where(mask, blocks, inf).amin(dim=1)
-    high = torch.where(mask, blocks, -inf).amax(dim=1)
-    empty = ~mask.any(dim=1)  # a block of zeros only: any range will do
+    low = torch.where(positive, log_v, inf).amin(dim=1)
+    high = torch.where(positive, log_v, -inf).amax(dim=1)
+    empty = ~positive.any(dim=1)  # a block of zeros only: any range will do
     low, high = torch.where(empty, 0.0, low), torch.where(empty, 0.0, high)
     span = high - low
     scale = torch.where(span > 0, _V_LEVELS / torch.where(span > 0, span, 1.0), 0.0)
-    position = (log_v - _per_element(low, flat.numel())) * _per_element(scale, flat.numel())
+    position = (log_v - low.unsqueeze(1)) * scale.unsqueeze(1)
     code = torch.where(positive, 1 + position.round().clamp(0, _V_LEVELS).to(torch.int32), 0)
-    return code.to(torch.uint8).view_as(v), low, high
+    return _unblocked(code.to(torch.uint8), v), low, high
 
 
 def _dequantize_precond(code: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    flat = code.reshape(-1).to(torch.int32)
+    blocks = _blocks(code.reshape(-1)).to(torch.int32)
     step = (high - low) * (1.0 / _V_LEVELS)
-    log_v = _per_element(low, flat.numel()) + (flat - 1).float() * _per_element(step, flat.numel())
-    return torch.where(flat == 0, 0.0, torch.exp2(log_v)).view(code.shape)
+    log_v = low.unsqueeze(1) + (blocks - 1).float() * step.unsqueeze(1)
+    return _unblocked(torch.where(blocks == 0, 0.0, torch.exp2(log_v)), code)
 
 
 _CODECS = {
