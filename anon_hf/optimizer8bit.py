@@ -152,7 +152,7 @@ class Anon8bit(Anon):
         for param in large:
             if param not in by_kernel:
                 with _positions_in(group, [param]):
-                    refreshed += self._reference_step(param, kwargs)
+                    refreshed += self._reference_step(param, kwargs, fused=bool(group["fused"]))
         return sorted(set(refreshed))
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any]) -> None:
@@ -165,10 +165,15 @@ class Anon8bit(Anon):
         super()._init_group({**group, "params": [param]}, [], [], [], [], [], [])
         self.state[param] = _encoded(self.state[param])
 
-    def _reference_step(self, param: Tensor, kwargs: dict[str, Any]) -> list[int]:
-        """One tensor: decode to fp32 temporaries, step them with :func:`anon_hf.anon`, encode the result."""
+    def _reference_step(self, param: Tensor, kwargs: dict[str, Any], fused: bool = False) -> list[int]:
+        """One tensor: decode to fp32 temporaries, step them with :func:`anon_hf.anon`, encode the result.
+
+        With ``fused`` (the refresh steps of ``fused=True``) the C++ codecs decode and encode CPU state and
+        ``anon(fused=True)`` steps the temporaries; otherwise torch ops and ``anon(foreach=False)``.
+        """
         state = self.state[param]
-        decoded = _decoded(state)
+        codec = _cpu_codec() if fused and state["exp_avg"].device.type == "cpu" else None
+        decoded = _decoded(state) if codec is None else _decoded_by(codec, state)
         preconditioned = "precond" in decoded
         refreshed = anon(
             [local(param)],
@@ -177,15 +182,17 @@ class Anon8bit(Anon):
             [decoded["exp_avg_sq"]] if preconditioned else [],
             [decoded["precond"]] if preconditioned else [],
             [state["step"]],
-            foreach=False,
-            fused=False,
+            foreach=False if codec is None else None,
+            fused=codec is not None,
             **kwargs,
         )
-        state.update(_quant8.quantize("exp_avg", decoded["exp_avg"]))
-        if preconditioned:
-            state.update(_quant8.quantize("exp_avg_sq", decoded["exp_avg_sq"]))
-            if refreshed:  # between refreshes the codes of v stay as they are, as in the kernel
-                state.update(_quant8.quantize("precond", decoded["precond"]))
+        # Between refreshes the codes of v stay as they are, as in the kernel.
+        keys = ["exp_avg"] + (["exp_avg_sq"] + (["precond"] if refreshed else []) if preconditioned else [])
+        for key in keys:
+            if codec is None:
+                state.update(_quant8.quantize(key, decoded[key]))
+            else:
+                _encode_by(codec, key, decoded[key], state)
         return refreshed
 
     def _kernel_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
@@ -284,6 +291,36 @@ def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule
         and "exp_avg_absmax" in state
         and not ("precond" in state and is_refresh_step(int(state["step"].item()) + 1, refresh))
     )
+
+
+_CODEC_KINDS = {"exp_avg": 0, "exp_avg_sq": 1, "precond": 2}
+
+
+def _cpu_codec():
+    """The 8-bit C++ extension if it can run (it holds fast codecs), else None."""
+    from . import _cpu_kernel
+
+    return _cpu_kernel.kernel8() if _cpu_kernel.kernel8_unavailable_reason() is None else None
+
+
+def _sides(key: str, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    sides = [state[name] for name in _quant8.QUANTIZED_KEYS[key]]
+    return sides[0], sides[-1]
+
+
+def _decoded_by(codec, state: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_decoded` by the C++ codecs (CPU state)."""
+    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS}
+    for key in _quant8.QUANTIZED_KEYS:
+        if key in state:
+            out[key] = torch.empty(state[key].shape, dtype=torch.float32)
+            codec.decode(_CODEC_KINDS[key], state[key], *_sides(key, state), out[key])
+    return out
+
+
+def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
+    """Encode the fp32 ``value`` into the codes and side values of ``state[key]``, in place, by the C++ codecs."""
+    codec.encode(_CODEC_KINDS[key], value.contiguous(), state[key], *_sides(key, state))
 
 
 def _decoded(state: dict[str, Any]) -> dict[str, Any]:

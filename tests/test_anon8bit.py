@@ -272,3 +272,28 @@ def test_deepspeed_accepts_the_config_type_anon8bit_under_zero():
     validate_anon_params({"lr": 1e-3, "min_8bit_size": 1024}, optimizer_cls=Anon8bit)
     with pytest.raises(ValueError, match=r"Unknown key\(s\) \['precond_dtype'\]"):
         validate_anon_params({"precond_dtype": "bf16"}, optimizer_cls=Anon8bit)
+
+
+@pytest.mark.parametrize("numel", [300, 4096 + 77])
+def test_cpu_codecs_match_the_torch_codecs(numel):
+    # The refresh steps of fused=True decode and encode with the C++ codecs; the reference path with _quant8's.
+    _kernel_or_skip()
+    codec = _cpu_kernel.kernel8()
+    generator = torch.Generator().manual_seed(numel)
+    values = torch.randn(numel, generator=generator) * torch.logspace(-6, 2, numel)[torch.randperm(numel)]
+    values[::17] = 0.0
+    for kind, (key, tensor) in enumerate(
+        (("exp_avg", values), ("exp_avg_sq", values.square()), ("precond", values.abs()))
+    ):
+        expected = _quant8.quantize(key, tensor)
+        encoded = {name: torch.empty_like(value) for name, value in expected.items()}
+        sides = [encoded[name] for name in _quant8.QUANTIZED_KEYS[key]]
+        codec.encode(kind, tensor, encoded[key], sides[0], sides[-1])
+        if key == "precond":  # std::log2 and torch.log2 may differ in the last bit: a rare code flips
+            assert (encoded[key] == expected[key]).double().mean() >= 0.999
+        else:
+            assert all(torch.equal(encoded[name], expected[name]) for name in expected), key
+        decoded = torch.empty(numel)
+        first, last = _quant8.QUANTIZED_KEYS[key][0], _quant8.QUANTIZED_KEYS[key][-1]
+        codec.decode(kind, expected[key], expected[first], expected[last], decoded)
+        torch.testing.assert_close(decoded, _quant8.dequantize(key, expected), rtol=2e-6, atol=0)

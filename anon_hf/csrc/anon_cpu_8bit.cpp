@@ -18,8 +18,8 @@
 //
 // The loops are plain C++ written for the compiler's vectorizer (-O3 -fopenmp-simd, AVX2/AVX-512 as ATen uses): each
 // pass over a block's 256 elements is simple enough to vectorize (GCC 12 left a single fused loop scalar, 10x slower:
-// std::min/max on floats, ternaries around calls, floorf). exp2 is a degree-6 polynomial (Cephes' exp2f, within 2 ulp
-// of torch.exp2). Elementwise per block: results do not depend on how blocks are split between threads.
+// std::min/max on floats, ternaries around calls, floorf). exp2 is a degree-6 polynomial (Cephes' exp2f); decoded
+// preconditioners are within 1.5e-6 relative of torch.exp2's (the argument lo + (c - 1) * step is rounded differently). Elementwise per block: results do not depend on how blocks are split between threads.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -212,10 +213,150 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.0f;
 }
 
+
+// The codecs alone, for the refresh steps that take anon_hf's reference path (decode, anon(), encode): the same
+// formats and float operations as anon_hf/_quant8.py, per block of 256, ~50x faster than its torch ops.
+// kind 0: exp_avg (int8 codes, side0 = absmax); 1: exp_avg_sq (uint8, side0 = max); 2: precond (uint8, side0 = min
+// and side1 = max of log2 v).
+void decode_block(int64_t kind, const void* codes, const float* side0, const float* side1, float* out, int64_t n) {
+  if (kind == 0) {
+    const int8_t* c = static_cast<const int8_t*>(codes);
+    const float scale = *side0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t cm = c[j];
+      const int32_t magnitude = cm < 0 ? -cm : cm;
+      const float value = as_float(((magnitude > 1 ? magnitude : 1) + kMBase) << kMShift);
+      const float signed_value = cm > 0 ? value : (cm < 0 ? -value : 0.0f);
+      out[j] = signed_value * scale;
+    }
+  } else if (kind == 1) {
+    const uint8_t* c = static_cast<const uint8_t*>(codes);
+    const float scale = *side0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t cs = c[j];
+      const float value = as_float(((cs > 1 ? cs : 1) + kSBase) << kSShift);
+      out[j] = (cs != 0 ? value : 0.0f) * scale;
+    }
+  } else {
+    const uint8_t* c = static_cast<const uint8_t*>(codes);
+    const float base = *side0, step = (*side1 - *side0) * (1.0f / kVLevels);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t cv = c[j];
+      const float value = exp2_poly(base + static_cast<float>(cv - 1) * step);
+      out[j] = cv != 0 ? value : 0.0f;
+    }
+  }
+}
+
+void encode_block(int64_t kind, const float* values, void* codes, float* side0, float* side1, int64_t n) {
+  alignas(64) int32_t code[kBlock];
+  if (kind == 0 || kind == 1) {
+    float top = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = kind == 0 ? std::fabs(values[j]) : values[j];
+      top = top > a ? top : a;
+    }
+    const float inverse = top > 0.0f ? 1.0f / top : 0.0f;
+    if (kind == 0) {
+      const float half_smallest = as_float((1 + kMBase) << kMShift) * 0.5f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = std::fabs(values[j]) * inverse;
+        const int32_t rounded = ((as_int(x) + (1 << (kMShift - 1))) >> kMShift) - kMBase;
+        const int32_t raw = rounded < kMTop ? rounded : kMTop;
+        const int32_t small = x >= half_smallest ? 1 : 0;
+        const int32_t magnitude = raw > small ? raw : small;
+        const int32_t negative = -static_cast<int32_t>(values[j] < 0.0f);
+        code[j] = (magnitude ^ negative) - negative;
+      }
+      int8_t* c = static_cast<int8_t*>(codes);
+      for (int64_t j = 0; j < n; ++j) c[j] = static_cast<int8_t>(code[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = values[j] * inverse;
+        const int32_t rounded = ((as_int(x) + (1 << (kSShift - 1))) >> kSShift) - kSBase;
+        const int32_t raw = rounded < 1 ? 1 : (rounded > kSTop ? kSTop : rounded);
+        code[j] = values[j] > 0.0f ? raw : 0;
+      }
+      uint8_t* c = static_cast<uint8_t*>(codes);
+      for (int64_t j = 0; j < n; ++j) c[j] = static_cast<uint8_t>(code[j]);
+    }
+    *side0 = top;
+    return;
+  }
+  // precond: log2 v over the positive elements, their min and max, then 1 + round((log2 v - min) * 254 / span).
+  alignas(64) float logs[kBlock];
+  float low = std::numeric_limits<float>::infinity(), high = -low;
+  for (int64_t j = 0; j < n; ++j) {
+    const bool positive = values[j] > 0.0f;
+    logs[j] = positive ? std::log2(std::max(values[j], std::numeric_limits<float>::min())) : 0.0f;
+    if (positive) {
+      low = std::min(low, logs[j]);
+      high = std::max(high, logs[j]);
+    }
+  }
+  if (!(low <= high)) low = high = 0.0f;  // no positive element
+  const float span = high - low;
+  const float scale = span > 0.0f ? kVLevels / span : 0.0f;
+  uint8_t* c = static_cast<uint8_t*>(codes);
+  for (int64_t j = 0; j < n; ++j) {
+    const float position = std::nearbyint((logs[j] - low) * scale);
+    const float clamped = position < 0.0f ? 0.0f : (position > kVLevels ? kVLevels : position);
+    c[j] = static_cast<uint8_t>(values[j] > 0.0f ? 1 + static_cast<int32_t>(clamped) : 0);
+  }
+  *side0 = low;
+  *side1 = high;
+}
+
+void check_codec(int64_t kind, const at::Tensor& codes, const at::Tensor& values, const at::Tensor& side0,
+                 const at::Tensor& side1) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "anon_hf 8-bit codec: kind must be 0, 1 or 2");
+  const int64_t numel = values.numel();
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  const bool ok = is_cpu_contiguous(codes, kind == 0 ? at::kChar : at::kByte) && codes.numel() == numel &&
+                  is_cpu_contiguous(values, at::kFloat) && is_cpu_contiguous(side0, at::kFloat) &&
+                  side0.numel() == blocks && (kind != 2 || (is_cpu_contiguous(side1, at::kFloat) && side1.numel() == blocks));
+  TORCH_CHECK(ok, "anon_hf 8-bit codec: contiguous CPU tensors expected: codes (int8 for exp_avg, uint8 otherwise) ",
+              "and fp32 values of one size, fp32 side values with one per block of ", kBlock);
+}
+
+// Decodes `codes` into the fp32 tensor `out` (same numel).
+void decode(int64_t kind, const at::Tensor& codes, const at::Tensor& side0, const at::Tensor& side1, at::Tensor& out) {
+  check_codec(kind, codes, out, side0, side1);
+  const int64_t numel = out.numel(), blocks = (numel + kBlock - 1) / kBlock;
+  const char* c = static_cast<const char*>(codes.const_data_ptr());
+  const float* s0 = side0.const_data_ptr<float>();
+  const float* s1 = kind == 2 ? side1.const_data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * kBlock;
+    decode_block(kind, c + start, s0 + b, kind == 2 ? s1 + b : nullptr, o + start, std::min(kBlock, numel - start));
+  }
+}
+
+// Encodes the fp32 tensor `values` into `codes` and the side values.
+void encode(int64_t kind, const at::Tensor& values, at::Tensor& codes, at::Tensor& side0, at::Tensor& side1) {
+  check_codec(kind, codes, values, side0, side1);
+  const int64_t numel = values.numel(), blocks = (numel + kBlock - 1) / kBlock;
+  const float* v = values.const_data_ptr<float>();
+  char* c = static_cast<char*>(codes.data_ptr());
+  float* s0 = side0.data_ptr<float>();
+  float* s1 = kind == 2 ? side1.data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * kBlock;
+    encode_block(kind, v + start, c + start, s0 + b, kind == 2 ? s1 + b : nullptr, std::min(kBlock, numel - start));
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("anon8_step", &anon8_step, "Anon8bit's fused step between refreshes (see anon_cpu_8bit.cpp)",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("decode", &decode, "Decode 8-bit state into an fp32 tensor (see anon_cpu_8bit.cpp)",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("encode", &encode, "Encode an fp32 tensor into 8-bit state (see anon_cpu_8bit.cpp)",
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.attr("BLOCK") = kBlock;
   module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
