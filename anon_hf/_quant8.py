@@ -42,6 +42,8 @@ _M_SHIFT, _M_BASE = 20, 889
 # exp_avg_sq: uint8 code = ((bits(x) + 2**19) >> 20) - 761, x = s / max in (0, 1]: x == 1 gives 255.
 _S_SHIFT, _S_BASE = 20, 761
 _V_LEVELS = 254  # codes 1..255 span [min, max] of log2(v) in 254 steps
+# Half the smallest magnitude of exp_avg's code 1, 1.25 * 2**-16 (both exact in fp32): below it m rounds to 0.
+_M_HALF_SMALLEST = 0.625 * 2.0**-16
 
 #: State keys of a quantized tensor: codes under the plain names, fp32 side values per block under the others.
 QUANTIZED_KEYS = {
@@ -83,9 +85,8 @@ def _quantize_exp_avg(m: Tensor) -> tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1)
     x = blocks.abs() * _inverse(absmax)
     code = _float_code(x, _M_SHIFT, _M_BASE).clamp_(max=127)
-    smallest = _float_value(torch.ones((), dtype=torch.int32), _M_SHIFT, _M_BASE)
     # Below code 1 the nearer of 0 and the smallest magnitude; x == 0 (absmax == 0 too) gives 0.
-    code = torch.where(code >= 1, code, (x >= smallest * 0.5).to(torch.int32))
+    code = torch.where(code >= 1, code, (x >= _M_HALF_SMALLEST).to(torch.int32))
     code = torch.where(blocks < 0, -code, code)
     return _unblocked(code.to(torch.int8), m), absmax
 
@@ -116,9 +117,8 @@ def _quantize_precond(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     blocks = _blocks(v.reshape(-1).float())
     positive = blocks > 0
     log_v = torch.where(positive, blocks.clamp(min=torch.finfo(torch.float32).tiny).log2(), 0.0)
-    inf = torch.tensor(float("inf"))
-    low = torch.where(positive, log_v, inf).amin(dim=1)
-    high = torch.where(positive, log_v, -inf).amax(dim=1)
+    low = torch.where(positive, log_v, float("inf")).amin(dim=1)
+    high = torch.where(positive, log_v, float("-inf")).amax(dim=1)
     empty = ~positive.any(dim=1)  # a block of zeros only: any range will do
     low, high = torch.where(empty, 0.0, low), torch.where(empty, 0.0, high)
     span = high - low

@@ -92,6 +92,8 @@ class ReferenceAnon8bit(ReferenceAnon):
                 continue
             self.m[k] = roundtrip_exp_avg(self.m[k])
             self.s[k] = roundtrip_exp_avg_sq(self.s[k])
-            if refreshed and all(u is not None for u in self.u[k]):
-                v = roundtrip_precond([u**-0.5 for u in self.u[k]])
-                self.u[k] = [x**-2 if x > 0 else math.inf for x in v]
+            if refreshed:
+                # An element without a preconditioner yet (u None) or with v == 0 (u inf) has the exact-zero code.
+                known = [u is not None and u < math.inf for u in self.u[k]]
+                v = roundtrip_precond([u**-0.5 if ok else 0.0 for u, ok in zip(self.u[k], known, strict=True)])
+                self.u[k] = [x**-2 if ok else u for u, x, ok in zip(self.u[k], v, known, strict=True)]
