@@ -8,6 +8,7 @@ same in one pass per block (``csrc/anon_cpu_8bit.cpp``); refresh steps, O(log T)
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -31,6 +32,9 @@ from .optimizer import (
 __all__ = ["Anon8bit", "dequantize_state_dict"]
 
 _SIDE_KEYS = frozenset(key for keys in _quant8.QUANTIZED_KEYS.values() for key in keys)
+
+#: Calls of the 8-bit C++ kernel (``"kernel"``) in this process, for tests and benchmarks.
+stats: collections.Counter = collections.Counter()
 
 
 class Anon8bit(Anon):
@@ -234,6 +238,7 @@ class Anon8bit(Anon):
                 not decoupled and weight_decay != 0,
                 bounds is not None,
             )
+            stats["kernel"] += 1
         return set(picked)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

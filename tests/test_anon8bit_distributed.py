@@ -22,7 +22,7 @@ def eightbit(tmp_path_factory):
     return _launch(tmp_path_factory, "eightbit_worker.py", "eightbit")
 
 
-@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+@pytest.mark.parametrize("engine", ["zero2", "zero2_offload_fused", "fsdp2"])
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack
@@ -34,10 +34,14 @@ def test_anon8bit_two_ranks_match_one_process_and_resume_bitwise(eightbit, engin
         assert result["refresh_history"] == [1, 2, 4, 8, 16]
         for key, dtype in CODE_DTYPES.items():
             assert result["state_dtypes"][key] == dtype, (rank, key)
-        if engine == "zero2":
+        if engine.startswith("zero2"):
             assert result["inner_type"] == "Anon8bit"  # built by DeepSpeed from the config's "type"
             # One flat partition per rank, not a multiple of the block: its tail block is handled.
             assert result["partition_numel"][0] % 256 != 0
+        if engine == "zero2_offload_fused":
+            # ZeRO-Offload: CPU partitions, stepped by the 8-bit C++ kernel on the 15 of 20 steps that refresh nothing.
+            assert result["partition_devices"] == ["cpu"]
+            assert result["kernel_calls"] == 15, rank
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Anon8bit on 2 gloo ranks: DeepSpeed ZeRO-2 (``"type": "Anon8bit"``) and raw FSDP2, each with a resume.
 
-Usage: ``torchrun --nproc_per_node 2 tests/distributed/eightbit_worker.py OUT_DIR [zero2] [fsdp2]``
+Usage: ``torchrun --nproc_per_node 2 tests/distributed/eightbit_worker.py OUT_DIR [zero2] [zero2_offload_fused]
+[fsdp2]``
 
 Each engine trains the tiny Llama for 20 steps on fixed data with a checkpoint at step 6; a fresh model and optimizer
 resume from it and run to step 20. Each rank records the largest difference of the final parameters from
@@ -54,15 +55,21 @@ def state_dtypes(optimizer) -> dict[str, str]:
     return {key: str(value.dtype) for state in optimizer.state.values() for key, value in state.items()}
 
 
-def run_zero2(rank, world, batches, references, report, out_dir):
+def run_zero2(rank, world, batches, references, report, out_dir, offload=False):
     import deepspeed
 
-    config = ds_config(2, world)
+    from anon_hf import optimizer8bit
+
+    name = "zero2_offload_fused" if offload else "zero2"
+    config = ds_config(2, world, offload=offload)
     config["optimizer"]["type"] = "Anon8bit"
+    if offload:  # ZeRO-Offload: the CPU partitions go through the 8-bit C++ kernel between refreshes
+        config["optimizer"]["params"]["fused"] = True
+    kernel_calls = optimizer8bit.stats["kernel"]
     model = tiny_llama()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     inner = engine.optimizer.optimizer
-    ckpt_dir = os.path.join(out_dir, "zero2_8bit_ckpt")
+    ckpt_dir = os.path.join(out_dir, f"{name}_8bit_ckpt")
     ds_train(engine, batches[:SAVE_AT], rank, world)
     engine.save_checkpoint(ckpt_dir, tag=f"step{SAVE_AT}")
     ds_train(engine, batches[SAVE_AT:], rank, world)
@@ -74,6 +81,8 @@ def run_zero2(rank, world, batches, references, report, out_dir):
         "parity_8bit": max_abs_diff(final, references["8bit"]),
         "parity_fp32": max_abs_diff(final, references["fp32"]),
         "refresh_history": inner.refresh_history,
+        "partition_devices": sorted({str(flat.device) for flat in zero_partitions(engine, 2)}),
+        "kernel_calls": optimizer8bit.stats["kernel"] - kernel_calls,
     }
     del engine, inner
     resumed_model = tiny_llama(seed=1)
@@ -81,7 +90,7 @@ def run_zero2(rank, world, batches, references, report, out_dir):
     resumed.load_checkpoint(ckpt_dir, tag=f"step{SAVE_AT}")
     ds_train(resumed, batches[SAVE_AT:], rank, world)
     result["resume"] = max_abs_diff(zero_full_params(resumed, 2), final)
-    report["zero2"] = result
+    report[name] = result
 
 
 def run_fsdp2(rank, world, batches, references, report, out_dir):
@@ -137,9 +146,10 @@ def main(out_dir: str, only: list[str]) -> None:
     references = {"8bit": reference_8bit_run(batches), "fp32": reference_run()}
     runs = {
         "zero2": lambda: run_zero2(rank, world, batches, references, report, out_dir),
+        "zero2_offload_fused": lambda: run_zero2(rank, world, batches, references, report, out_dir, offload=True),
         "fsdp2": lambda: run_fsdp2(rank, world, batches, references, report, out_dir),
     }
-    if not only or "zero2" in only:
+    if not only or any(name.startswith("zero2") for name in only):
         import deepspeed  # `import anon_hf` registered its hooks: ZeRO accepts Anon8bit from here on
 
         deepspeed.init_distributed(dist_backend="gloo")
