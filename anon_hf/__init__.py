@@ -18,18 +18,21 @@ from .functional import NonFinitePreconditionerError, anon
 from .integrations import _patches
 from .integrations._patches import PatchError
 from .optimizer import Anon
+from .optimizer8bit import Anon8bit, dequantize_state_dict
 from .param_groups import create_anon_optimizer
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Anon",
+    "Anon8bit",
     "NonFinitePreconditionerError",
     "PatchError",
     "RefreshOutOfSyncError",
     "__version__",
     "anon",
     "create_anon_optimizer",
+    "dequantize_state_dict",
     "refresh_steps",
     "register",
 ]
@@ -39,8 +42,10 @@ _LAZY_NAMES: dict[str, str] = {
     "AnonCallback": ".integrations.trainer_callback",
 }
 
-# DeepSpeed builds `"optimizer": {"type": "Anon"}` from getattr(torch.optim, "Anon"); an attribute costs nothing.
+# DeepSpeed builds `"optimizer": {"type": "Anon"}` from getattr(torch.optim, "Anon") (and "Anon8bit" likewise); an
+# attribute costs nothing.
 torch.optim.Anon = Anon
+torch.optim.Anon8bit = Anon8bit
 
 
 # Each integration patches a library the moment the user's code imports the module concerned, so `import anon_hf`

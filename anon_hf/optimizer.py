@@ -52,6 +52,8 @@ Bounds = tuple[float | None, float | None] | None
 
 # Keys each tensor's state may hold; `exp_avg_sq` and `precond` exist only where gamma != 0 (or once did).
 STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "precond"})
+# Per-block side values of anon_hf.Anon8bit's 8-bit state (see _quant8.QUANTIZED_KEYS).
+_QUANTIZED_SIDE_KEYS = frozenset({"exp_avg_absmax", "exp_avg_sq_max", "precond_log2_min", "precond_log2_max"})
 # Storage dtypes `precond_dtype` / `moments_dtype` accept (None: the param's dtype). float16 cannot hold squared
 # gradients (they underflow) nor preconditioners above 65504, so it is refused.
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
@@ -355,10 +357,27 @@ class Anon(torch.optim.Optimizer):
                 written by another optimizer, e.g. AdamW; a saved group holds a hyperparameter outside its range;
                 or a tensor's state has the wrong keys, types, shapes or values.
         """
+        self._check_saved_groups(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        state = state_dict["state"]
+        if len(saved_ids) == len(params):
+            for param, saved_id in zip(params, saved_ids, strict=False):
+                if saved_id in state:
+                    _validate_tensor_state(state[saved_id], param, saved_id)
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to each param's dtype; put state kept in precond_dtype / moments_dtype back.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    _cast_state(self.state[p], group, p)
+
+    def _check_saved_groups(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` has Anon's layout and its groups hold valid hyperparameters."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             found = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(
-                f"Invalid state dict for Anon: expected a dict with 'state' and 'param_groups' (what "
+                f"Invalid state dict for {type(self).__name__}: expected a dict with 'state' and 'param_groups' (what "
                 f"optimizer.state_dict() returns), got {found}."
             )
         saved_groups = state_dict["param_groups"]
@@ -376,19 +395,6 @@ class Anon(torch.optim.Optimizer):
                 _validate_hyperparameters({**self.defaults, **{k: v for k, v in group.items() if k != "params"}})
             except ValueError as err:
                 raise ValueError(f"Param group {index} of the state dict: {err}") from None
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in saved_groups for i in group["params"]]
-        state = state_dict["state"]
-        if len(saved_ids) == len(params):
-            for param, saved_id in zip(params, saved_ids, strict=False):
-                if saved_id in state:
-                    _validate_tensor_state(state[saved_id], param, saved_id)
-        super().load_state_dict(state_dict)
-        # torch casts loaded state to each param's dtype; put state kept in precond_dtype / moments_dtype back.
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in self.state:
-                    _cast_state(self.state[p], group, p)
 
     def _init_group(
         self,
@@ -460,6 +466,27 @@ class Anon(torch.optim.Optimizer):
                         f"supported devices: {list(FUSED_DEVICES)} but {p.dtype} and {p.device.type}"
                     )
 
+    def _step_group(self, group: dict[str, Any]) -> list[int]:
+        """Step the tensors of ``group`` that have gradients; returns the steps at which a refresh happened."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        preconds: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps)
+        return anon(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            preconds,
+            state_steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            **_update_kwargs(group),
+        )
+
     @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -484,39 +511,8 @@ class Anon(torch.optim.Optimizer):
                 checked_before = True
         refreshed_steps: list[int] = []
         for index, group in enumerate(self.param_groups):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            preconds: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps)
-            lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
-            beta1, beta2 = group["betas"]
             try:
-                refreshed = anon(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    preconds,
-                    state_steps,
-                    foreach=group["foreach"],
-                    fused=group["fused"],
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    gamma=group["gamma"],
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    refresh=group["refresh"],
-                    beta3=group["beta3"],
-                    bounds=group["bounds"],
-                    keep_unseen=group["keep_unseen"],
-                    maximize=group["maximize"],
-                    on_nonfinite=group["on_nonfinite"],
-                )
+                refreshed = self._step_group(group)
             except NonFinitePreconditionerError as err:
                 err.group_index = index
                 raise
@@ -536,6 +532,26 @@ def _storage_dtypes(group: dict[str, Any], param: Tensor) -> tuple[torch.dtype, 
     ``(1 - beta2) * g**2`` for ``|g| < 8e-3``, nor a preconditioner above 65504)."""
     default = torch.float32 if param.dtype == torch.float16 else param.dtype
     return group.get("moments_dtype") or default, group.get("precond_dtype") or default
+
+
+def _update_kwargs(group: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of ``group`` as :func:`anon_hf.functional.anon` takes them (``lr`` as a float)."""
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        gamma=group["gamma"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        decoupled_weight_decay=group["decoupled_weight_decay"],
+        refresh=group["refresh"],
+        beta3=group["beta3"],
+        bounds=group["bounds"],
+        keep_unseen=group["keep_unseen"],
+        maximize=group["maximize"],
+        on_nonfinite=group["on_nonfinite"],
+    )
 
 
 def _cast_state(tensor_state: dict[str, Any], group: dict[str, Any], param: Tensor) -> None:
@@ -560,6 +576,12 @@ def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id
     if not tensor_state:  # no state yet (torch.optim writes one for a param merely looked up in `state`)
         return
     unknown = set(tensor_state) - STATE_KEYS
+    if unknown & _QUANTIZED_SIDE_KEYS:
+        raise ValueError(
+            f"State of param {saved_id} is 8-bit state written by anon_hf.Anon8bit (keys {sorted(unknown)}): load it "
+            "into Anon8bit, or convert it first with anon_hf.dequantize_state_dict(state_dict), which returns the "
+            "fp32 state dict Anon loads."
+        )
     if unknown:
         raise ValueError(
             f"State of param {saved_id} has keys {sorted(unknown)} that Anon does not use "

@@ -1,4 +1,4 @@
-"""Per-rank optimizer-state bytes of Anon and AdamW under DDP, ZeRO-1/2/3 and FSDP2 (2 gloo CPU ranks).
+"""Per-rank optimizer-state bytes of Anon, Anon8bit and AdamW under DDP, ZeRO-1/2/3 and FSDP2 (2 gloo CPU ranks).
 
 Usage::
 
@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 OPTIMIZERS = {
     "Anon (gamma=1)": ("anon", dict(lr=1e-3, gamma=1.0)),
     "Anon (gamma=0)": ("anon", dict(lr=1e-3, gamma=0.0)),
+    "Anon8bit (gamma=1)": ("anon8bit", dict(lr=1e-3, gamma=1.0)),
     "AdamW": ("adamw", dict(lr=1e-3)),
 }
 ENGINES = ["ddp", "zero1", "zero2", "zero3", "fsdp2"]
@@ -52,9 +53,10 @@ def small_llama():
 
 
 def make_optimizer(kind: str, params, kwargs: dict):
-    from anon_hf import Anon
+    from anon_hf import Anon, Anon8bit
 
-    return Anon(params, **kwargs) if kind == "anon" else torch.optim.AdamW(params, **kwargs)
+    classes = {"anon": Anon, "anon8bit": Anon8bit, "adamw": torch.optim.AdamW}
+    return classes[kind](params, **kwargs)
 
 
 def state_bytes(optimizer) -> int:

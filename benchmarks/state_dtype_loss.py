@@ -1,4 +1,5 @@
-"""What storing Anon's state in bf16 (``precond_dtype`` / ``moments_dtype``) does to the loss of a tiny Llama.
+"""What storing Anon's state in bf16 (``precond_dtype`` / ``moments_dtype``) or in 8 bits (``Anon8bit``) does to the
+loss of a tiny Llama.
 
 Trains the same tiny ``LlamaForCausalLM`` (built from a config, fp32 weights) on the same byte-level text (the standard
 library's ``pydoc_data.topics``) from the same initialisation, once per state-dtype option and seed, and reports the
@@ -7,6 +8,11 @@ parameter. The difference between seeds with fp32 state is the noise floor the b
 
     python benchmarks/state_dtype_loss.py                    # 1,000 steps, seeds 0 and 1 (~10 min on 1 CPU thread)
     python benchmarks/state_dtype_loss.py --steps 300 --seeds 0
+    python benchmarks/state_dtype_loss.py --seeds 0,1,2 --options fp32_state,8bit_state \
+        --out benchmarks/results/state_dtype_loss_8bit.json
+
+``8bit_state`` is ``Anon8bit(fused=True)``: blockwise 8-bit m, s and v for the tensors of 4,096 elements and more
+(here all but the norms), the C++ kernel between refreshes.
 
 Writes ``benchmarks/results/state_dtype_loss.json``. The run covers the refresh intervals up to 512 steps, where bf16
 moments lose the increments of ``exp_avg_sq`` smaller than 2**-9 of its value (with beta2 = 0.999 that is the case
@@ -25,14 +31,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from anon_hf import Anon  # noqa: E402
+from anon_hf import Anon, Anon8bit  # noqa: E402
 
 OPTIONS = {
     "fp32_state": dict(),
     "bf16_precond": dict(precond_dtype="bf16"),
     "bf16_moments": dict(moments_dtype="bf16"),
     "bf16_all": dict(precond_dtype="bf16", moments_dtype="bf16"),
+    "8bit_state": dict(fused=True),
 }
+EIGHT_BIT = {"8bit_state"}
 
 
 def text_bytes() -> torch.Tensor:
@@ -67,7 +75,8 @@ def batches(data: torch.Tensor, steps: int, batch: int, length: int, seed: int):
 
 def run(option: str, seed: int, data, held_out, args) -> dict:
     net = model(seed)
-    optimizer = Anon(net.parameters(), lr=args.lr, eps=args.eps, weight_decay=0.01, **OPTIONS[option])
+    optimizer_cls = Anon8bit if option in EIGHT_BIT else Anon
+    optimizer = optimizer_cls(net.parameters(), lr=args.lr, eps=args.eps, weight_decay=0.01, **OPTIONS[option])
     losses = []
     started = time.perf_counter()
     for tokens in batches(data, args.steps, args.batch, args.length, seed):
@@ -81,7 +90,7 @@ def run(option: str, seed: int, data, held_out, args) -> dict:
             net(input_ids=t, labels=t).loss.item() for t in batches(held_out, 20, args.batch, args.length, 99)
         ]
     numel = sum(p.numel() for p in net.parameters())
-    state = sum(v.nbytes for s in optimizer.state.values() for k, v in s.items() if k != "step")
+    state = sum(v.nbytes for s in optimizer.state.values() for k, v in s.items() if k != "step")  # side values too
     tail = losses[-max(1, args.steps // 10) :]
     return dict(
         option=option,
@@ -117,7 +126,7 @@ def main(argv=None):
             rows.append(row)
             print(
                 f"seed {seed} {option:13s} train {row['final_train_loss']:.4f}  held-out {row['held_out_loss']:.4f}  "
-                f"state {row['state_bytes_per_param']:.0f} B/param  ({row['seconds']:.0f} s)",
+                f"state {row['state_bytes_per_param']:.2f} B/param  ({row['seconds']:.0f} s)",
                 flush=True,
             )
     summary = {}
@@ -144,7 +153,7 @@ def main(argv=None):
     Path(args.out).write_text(json.dumps(result, indent=2))
     for option, s in summary.items():
         print(
-            f"{option:13s} held-out {s['held_out_loss_mean']:.4f} ({s['held_out_loss_delta_vs_fp32']:+.4f} vs fp32)  {s['state_bytes_per_param']:.0f} B/param"
+            f"{option:13s} held-out {s['held_out_loss_mean']:.4f} ({s['held_out_loss_delta_vs_fp32']:+.4f} vs fp32)  {s['state_bytes_per_param']:.2f} B/param"
         )
     print(f"seed spread (fp32 state, held-out): {result['seed_spread_fp32']:.4f}; wrote {args.out}")
 

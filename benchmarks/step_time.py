@@ -12,6 +12,11 @@ amortized refresh overhead counts the 10 refreshes (1, 2, 4, ..., 512) of the fi
     python benchmarks/step_time.py                      # CPU, 1 thread, writes benchmarks/results/step_time_cpu.json
     python benchmarks/step_time.py --device cuda        # the same on a GPU
     python benchmarks/step_time.py --sets a --repeats 20
+    python benchmarks/step_time.py --sets a --optimizers adamw_fused,anon_fused,anon8bit_forloop,anon8bit_fused \
+        --clock thread --out benchmarks/results/step_time_cpu_8bit.json
+
+``anon8bit_*`` rows step ``Anon8bit`` (8-bit state): its fused row runs the 8-bit C++ kernel between refreshes and
+the reference path (decode, ``anon()``, encode) at refreshes, so its refresh columns time that path.
 
 The fused Anon path builds its C++ kernel (CPU, ~20 s once per machine, then loaded from the cache in well under a
 second) or compiles its graphs (``anon_fused_compiled`` and CUDA; tens of seconds, seconds with inductor's cache warm)
@@ -35,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from anon_hf import Anon  # noqa: E402
+from anon_hf import Anon, Anon8bit  # noqa: E402
 
 
 def llama_shapes(vocab=32000, hidden=512, intermediate=1376, layers=6):
@@ -80,6 +85,8 @@ def candidates():
         ("anon_foreach_bf16_precond", "anon", dict(foreach=True, precond_dtype="bf16"), False),
         ("anon_foreach_bf16_state", "anon", dict(foreach=True, **bf16), False),
         ("anon_fused_bf16_state", "anon", dict(fused=True, **bf16), False),
+        ("anon8bit_forloop", "anon8bit", dict(foreach=False), True),
+        ("anon8bit_fused", "anon8bit", dict(fused=True), True),
     ]
 
 
@@ -88,7 +95,7 @@ def build(family, params, kwargs):
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **kwargs)
     if family == "sgd":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **kwargs)
-    return Anon(params, lr=1e-4, weight_decay=0.01, **kwargs)
+    return (Anon8bit if family == "anon8bit" else Anon)(params, lr=1e-4, weight_decay=0.01, **kwargs)
 
 
 class _WithEnvironment:
@@ -124,12 +131,17 @@ def state_bytes(optimizer, numel):
     return total / numel
 
 
+CLOCK = (
+    time.perf_counter
+)  # --clock thread: this thread's CPU time (steps on CPU, 1 thread), immune to a loaded machine
+
+
 def timed(fn, sync):
     sync()
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
     sync()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def paired(reference, candidate, before, repeats, sync):
@@ -156,7 +168,7 @@ def run_set(name, shapes, device, repeats, warmup, log, only=None):
         reference.step()
     rows = []
     for label, family, kwargs, time_refresh, *environment in candidates():
-        if only is not None and label not in only:
+        if only and label not in only:
             continue
         optimizer = build(family, params, kwargs)
         if environment:
@@ -164,14 +176,15 @@ def run_set(name, shapes, device, repeats, warmup, log, only=None):
         row = dict(optimizer=label)
         started = time.perf_counter()
         optimizer.step()  # creates the state (Anon: step 1, the first refresh)
-        if family == "anon":
+        if family.startswith("anon"):
             set_steps(optimizer, 16)
             optimizer.step()  # fused: compiles the step graphs
             if time_refresh:
                 set_steps(optimizer, 31)
                 optimizer.step()  # fused: compiles the refresh graphs
-        row["compile_s"] = round(time.perf_counter() - started, 2) if kwargs.get("fused") and family == "anon" else 0.0
-        ordinary = (lambda opt=optimizer: set_steps(opt, 16)) if family == "anon" else (lambda: None)
+        anon = family.startswith("anon")
+        row["compile_s"] = round(time.perf_counter() - started, 2) if kwargs.get("fused") and anon else 0.0
+        ordinary = (lambda opt=optimizer: set_steps(opt, 16)) if anon else (lambda: None)
         for _ in range(warmup):
             ordinary()
             optimizer.step()
@@ -241,10 +254,22 @@ def main(argv=None):
     parser.add_argument(
         "--sets", default="a,c,b", help="a: Llama-style 52M shapes, c: Llama-style 20M shapes, b: 1,200 small tensors"
     )
-    parser.add_argument("--only", default=None, help="comma-separated candidate names to time (default: all)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: time.perf_counter; thread: time.thread_time, the CPU time of this thread (CPU and --threads 1 "
+        "only; on a machine shared with other jobs it does not count the time spent waiting for a core)",
+    )
+    parser.add_argument("--optimizers", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_time_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    global CLOCK
+    if args.clock == "thread":
+        if device.type != "cpu" or args.threads != 1:
+            parser.error("--clock thread needs --device cpu and --threads 1")
+        CLOCK = time.thread_time
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -253,12 +278,21 @@ def main(argv=None):
         "c": ("c_llama_20m", llama_shapes_20m()),
         "b": ("b_small_tensors", small_shapes()),
     }
-    only = set(args.only.split(",")) if args.only else None
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         machine=machine(device),
-        sets=[run_set(*sets[key], device, args.repeats, args.warmup, print, only) for key in args.sets.split(",")],
+        sets=[
+            run_set(
+                *sets[key],
+                device,
+                args.repeats,
+                args.warmup,
+                print,
+                only=set(filter(None, args.optimizers.split(","))),
+            )
+            for key in args.sets.split(",")
+        ],
     )
     result["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out or Path(__file__).parent / "results" / f"step_time_{device.type}.json")

@@ -112,16 +112,17 @@ def curvatures(numel: int, seed: int) -> list[float]:
     return [0.5 + math.sin(seed + j) ** 2 for j in range(numel)]
 
 
-def run_beside_reference(optimizer, params, init, steps: int, **reference_kwargs) -> ReferenceAnon:
+def run_beside_reference(optimizer, params, init, steps: int, reference_cls=None, **reference_kwargs) -> ReferenceAnon:
     """Step ``optimizer`` over the torch ``params`` and a :class:`ReferenceAnon` side by side for ``steps`` steps.
 
     ``init`` holds the float64 starting values the params were made from. Each side computes its gradients from its
     own weights (``quadratic_grad`` with the same noise), so a difference in the update shows up in later steps.
-    Returns the reference, for comparing weights and preconditioners.
+    Returns the reference, for comparing weights and preconditioners. ``reference_cls`` replaces ReferenceAnon (e.g.
+    ``reference8bit.ReferenceAnon8bit``).
     """
     import torch
 
-    ref = ReferenceAnon([t.flatten().tolist() for t in init], **reference_kwargs)
+    ref = (reference_cls or ReferenceAnon)([t.flatten().tolist() for t in init], **reference_kwargs)
     numels = [t.numel() for t in init]
     noises = gradient_sequence(numels, steps)
     curv = [curvatures(n, seed=k) for k, n in enumerate(numels)]

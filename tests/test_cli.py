@@ -282,3 +282,11 @@ def test_zero2_under_torchrun_trains_with_anon_and_the_callback_finds_it(tmp_pat
 def test_accelerate_launch_cpu_with_several_processes_is_flagged(argv, processes):
     # accelerate launch --cpu --num_processes 2 runs one process; `anon-hf run` says so on stderr before it starts.
     assert cli.accelerate_cpu_processes(argv) == processes
+
+
+@requires_transformers
+def test_the_launcher_accepts_optim_anon_8bit(tmp_path):
+    argv = [str(SCRIPTS / "parse_args.py"), "--output_dir", str(tmp_path), "--optim", "anon_8bit"]
+    launched = run([sys.executable, "-m", "anon_hf", "run", *argv, "--optim_args", "gamma=0.5"])
+    assert launched.returncode == 0, launched.stderr
+    assert json.loads(launched.stdout.splitlines()[-1])["optim"] == "anon_8bit"

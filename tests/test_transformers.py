@@ -464,3 +464,22 @@ def test_optim_args_state_dtypes_reach_the_optimizer(tmp_path):
     anon = find_anon(trainer.optimizer)
     assert anon.param_groups[0]["precond_dtype"] == torch.bfloat16
     assert all(anon.state[p]["precond"].dtype == torch.bfloat16 for p in anon.state)
+
+
+def test_optim_anon_8bit_builds_anon8bit_with_the_same_optim_args_and_logs_its_preconditioner(tmp_path):
+    from anon_hf import Anon8bit
+
+    args = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--optim", "anon_8bit", "--optim_args", "gamma=0.5,refresh=2"]
+    )[0]
+    assert args.optim == OptimizerNames("anon_8bit")
+    trainer = make_trainer(tmp_path, max_steps=4, optim="anon_8bit", optim_args="gamma=0.5,refresh=2")
+    assert isinstance(trainer.callback_handler.callbacks[0], AnonCallback)
+    trainer.train()
+    anon = find_anon(trainer.optimizer)
+    assert type(anon) is Anon8bit and all(g["gamma"] == 0.5 and g["refresh"] == 2 for g in anon.param_groups)
+    embed = trainer.model.get_input_embeddings().weight
+    assert anon.state[embed]["exp_avg"].dtype == torch.int8 and anon.state[embed]["step"].item() == 4
+    logged = [h for h in trainer.state.log_history if "anon/refresh_step" in h]
+    assert [h["anon/refresh_step"] for h in logged] == [1, 2, 4]
+    assert all(0 < h["anon/group0/precond_min"] <= h["anon/group0/precond_max"] < math.inf for h in logged)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..optimizer import Anon
+from ..optimizer8bit import Anon8bit
 from ._patches import require, wrap_once
 
 __all__ = ["OFFLOAD_SWAP_MESSAGE", "anon_param_keys", "validate_anon_params"]
@@ -39,6 +40,9 @@ __all__ = ["OFFLOAD_SWAP_MESSAGE", "anon_param_keys", "validate_anon_params"]
 logger = logging.getLogger(__name__)
 
 CONFIG_TYPE = "Anon"
+# `"type": "Anon8bit"`: anon_hf.Anon8bit, the same arguments with 8-bit state (plus min_8bit_size).
+CONFIG_TYPE_8BIT = "Anon8bit"
+_CONFIG_CLASSES = {CONFIG_TYPE: Anon, CONFIG_TYPE_8BIT: Anon8bit}
 # The keys the Trainer fills when they are "auto" (transformers.integrations.deepspeed.trainer_config_process).
 TRAINER_AUTO_KEYS = ("lr", "betas", "weight_decay")
 
@@ -51,12 +55,16 @@ OFFLOAD_SWAP_MESSAGE = (
 )
 
 
-def anon_param_keys() -> tuple[str, ...]:
-    """The keyword arguments ``Anon`` takes besides ``params``: what ``optimizer.params`` may hold."""
-    return tuple(name for name in inspect.signature(Anon.__init__).parameters if name not in ("self", "params"))
+def anon_param_keys(optimizer_cls: type = Anon) -> tuple[str, ...]:
+    """The keyword arguments ``optimizer_cls`` (Anon or Anon8bit) takes besides ``params``: what ``optimizer.params``
+    may hold."""
+    signature = inspect.signature(optimizer_cls.__init__)
+    return tuple(name for name in signature.parameters if name not in ("self", "params"))
 
 
-def validate_anon_params(params: Mapping[str, Any], *, allow_auto: bool = False, where: str = "optimizer.params"):
+def validate_anon_params(
+    params: Mapping[str, Any], *, allow_auto: bool = False, where: str = "optimizer.params", optimizer_cls: type = Anon
+):
     """Raise ``ValueError`` if ``params`` (a config's Anon ``optimizer.params``) has an unknown key or a bad "auto".
 
     Args:
@@ -66,7 +74,7 @@ def validate_anon_params(params: Mapping[str, Any], *, allow_auto: bool = False,
     """
     if not isinstance(params, Mapping):
         raise ValueError(f"Invalid {where}: {params!r} (allowed: a JSON object of Anon arguments)")
-    valid = anon_param_keys()
+    valid = anon_param_keys(optimizer_cls)
     unknown = sorted(set(params) - set(valid))
     if unknown:
         hint = ""
@@ -97,15 +105,18 @@ def validate_anon_params(params: Mapping[str, Any], *, allow_auto: bool = False,
 
 
 def _is_anon_type(name: object) -> bool:
-    return isinstance(name, str) and name.lower() == CONFIG_TYPE.lower()
+    return isinstance(name, str) and name.lower() in {key.lower() for key in _CONFIG_CLASSES}
 
 
-def _check_type_spelling(name: str) -> None:
-    if name != CONFIG_TYPE:
+def _check_type_spelling(name: str) -> type:
+    """The class a config's ``"type"`` names; raise if it is spelled in another case than DeepSpeed looks up."""
+    spelled = next(key for key in _CONFIG_CLASSES if key.lower() == name.lower())
+    if name != spelled:
         raise ValueError(
-            f'Invalid optimizer type {name!r} in the DeepSpeed config: write "{CONFIG_TYPE}" (DeepSpeed looks names '
+            f'Invalid optimizer type {name!r} in the DeepSpeed config: write "{spelled}" (DeepSpeed looks names '
             "it does not know up as attributes of torch.optim, case-sensitively)."
         )
+    return _CONFIG_CLASSES[spelled]
 
 
 def _uses_anon(optimizer: Any, config: Any) -> bool:
@@ -144,8 +155,9 @@ def on_deepspeed_imported(module: ModuleType) -> None:
 def on_zero_utils_imported(module: ModuleType) -> None:
     """``deepspeed.runtime.zero.utils``: ZeRO 1/2/3 accept Anon without ``zero_allow_untested_optimizer``."""
     supported = module.ZERO_SUPPORTED_OPTIMIZERS
-    if Anon not in supported:
-        supported.append(Anon)
+    for optimizer_cls in (Anon, Anon8bit):
+        if optimizer_cls not in supported:
+            supported.append(optimizer_cls)
 
 
 def on_engine_imported(module: ModuleType) -> None:
@@ -155,10 +167,10 @@ def on_engine_imported(module: ModuleType) -> None:
         def _configure_basic_optimizer(self, model_parameters, *args, **kwargs):
             name = self.optimizer_name()
             if _is_anon_type(name):
-                _check_type_spelling(name)
-                validate_anon_params(self.optimizer_params() or {})
-                if getattr(torch.optim, CONFIG_TYPE, None) is not Anon:
-                    setattr(torch.optim, CONFIG_TYPE, Anon)
+                optimizer_cls = _check_type_spelling(name)
+                validate_anon_params(self.optimizer_params() or {}, optimizer_cls=optimizer_cls)
+                if getattr(torch.optim, name, None) is not optimizer_cls:
+                    setattr(torch.optim, name, optimizer_cls)
             return original(self, model_parameters, *args, **kwargs)
 
         return _configure_basic_optimizer
@@ -199,9 +211,9 @@ def on_hf_deepspeed_imported(module: ModuleType) -> None:
             reconcile_deepspeed_block(block, args)  # the block against --optim/--optim_args: fill or refuse
             if not (isinstance(block, dict) and _is_anon_type(block.get("type"))):
                 return original(self, args, *rest, **kwargs)
-            _check_type_spelling(block["type"])
+            optimizer_cls = _check_type_spelling(block["type"])
             params = block.get("params") or {}
-            validate_anon_params(params, allow_auto=True)
+            validate_anon_params(params, allow_auto=True, optimizer_cls=optimizer_cls)
             # The Trainer compares a numeric eps with adam_epsilon and reports a mismatch; Anon's eps is not
             # Adam's, so it is kept out of that comparison and put back untouched.
             has_eps = "eps" in params

@@ -32,7 +32,8 @@ from types import ModuleType
 
 import torch
 
-from ..optimizer import Anon
+from ..optimizer import _QUANTIZED_SIDE_KEYS, Anon
+from ..optimizer8bit import Anon8bit
 from ._patches import wrap_once
 
 __all__ = ["ANON_EXTRA_STATE_KEYS", "convert", "main"]
@@ -135,6 +136,7 @@ def _extra_fragments_zero12(input_folder: str) -> tuple[dict[str, dict[str, list
         states = optim_sd[BASE_OPTIMIZER_STATE]["state"]
         for group_id, mapping in enumerate(optim_sd[PARAM_SLICE_MAPPINGS]):
             flat_state = states.get(group_id, {})
+            _refuse_8bit(flat_state, input_folder)
             keys.update(flat_state)
             for key, flat in flat_state.items():
                 if key in _STOCK_KEYS or not isinstance(flat, torch.Tensor) or flat.dim() != 1:
@@ -167,6 +169,7 @@ def _extra_fragments_zero3(stock: ModuleType, optim_files: list[str]) -> tuple[d
         states = optim_sd[OPTIMIZER_STATE_DICT]["state"]
         for sub_group, shapes in enumerate(param_shapes):
             flat_state = states.get(sub_group, {})
+            _refuse_8bit(flat_state, path)
             keys.update(flat_state)
             offset = 0
             for name, shape in shapes.items():
@@ -183,6 +186,20 @@ def _extra_fragments_zero3(stock: ModuleType, optim_files: list[str]) -> tuple[d
 
 
 # ------------------------------------------------------------------------------------------- loading
+
+
+_UNIVERSAL_8BIT_MESSAGE = (
+    "{where} holds Anon8bit's 8-bit state (keys {keys}): universal checkpoints of 8-bit state are not supported (its "
+    "blocks of 256 follow each rank's flat partition, which another world size cuts differently). Resume it with the "
+    "same ZeRO stage and world size, or train with Anon (fp32 or bf16 state) when the world size must change."
+)
+
+
+def _refuse_8bit(flat_state: dict, where: str) -> None:
+    """Raise ``NotImplementedError`` before converting anything when a partition holds Anon8bit's state."""
+    eight_bit = sorted(set(flat_state) & _QUANTIZED_SIDE_KEYS)
+    if eight_bit:
+        raise NotImplementedError(_UNIVERSAL_8BIT_MESSAGE.format(where=where, keys=eight_bit))
 
 
 def _missing_precond_error(where: str) -> RuntimeError:
@@ -207,6 +224,10 @@ def on_zero12_imported(module: ModuleType) -> None:
 
     def make_wrapper(original):
         def _load_universal_checkpoint(self, checkpoint_folder, *args, **kwargs):
+            if isinstance(self.optimizer, Anon8bit):
+                raise NotImplementedError(
+                    _UNIVERSAL_8BIT_MESSAGE.format(where=checkpoint_folder, keys="into Anon8bit")
+                )
             result = original(self, checkpoint_folder, *args, **kwargs)
             _check_anon_state(self.optimizer, checkpoint_folder)
             return result

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers.trainer_callback import TrainerCallback
 
+from .. import _quant8
 from .._dtensor import local
 from ..optimizer import Anon
 
@@ -94,6 +95,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _precond(state: dict) -> Tensor:
+    """A tensor's preconditioner v as this rank's float tensor; Anon8bit's 8-bit codes are decoded (one at a time)."""
+    if "precond_log2_min" in state:
+        return _quant8.dequantize("precond", state)
+    return local(state["precond"]).detach()
+
+
 def preconditioner_stats(
     optimizer: Anon, *, bins: int = 1024, params_by_group: dict[int, list[Tensor]] | None = None
 ) -> dict[str, float]:
@@ -111,18 +119,18 @@ def preconditioner_stats(
     Returns:
         ``{"anon/group{i}/precond_min": float, ..._median, ..._max, ...step_size_median, ...step_size_spread}``.
     """
-    groups: list[tuple[int, float, list[Tensor]]] = []
+    groups: list[tuple[int, float, list[dict]]] = []
     for index, group in enumerate(optimizer.param_groups):
         params = group["params"] or (params_by_group or {}).get(index, [])
-        tensors = [local(optimizer.state[p]["precond"]) for p in params if "precond" in optimizer.state.get(p, {})]
-        if group["gamma"] == 0 and not tensors:
+        states = [optimizer.state[p] for p in params if "precond" in optimizer.state.get(p, {})]
+        if group["gamma"] == 0 and not states:
             continue
         lr = group["lr"].item() if isinstance(group["lr"], Tensor) else float(group["lr"])
-        groups.append((index, lr, [t.detach() for t in tensors if t.numel() > 0]))
+        groups.append((index, lr, [state for state in states if local(state["precond"]).numel() > 0]))
     distributed = _distributed()
     if not groups or (not distributed and not any(tensors for _, _, tensors in groups)):
         return {}
-    first = next((t for _, _, tensors in groups for t in tensors), None)
+    first = next((_precond(state) for _, _, states in groups for state in states), None)
     device = first.device if first is not None else torch.device("cpu")
     if distributed:
         device = _collective_device(device)
@@ -130,8 +138,8 @@ def preconditioner_stats(
     # Pass 1: exact min (over v > 0: v == 0 marks an element not seen yet) and max, as one max-reduction over
     # (-min, max) pairs. inf/-inf mark "no elements here".
     extremes = torch.full((len(groups), 2), -math.inf, dtype=torch.float64, device=device)
-    for row, (_, _, tensors) in enumerate(groups):
-        for t in tensors:
+    for row, (_, _, states) in enumerate(groups):
+        for t in map(_precond, states):
             smallest_seen = torch.where(t > 0, t, math.inf).min()
             extremes[row, 0] = torch.maximum(extremes[row, 0], -smallest_seen.to(device, torch.float64))
             extremes[row, 1] = torch.maximum(extremes[row, 1], t.max().to(device, torch.float64))
@@ -142,9 +150,9 @@ def preconditioner_stats(
     # Pass 2: a histogram of log v between the global min and max, summed over ranks, gives the median (histc
     # leaves out log 0 = -inf); the two last columns count the unseen elements and all elements.
     counts = torch.zeros((len(groups), bins + 2), dtype=torch.float64, device=device)
-    for row, (_, _, tensors) in enumerate(groups):
+    for row, (_, _, states) in enumerate(groups):
         lo, hi = lows[row], highs[row]
-        for t in tensors:
+        for t in map(_precond, states):
             counts[row, bins] += (t == 0).sum().to(device, torch.float64)
             counts[row, bins + 1] += t.numel()
             if 0.0 < lo < hi < math.inf:

@@ -34,11 +34,14 @@ from typing import Any
 from .. import optimizer as _optimizer
 from ..import_utils import SUPPORTED_VERSIONS
 from ..optimizer import Anon
+from ..optimizer8bit import Anon8bit
 from ._patches import PatchError, require, wrap_once
 
 __all__ = [
     "OPTIM_NAME",
+    "OPTIM_NAME_8BIT",
     "SUPPORTED_TRANSFORMERS",
+    "get_anon_8bit_optimizer",
     "get_anon_optimizer",
     "optim_args_spec",
     "parse_optim_args",
@@ -50,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 OPTIM_NAME = "anon"
 _ENUM_MEMBER = "ANON"
+# `--optim anon_8bit`: Anon8bit (8-bit state), named like `adamw_8bit`; the same optim_args plus min_8bit_size.
+OPTIM_NAME_8BIT = "anon_8bit"
+_ENUM_MEMBER_8BIT = "ANON_8BIT"
 # The range whose private optimizer plumbing this module was written against (see make test-compat).
 SUPPORTED_TRANSFORMERS = SUPPORTED_VERSIONS["transformers"]
 
@@ -314,8 +320,18 @@ def get_anon_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
     power (default 1e-16), Adam adds it to the square root (default 1e-8). ``fused`` defaults to ``True`` here
     (``fused=false`` or ``foreach=true`` in ``--optim_args`` turn it off), as the Trainer's default AdamW is fused.
     """
-    require(("transformers",), "optim='anon' in the Trainer", _WAY_OUT)
-    anon_kwargs = parse_optim_args(ctx.optim_args)
+    return Anon, _anon_kwargs(ctx, Anon, OPTIM_NAME)
+
+
+def get_anon_8bit_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
+    """Get :class:`~anon_hf.Anon8bit` (``--optim anon_8bit``): the arguments of ``--optim anon``, 8-bit state."""
+    return Anon8bit, _anon_kwargs(ctx, Anon8bit, OPTIM_NAME_8BIT)
+
+
+def _anon_kwargs(ctx: Any, optimizer_cls: type, optim_name: str) -> dict[str, Any]:
+    """The keyword arguments of ``optimizer_cls`` from an ``OptimizerContext`` (see :func:`get_anon_optimizer`)."""
+    require(("transformers",), f"optim={optim_name!r} in the Trainer", _WAY_OUT)
+    anon_kwargs = parse_optim_args(ctx.optim_args, optimizer_cls, optim_name)
     default_eps = _default_adam_epsilon(ctx.args)
     if default_eps is not None and ctx.args.adam_epsilon != default_eps:
         logger.warning(
@@ -329,11 +345,12 @@ def get_anon_optimizer(ctx: Any) -> tuple[type, dict[str, Any]]:
         # As the Trainer's default AdamW is fused: the C++ kernel on CPU, compiled graphs on CUDA, foreach where
         # neither runs (one log line says why). `--optim_args fused=false` opts out; the class keeps torch's None.
         ctx.optimizer_kwargs["fused"] = True
-    return Anon, ctx.optimizer_kwargs
+    return ctx.optimizer_kwargs
 
 
 # transformers' naming, for a handler table that follows its conventions.
 _get_anon_optimizer = get_anon_optimizer
+_get_anon_8bit_optimizer = get_anon_8bit_optimizer
 
 
 def uses_anon(trainer: Any) -> bool:
@@ -353,7 +370,13 @@ def uses_anon(trainer: Any) -> bool:
 
 
 def _is_anon_name(optim: Any) -> bool:
-    return getattr(optim, "value", optim) == OPTIM_NAME
+    return getattr(optim, "value", optim) in (OPTIM_NAME, OPTIM_NAME_8BIT)
+
+
+def _optimizer_for(optim: Any) -> tuple[type, str]:
+    """The class and ``--optim`` name an Anon ``optim`` value stands for."""
+    eight_bit = getattr(optim, "value", optim) == OPTIM_NAME_8BIT
+    return (Anon8bit, OPTIM_NAME_8BIT) if eight_bit else (Anon, OPTIM_NAME)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,13 +442,14 @@ def on_training_args_imported(module: ModuleType) -> None:
                 require(("transformers",), "TrainingArguments(optim='anon')", _WAY_OUT)
             original(self, *args, **kwargs)
             if _is_anon_name(self.optim):
-                parse_optim_args(self.optim_args)
+                parse_optim_args(self.optim_args, *_optimizer_for(self.optim))
 
         return __post_init__
 
     # The check goes in first, so that a failure to add the member is reported by it at use.
     wrap_once(module.TrainingArguments, "__post_init__", make_wrapper)
     member = _add_enum_member(module.OptimizerNames, _ENUM_MEMBER, OPTIM_NAME)
+    _add_enum_member(module.OptimizerNames, _ENUM_MEMBER_8BIT, OPTIM_NAME_8BIT)
     _status["enum"] = f"{module.__name__}.OptimizerNames.{member.name}"
 
 
@@ -438,6 +462,7 @@ def on_trainer_optimizer_imported(module: ModuleType) -> None:
         logger.info("transformers.trainer_optimizer has no _OPTIMIZER_HANDLERS; anon_hf will wrap the Trainer.")
         return
     handlers[member] = _get_anon_optimizer
+    handlers[getattr(names, _ENUM_MEMBER_8BIT)] = _get_anon_8bit_optimizer
     _status["handler"] = f"{module.__name__}._OPTIMIZER_HANDLERS"
 
 
@@ -457,7 +482,8 @@ def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> bool:
                 adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
                 optim_args=args.optim_args or {},
             )
-            return _get_anon_optimizer(ctx)
+            eight_bit = _optimizer_for(args.optim)[0] is Anon8bit
+            return (_get_anon_8bit_optimizer if eight_bit else _get_anon_optimizer)(ctx)
 
         return get_optimizer_cls_and_kwargs
 

@@ -1,0 +1,406 @@
+"""``anon_hf.Anon8bit``: Anon with its state stored blockwise in 8 bits, a thin face over :class:`anon_hf.Anon`.
+
+The update is Anon's, unchanged: per tensor the 8-bit state is decoded to fp32 temporaries, :func:`anon_hf.anon`
+steps them (so the refresh rule, the bias corrections and the checks are the ones of ``functional``), and the result
+is encoded again (``_quant8``). With ``fused=True``, steps that refresh nothing run a C++ kernel on CPU that does the
+same in one pass per block (``csrc/anon_cpu_8bit.cpp``); refresh steps, O(log T) of them, always take the path above.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _quant8
+from ._dtensor import is_dtensor, local
+from ._schedule import RefreshSchedule, is_refresh_step
+from .functional import NonFinitePreconditionerError, anon
+from .optimizer import (
+    STATE_KEYS,
+    Anon,
+    Bounds,
+    ParamsT,
+    _cast_state,
+    _update_kwargs,
+    _validate_tensor_state,
+)
+
+__all__ = ["Anon8bit", "dequantize_state_dict"]
+
+_SIDE_KEYS = frozenset(key for keys in _quant8.QUANTIZED_KEYS.values() for key in keys)
+
+#: Calls of the 8-bit C++ kernel (``"kernel"``) in this process, for tests and benchmarks.
+stats: collections.Counter = collections.Counter()
+
+
+class Anon8bit(Anon):
+    r"""Anon with ``exp_avg``, ``exp_avg_sq`` and ``precond`` stored blockwise in 8 bits: about 3.06 bytes of state
+    per parameter instead of 12 (fp32 ``Anon``) or 8 (fp32 AdamW).
+
+    The update, its arguments and param-group behaviour are those of :class:`anon_hf.Anon` (see there for the math
+    and every argument below); only the storage differs. The arithmetic stays in fp32 and every quantization is
+    deterministic (round to nearest, no stochastic rounding). Blocks of 256 elements of the flattened tensor, the last
+    one possibly shorter, each keep fp32 side values:
+
+    * ``exp_avg``: ``int8`` codes, an 8-bit float (sign, 3 exponent, 4 mantissa bits) relative to the block's absmax
+      (side value ``exp_avg_absmax``);
+    * ``exp_avg_sq``: ``uint8`` codes, 5 exponent and 3 mantissa bits relative to the block's max
+      (``exp_avg_sq_max``); code 0 is exactly 0 and only 0, so "no gradient since the last refresh" is kept exactly;
+    * ``precond``: ``uint8`` codes of ``log2(v)``, linear between the block's min and max of ``log2(v)``
+      (``precond_log2_min``, ``precond_log2_max``); code 0 is exactly 0.
+
+    ``docs/performance.md`` gives the error bounds and why these maps. Tensors with fewer than ``min_8bit_size``
+    elements (default 4,096, bitsandbytes' threshold) and complex tensors keep Anon's full-precision state.
+
+    With ``fused=True`` the steps between refreshes of contiguous fp32 CPU tensors run one C++ pass per block that
+    dequantizes, updates and requantizes (the preconditioner is only read there: 17 bytes moved per parameter);
+    refresh steps, and every step otherwise, decode the state of one tensor at a time into fp32 temporaries, run
+    :func:`anon_hf.anon` on them and encode the result: the extra memory is one tensor's fp32 state.
+    Full-precision tensors take Anon's own paths (``foreach``/``fused`` as given).
+
+    Args:
+        min_8bit_size (int, optional): tensors with at least this many elements get 8-bit state, >= 1
+            (default: 4096)
+
+    The other arguments are :class:`anon_hf.Anon`'s, except ``precond_dtype`` and ``moments_dtype`` (the state is
+    8-bit). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
+    resumes bitwise); :meth:`load_state_dict` also takes an fp32 ``Anon`` state dict, quantizing it, and
+    :func:`anon_hf.dequantize_state_dict` turns an ``Anon8bit`` state dict into one ``Anon`` loads.
+
+    Example:
+        >>> optimizer = anon_hf.Anon8bit(model.parameters(), lr=1e-3, gamma=1.0, fused=True)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        gamma: float = 1.0,
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        refresh: RefreshSchedule = "pow2",
+        beta3: float = 0.5,
+        bounds: Bounds = None,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        on_nonfinite: str = "raise",
+        verify_sync: bool = True,
+        min_8bit_size: int = _quant8.MIN_NUMEL,
+    ):
+        _validate_min_8bit_size(min_8bit_size)
+        self._min_8bit_size = min_8bit_size  # read by add_param_group while Anon.__init__ adds the groups
+        super().__init__(
+            params,
+            lr,
+            betas,
+            gamma,
+            eps,
+            weight_decay,
+            decoupled_weight_decay,
+            refresh,
+            beta3,
+            bounds,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            on_nonfinite=on_nonfinite,
+            verify_sync=verify_sync,
+        )
+        self.defaults["min_8bit_size"] = min_8bit_size
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, validated as :class:`Anon`'s plus ``min_8bit_size``; 8-bit storage is fixed."""
+        if isinstance(param_group, dict):
+            for name in ("precond_dtype", "moments_dtype"):
+                if param_group.get(name) is not None:
+                    raise ValueError(
+                        f"Invalid {name} value: {param_group[name]!r} (allowed: None; Anon8bit stores its state in "
+                        "8 bits, use anon_hf.Anon for fp32/bf16 state)"
+                    )
+            param_group.setdefault("min_8bit_size", self._min_8bit_size)
+            _validate_min_8bit_size(param_group["min_8bit_size"])
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_min_8bit_size", self.defaults.get("min_8bit_size", _quant8.MIN_NUMEL))
+        for group in self.param_groups:
+            group.setdefault("min_8bit_size", self._min_8bit_size)
+
+    def _is_8bit(self, param: Tensor, group: dict[str, Any]) -> bool:
+        return param.numel() >= group["min_8bit_size"] and not torch.is_complex(param)
+
+    def _step_group(self, group: dict[str, Any]) -> list[int]:
+        """Full-precision tensors through :class:`Anon`, then the 8-bit ones (the kernel, or one at a time)."""
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        small = [p for p in with_grad if not self._is_8bit(p, group)]
+        large = [p for p in with_grad if self._is_8bit(p, group)]
+        refreshed: list[int] = []
+        if small:
+            with _positions_in(group, small):
+                refreshed += super()._step_group({**group, "params": small})
+        if not large:
+            return refreshed
+        for param in large:
+            self._ensure_state(param, group)
+        kwargs = _update_kwargs(group)
+        by_kernel = self._kernel_step(group, large, kwargs) if group["fused"] else set()
+        for param in large:
+            if param not in by_kernel:
+                with _positions_in(group, [param]):
+                    refreshed += self._reference_step(param, kwargs, fused=bool(group["fused"]))
+        return sorted(set(refreshed))
+
+    def _ensure_state(self, param: Tensor, group: dict[str, Any]) -> None:
+        """Create the missing state of an 8-bit tensor with :class:`Anon`'s own rule, then quantize it."""
+        state = self.state[param]
+        if len(state) > 0 and ("precond" in state or group["gamma"] == 0):
+            return
+        # Anon decides which keys exist and their initial values; this tensor's fp32 state lives only meanwhile.
+        self.state[param] = _decoded(state)
+        super()._init_group({**group, "params": [param]}, [], [], [], [], [], [])
+        self.state[param] = _encoded(self.state[param])
+
+    def _reference_step(self, param: Tensor, kwargs: dict[str, Any], fused: bool = False) -> list[int]:
+        """One tensor: decode to fp32 temporaries, step them with :func:`anon_hf.anon`, encode the result.
+
+        With ``fused`` (the refresh steps of ``fused=True``) the C++ codecs decode and encode CPU state and
+        ``anon(fused=True)`` steps the temporaries; otherwise torch ops and ``anon(foreach=False)``.
+        """
+        state = self.state[param]
+        codec = _cpu_codec() if fused and state["exp_avg"].device.type == "cpu" else None
+        decoded = _decoded(state) if codec is None else _decoded_by(codec, state)
+        preconditioned = "precond" in decoded
+        refreshed = anon(
+            [local(param)],
+            [local(param.grad)],
+            [decoded["exp_avg"]],
+            [decoded["exp_avg_sq"]] if preconditioned else [],
+            [decoded["precond"]] if preconditioned else [],
+            [state["step"]],
+            foreach=False if codec is None else None,
+            fused=codec is not None,
+            **kwargs,
+        )
+        # Between refreshes the codes of v stay as they are, as in the kernel.
+        keys = ["exp_avg"] + (["exp_avg_sq"] + (["precond"] if refreshed else []) if preconditioned else [])
+        for key in keys:
+            if codec is None:
+                state.update(_quant8.quantize(key, decoded[key]))
+            else:
+                _encode_by(codec, key, decoded[key], state)
+        return refreshed
+
+    def _kernel_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
+        """Step with the C++ kernel the tensors it takes this step (no refresh due); returns them."""
+        from . import _cpu_kernel
+
+        picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
+        if not picked or _cpu_kernel.kernel8_unavailable_reason() is not None:
+            return set()
+        lr, beta1, beta2 = kwargs["lr"], kwargs["beta1"], kwargs["beta2"]
+        weight_decay, decoupled = kwargs["weight_decay"], kwargs["decoupled_weight_decay"]
+        bounds = kwargs["bounds"]
+        scalars = [
+            1.0 - lr * weight_decay if decoupled else 1.0,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            -1.0 if kwargs["maximize"] else 1.0,
+            0.0 if decoupled else weight_decay,
+            -math.inf if bounds is None or bounds[0] is None else bounds[0],
+            math.inf if bounds is None or bounds[1] is None else bounds[1],
+        ]
+        for preconditioned in (True, False):
+            chosen = [p for p in picked if ("precond" in self.state[p]) == preconditioned]
+            if not chosen:
+                continue
+            states = [self.state[p] for p in chosen]
+            keys = ["exp_avg", "exp_avg_absmax"]
+            keys += ["exp_avg_sq", "exp_avg_sq_max", "precond", "precond_log2_min", "precond_log2_max"]
+            lists = [[s[key] for s in states] if preconditioned or n < 2 else [] for n, key in enumerate(keys)]
+            neg_step_sizes = [-lr / (1 - beta1 ** (int(s["step"].item()) + 1)) for s in states]
+            _cpu_kernel.kernel8().anon8_step(
+                chosen,
+                [p.grad for p in chosen],
+                *lists,
+                [s["step"] for s in states],
+                neg_step_sizes,
+                scalars,
+                not decoupled and weight_decay != 0,
+                bounds is not None,
+            )
+            stats["kernel"] += 1
+        return set(picked)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict written by :meth:`state_dict`, or an fp32 one written by :class:`Anon` (quantized here).
+
+        8-bit entries come back bitwise (``torch.optim.Optimizer`` would cast codes and side values to the param's
+        dtype), so a run resumes exactly.
+
+        Raises:
+            ValueError: as :meth:`Anon.load_state_dict`, and for 8-bit entries of the wrong dtype or size.
+        """
+        self._check_saved_groups(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved = state_dict["state"]
+        if len(saved_ids) == len(params):
+            for param, saved_id in zip(params, saved_ids, strict=True):
+                if saved_id in saved:
+                    _validate_saved(saved[saved_id], param, saved_id)
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        groups = {p: group for group in self.param_groups for p in group["params"]}
+        for param, saved_id in zip(params, saved_ids, strict=False):
+            if param not in self.state or saved_id not in saved:
+                continue
+            state, group = self.state[param], groups[param]
+            quantized = bool(_SIDE_KEYS & set(state))
+            if quantized:  # torch casts every entry, codes too, to the param's dtype: take them as saved
+                for key in set(state) - {"step"}:
+                    value = saved[saved_id][key].detach()
+                    dtype = torch.float32 if key in _SIDE_KEYS else value.dtype
+                    state[key] = value.to(device=local(param).device, dtype=dtype, copy=True)
+            if self._is_8bit(param, group) and not quantized:
+                self.state[param] = _encoded(state)  # an fp32 Anon checkpoint: quantized once, here
+            elif not self._is_8bit(param, group):
+                if quantized:
+                    self.state[param] = state = _decoded(state)
+                _cast_state(state, group, param)
+
+
+def _validate_min_8bit_size(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Invalid min_8bit_size value: {value!r} (allowed: an integer >= 1; default 4096)")
+
+
+def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:
+    """Whether the 8-bit kernel can step ``param`` now: fp32 contiguous CPU tensors, 8-bit state, no refresh due."""
+    grad = param.grad
+    return (
+        param.device.type == "cpu"
+        and param.dtype == torch.float32
+        and grad.dtype == torch.float32
+        and param.is_contiguous()
+        and grad.is_contiguous()
+        and not is_dtensor(param)
+        and "exp_avg_absmax" in state
+        and not ("precond" in state and is_refresh_step(int(state["step"].item()) + 1, refresh))
+    )
+
+
+_CODEC_KINDS = {"exp_avg": 0, "exp_avg_sq": 1, "precond": 2}
+
+
+def _cpu_codec():
+    """The 8-bit C++ extension if it can run (it holds fast codecs), else None."""
+    from . import _cpu_kernel
+
+    return _cpu_kernel.kernel8() if _cpu_kernel.kernel8_unavailable_reason() is None else None
+
+
+def _sides(key: str, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    sides = [state[name] for name in _quant8.QUANTIZED_KEYS[key]]
+    return sides[0], sides[-1]
+
+
+def _decoded_by(codec, state: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_decoded` by the C++ codecs (CPU state)."""
+    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS}
+    for key in _quant8.QUANTIZED_KEYS:
+        if key in state:
+            out[key] = torch.empty(state[key].shape, dtype=torch.float32)
+            codec.decode(_CODEC_KINDS[key], state[key], *_sides(key, state), out[key])
+    return out
+
+
+def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
+    """Encode the fp32 ``value`` into the codes and side values of ``state[key]``, in place, by the C++ codecs."""
+    codec.encode(_CODEC_KINDS[key], value.contiguous(), state[key], *_sides(key, state))
+
+
+def _decoded(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with each 8-bit entry replaced by its fp32 tensor (full-precision entries as they are)."""
+    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS}
+    for key, sides in _quant8.QUANTIZED_KEYS.items():
+        if sides[0] in state:
+            out[key] = _quant8.dequantize(key, state)
+    return out
+
+
+def _encoded(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (full precision, DTensor entries as this rank's shard) with every moment and ``precond`` in 8 bits."""
+    out = {"step": state["step"]}
+    for key in _quant8.QUANTIZED_KEYS:
+        if key in state:
+            out.update(_quant8.quantize(key, local(state[key])))
+    return out
+
+
+class _positions_in:
+    """Context manager: a :class:`NonFinitePreconditionerError` raised for a sub-list reports the group position."""
+
+    def __init__(self, group: dict[str, Any], subset: list[Tensor]):
+        self.positions = [next(i for i, p in enumerate(group["params"]) if p is q) for q in subset]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        if isinstance(err, NonFinitePreconditionerError) and err.tensor_index < len(self.positions):
+            err.tensor_index = self.positions[err.tensor_index]
+        return False
+
+
+def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
+    """Check one tensor's saved state: Anon's checks for full-precision entries, dtypes and sizes for 8-bit ones."""
+    if not isinstance(tensor_state, dict) or not (_SIDE_KEYS & set(tensor_state)):
+        _validate_tensor_state(tensor_state, param, saved_id)
+        return
+    unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS
+    if unknown:
+        raise ValueError(f"State of param {saved_id} has keys {sorted(unknown)} that Anon8bit does not use.")
+    numel = local(param).numel()
+    blocks = -(-numel // _quant8.BLOCK)
+    for key, sides in _quant8.QUANTIZED_KEYS.items():
+        present = [name in tensor_state for name in (key, *sides)]
+        if not any(present):
+            continue
+        code_dtype = torch.int8 if key == "exp_avg" else torch.uint8
+        codes = tensor_state.get(key)
+        if not all(present) or not isinstance(codes, Tensor) or codes.dtype != code_dtype or codes.numel() != numel:
+            raise ValueError(
+                f"State '{key}' of param {saved_id} is not 8-bit state of this parameter: expected {code_dtype} codes "
+                f"of {numel} elements with side values {list(sides)}: the state dict belongs to another model, "
+                "another sharding, or is corrupted."
+            )
+        for side in sides:
+            value = tensor_state[side]
+            if not isinstance(value, Tensor) or not value.is_floating_point() or value.numel() != blocks:
+                raise ValueError(
+                    f"State '{side}' of param {saved_id} must be a float tensor of {blocks} values (one per block of "
+                    f"{_quant8.BLOCK}): the state dict belongs to another model or another sharding, or is corrupted."
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"State '{side}' of param {saved_id} holds nan or inf: the state dict is corrupted.")
+
+
+def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An ``Anon8bit`` state dict as the fp32 state dict :class:`anon_hf.Anon` loads (a new dict; the input is kept).
+
+    Each 8-bit entry becomes an fp32 tensor shaped like its codes; full-precision entries, steps and param groups are
+    copied as they are (``min_8bit_size`` is dropped from the groups). The reverse needs no function:
+    :meth:`Anon8bit.load_state_dict` takes an ``Anon`` state dict and quantizes it.
+    """
+    state = {key: _decoded(value) if isinstance(value, dict) else value for key, value in state_dict["state"].items()}
+    groups = [{k: v for k, v in group.items() if k != "min_8bit_size"} for group in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}
