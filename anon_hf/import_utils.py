@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 # pyproject.toml's extras declare the same ranges (tests/test_patches.py holds them equal).
 SUPPORTED_VERSIONS: dict[str, str] = {
     "transformers": ">=5.0,<6",
-    "accelerate": ">=1.10",
-    "deepspeed": ">=0.17",
+    "accelerate": ">=1.10,<2",
+    "deepspeed": ">=0.17,<0.20",
     "trl": ">=1.16,<2",
 }
 

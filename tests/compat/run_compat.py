@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{library}: no range declared in pyproject.toml; skipped", flush=True)
             continue
         picks = oldest_and_newest(library, ranges[library])
-        for which in args.which:
-            version = picks[which]
+        versions: dict[str, list[str]] = {}
+        for which in args.which:  # a range with one release runs it once, as both
+            versions.setdefault(picks[which], []).append(which)
+        for version, whiches in versions.items():
+            which = " = ".join(whiches)
             env_dir = args.dir / f"{library}-{version}"
             print(f"{library} {version} ({which} of {ranges[library]}): installing ...", flush=True)
             ok, pip_tail = make_env(env_dir, library, version)
