@@ -26,7 +26,7 @@ SUPPORTED_VERSIONS: dict[str, str] = {
     "transformers": ">=5.0,<6",
     "accelerate": ">=1.10,<2",
     "deepspeed": ">=0.17,<0.20",
-    "trl": ">=1.16,<2",
+    "trl": "~=1.16.0",
 }
 
 
@@ -53,21 +53,26 @@ def is_deepspeed_available() -> bool:
     return package_version("deepspeed") is not None
 
 
-def unsupported_version_message(package: str, version: str | None = None) -> str | None:
-    """Why ``package`` (installed ``version``, looked up if None) is outside its supported range; None if inside.
+def is_supported_version(package: str, version: str | None = None) -> bool:
+    """Whether ``package`` (installed ``version``, looked up if None) is inside its supported range.
 
-    A version that cannot be read (no metadata) or a package without a declared range is not reported.
+    A version that cannot be read (no metadata) or a package without a declared range counts as supported.
     """
     supported = SUPPORTED_VERSIONS.get(package)
     version = version if version is not None else package_version(package)
     if supported is None or version is None:
-        return None
+        return True
     # packaging is a dependency of every library in SUPPORTED_VERSIONS, so it is there whenever one is imported.
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    if SpecifierSet(supported).contains(Version(version), prereleases=True):
-        return None
+    return SpecifierSet(supported).contains(Version(version), prereleases=True)
+
+
+def unsupported_version_message(package: str, version: str | None = None) -> str:
+    """The warning for ``package`` outside its supported range (see :func:`is_supported_version`)."""
+    version = version if version is not None else package_version(package)
+    supported = SUPPORTED_VERSIONS[package]
     return (
         f"anon_hf supports {package}{supported} (the range its integration tests ran against); {package} {version} "
         f"is installed, so anon_hf's patches may fail or misbehave. pip install '{package}{supported}'."
@@ -84,8 +89,11 @@ def warn_if_unsupported(module: ModuleType) -> None:
         return
     _warned.add(package)
     try:
-        message = unsupported_version_message(package)
+        supported = is_supported_version(package)
     except Exception as err:  # an unreadable version string: say so, never break the user's import
-        message = f"anon_hf could not check the version of {package} against {SUPPORTED_VERSIONS[package]}: {err}"
-    if message is not None:
-        logger.warning(message)
+        logger.warning(
+            f"anon_hf could not check the version of {package} against {SUPPORTED_VERSIONS[package]}: {err}"
+        )
+        return
+    if not supported:
+        logger.warning(unsupported_version_message(package))

@@ -119,15 +119,17 @@ def _member_converter(member: Any) -> tuple[int, Callable[[str], Any]] | None:
     if origin is tuple:
         return 3, lambda text: _to_pair(text, member)
     if origin is typing.Literal:
-        choices = {str(choice): choice for choice in typing.get_args(member)}
-        return 4, lambda text: choices[text] if text in choices else _raise(f"expected one of {', '.join(choices)}")
+        return 4, lambda text: _to_choice(text, typing.get_args(member))
     if member is str:
         return 9, str
     return None
 
 
-def _raise(message: str) -> Any:
-    raise ValueError(message)
+def _to_choice(text: str, choices: tuple) -> Any:
+    by_text = {str(choice): choice for choice in choices}
+    if text not in by_text:
+        raise ValueError(f"expected one of {', '.join(by_text)}")
+    return by_text[text]
 
 
 def _from_text(text: str, hint: Any) -> Any:
@@ -140,13 +142,15 @@ def _from_text(text: str, hint: Any) -> Any:
     if _NONE_TYPE in members and text.lower() in _NONE:
         return None
     converters = sorted(filter(None, map(_member_converter, members)), key=lambda item: item[0])
-    reasons = []
+    errors: list[ValueError] = []
     for _, convert in converters:
         try:
             return convert(text)
         except ValueError as err:
-            reasons.append(str(err))
-    raise ValueError("; ".join(dict.fromkeys(reasons)) or "no text form")
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]  # one type: its own words
+    raise ValueError(f"cannot be read as {_describe(hint)}: {'; '.join(dict.fromkeys(map(str, errors)))}")
 
 
 def _describe(hint: Any) -> str:
