@@ -56,10 +56,9 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(full(torch.isfinite(tensor).all()))
 
 
-def _refresh_(
-    exp_avg_sqs: list[Tensor],
-    preconds: list[Tensor],
-    indices: list[int],
+def _stored_refresh(
+    exp_avg_sq: Tensor,
+    precond: Tensor,
     step: int,
     *,
     refresh: RefreshSchedule,
@@ -68,25 +67,39 @@ def _refresh_(
     eps: float,
     beta3: float,
     keep_unseen: bool,
+) -> Tensor:
+    """The preconditioner a refresh at ``step`` stores: :func:`refreshed_preconditioner` in ``precond``'s dtype."""
+    prev = previous_refresh_step(step, refresh)
+    return refreshed_preconditioner(
+        exp_avg_sq,
+        precond,
+        mode=refresh_mode(gamma, eps),
+        steps_since_refresh=step - prev,
+        first=prev == 0,
+        beta2=beta2,
+        gamma=gamma,
+        eps=eps,
+        beta3=beta3,
+        keep_unseen=keep_unseen,
+    ).to(precond.dtype)
+
+
+def _refresh_(
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    indices: list[int],
+    step: int,
+    *,
     on_nonfinite: str,
     tensor_positions: list[int] | None = None,
+    **refresh_kwargs,
 ) -> None:
-    """Refresh ``preconds[i]`` for ``i in indices`` (all at ``step``) and reset their accumulators."""
-    prev = previous_refresh_step(step, refresh)
-    mode = refresh_mode(gamma, eps)
+    """Refresh ``preconds[i]`` for ``i in indices`` (all at ``step``) and reset their accumulators.
+
+    ``refresh_kwargs``: the keyword arguments of :func:`_stored_refresh`.
+    """
     for i in indices:
-        new_precond = refreshed_preconditioner(
-            exp_avg_sqs[i],
-            preconds[i],
-            mode=mode,
-            steps_since_refresh=step - prev,
-            first=prev == 0,
-            beta2=beta2,
-            gamma=gamma,
-            eps=eps,
-            beta3=beta3,
-            keep_unseen=keep_unseen,
-        ).to(preconds[i].dtype)
+        new_precond = _stored_refresh(exp_avg_sqs[i], preconds[i], step, **refresh_kwargs)
         # A non-finite accumulator poisons the running mean for good even where the power maps it to a finite
         # number (inf**-0.5 == 0), so both the input and the result, as it will be stored, are checked.
         if not (_all_finite(exp_avg_sqs[i]) and _all_finite(new_precond)):
@@ -120,8 +133,6 @@ def _refresh_verdicts(
     """Per tensor index, whether refreshing it at ``step`` with this step's gradient gives a finite accumulator and
     preconditioner as stored; writes nothing. The fused path asks this of the tensors it hands to the eager path, so
     that a raise leaves the whole step unwritten."""
-    prev = previous_refresh_step(step, refresh)
-    mode = refresh_mode(gamma, eps)
     verdicts = {}
     for i in indices:
         precond = torch.view_as_real(preconds[i]) if torch.is_complex(preconds[i]) else preconds[i]
@@ -133,18 +144,17 @@ def _refresh_verdicts(
             grad = grad.add(param.to(compute), alpha=weight_decay)
         exp_avg_sq = torch.view_as_real(exp_avg_sqs[i]) if torch.is_complex(exp_avg_sqs[i]) else exp_avg_sqs[i]
         exp_avg_sq = exp_avg_sq.to(compute).mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        new_precond = refreshed_preconditioner(
+        new_precond = _stored_refresh(
             exp_avg_sq,
             precond,
-            mode=mode,
-            steps_since_refresh=step - prev,
-            first=prev == 0,
+            step,
+            refresh=refresh,
             beta2=beta2,
             gamma=gamma,
             eps=eps,
             beta3=beta3,
             keep_unseen=keep_unseen,
-        ).to(precond.dtype)
+        )
         verdicts[i] = _all_finite(exp_avg_sq) and _all_finite(new_precond)
     return verdicts
 

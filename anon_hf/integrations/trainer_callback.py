@@ -170,13 +170,7 @@ def preconditioner_stats(
             if total > 0:
                 stats[f"anon/group{index}/unseen_fraction"] = unseen / total
             continue
-        if 0.0 < lo < hi < math.inf:
-            cumulative = counts[row, :bins].cumsum(0)
-            k = int(torch.searchsorted(cumulative, cumulative[-1] / 2).item())
-            width = (math.log(hi) - math.log(lo)) / bins
-            median = math.exp(math.log(lo) + (k + 0.5) * width)
-        else:  # all equal (e.g. v == 1), or a zero/inf entry: no log histogram
-            median = lo if lo == hi else float("nan")
+        median = _histogram_median(counts[row, :bins], lo, hi)
         prefix = f"anon/group{index}/"
         stats[prefix + "precond_min"] = lo
         stats[prefix + "precond_median"] = median
@@ -185,6 +179,16 @@ def preconditioner_stats(
         stats[prefix + "step_size_spread"] = hi / lo if lo > 0 else math.inf
         stats[prefix + "unseen_fraction"] = unseen / total
     return stats
+
+
+def _histogram_median(counts: Tensor, lo: float, hi: float) -> float:
+    """The median of values whose log histogram between ``lo`` and ``hi`` is ``counts`` (1-D, float64)."""
+    if 0.0 < lo < hi < math.inf:
+        cumulative = counts.cumsum(0)
+        k = int(torch.searchsorted(cumulative, cumulative[-1] / 2).item())
+        width = (math.log(hi) - math.log(lo)) / len(counts)
+        return math.exp(math.log(lo) + (k + 0.5) * width)
+    return lo if lo == hi else float("nan")  # all equal (e.g. v == 1), or an inf entry: no log histogram
 
 
 class AnonCallback(TrainerCallback):
