@@ -398,7 +398,7 @@ def test_zero_supported_list_gets_anon_once():
     module = types.SimpleNamespace(ZERO_SUPPORTED_OPTIMIZERS=[torch.optim.AdamW])
     ds_integration.on_zero_utils_imported(module)
     ds_integration.on_zero_utils_imported(module)
-    assert module.ZERO_SUPPORTED_OPTIMIZERS == [torch.optim.AdamW, Anon]
+    assert module.ZERO_SUPPORTED_OPTIMIZERS == [torch.optim.AdamW, Anon, anon_hf.Anon8bit]
 
 
 def test_accelerate_swap_guard_refuses_anon_and_passes_other_optimizers():
