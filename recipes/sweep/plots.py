@@ -30,6 +30,8 @@ __all__ = ["plot_results"]
 BASELINE_STYLE = {
     "adamw": {"color": "black", "linestyle": "--"},
     "sgd(momentum=0.9)": {"color": "tab:gray", "linestyle": "-."},
+    "adamw (lr 5e-05)": {"color": "tab:gray", "linestyle": "--"},  # the finetune task's untuned AdamW
+    "adamw (from scratch)": {"color": "tab:brown", "linestyle": ":"},
 }
 METRIC_LABELS = {"eval_loss": "eval loss (lower is better)", "eval_accuracy": "eval accuracy (higher is better)"}
 
@@ -200,14 +202,16 @@ def markdown_table(results: dict) -> str:
     )
     seeds = results["settings"]["seeds"]
     lines = [
-        f"| configuration | --optim_args | lr (tuned on seed {results['settings']['tune_seed']}) "
+        f"| configuration | --optim_args | lr (tuned on seed {results['settings']['tune_seed']} unless fixed) "
         f"| final {metric}, mean ± std over seeds {seeds} | min .. max | vs AdamW |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         diverged = f" ({r['n_diverged']} diverged)" if r["n_diverged"] else ""
+        fixed = "" if r.get("lr_tuned", True) else " (fixed)"
         lines.append(
-            f"| {r['config']} | {_code(r.get('optim_args'))} | {r['lr']:g} | {r['mean']:.4f} ± {r['std']:.4f}{diverged} "
+            f"| {r['config']} | {_code(r.get('optim_args'))} | {r['lr']:g}{fixed} "
+            f"| {r['mean']:.4f} ± {r['std']:.4f}{diverged} "
             f"| {r['min']:.4f} .. {r['max']:.4f} | {r['vs_adamw']} |"
         )
     return "\n".join(lines) + "\n"
