@@ -25,7 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # `recipes.causal_lm.train` resolves as a namespace package from the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
-__all__ = ["PRETRAIN_ARGV", "TINY_ARGV", "pretrained"]
+__all__ = ["CACHE_DIR", "PRETRAIN_ARGV", "TINY_ARGV", "pretrained"]
+
+CACHE_DIR = REPO_ROOT / "outputs" / "pretrained"
 
 # 0.4M parameters (hidden 96, 3 layers; twice the sweep's causal_lm model) for 1,000 steps of 16 passages (about
 # 6.5 epochs of pydoc): its English carries over to the tweets, and a fine-tuning step stays near 0.1 s on one
@@ -81,7 +83,7 @@ TINY_ARGV = [
 _MARKER = "pretrain.json"  # written last: the folder is complete
 
 
-def pretrained(argv: list[str], cache_dir: str | Path = REPO_ROOT / "outputs" / "pretrained") -> Path:
+def pretrained(argv: list[str], cache_dir: str | Path = CACHE_DIR) -> Path:
     """The folder of the model ``train.py`` trains with ``argv`` on pydoc, built now unless it is cached.
 
     ``argv`` is the recipe's argv without output flags; the folder name is ``pydoc-<first 12 hex digits of the
@@ -113,7 +115,7 @@ def pretrained(argv: list[str], cache_dir: str | Path = REPO_ROOT / "outputs" / 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--cache_dir", default=str(REPO_ROOT / "outputs" / "pretrained"))
+    parser.add_argument("--cache_dir", default=str(CACHE_DIR))
     parser.add_argument("--tiny", action="store_true", help="a tiny model in seconds (plumbing checks)")
     args = parser.parse_args(argv)
     folder = pretrained(TINY_ARGV if args.tiny else PRETRAIN_ARGV, args.cache_dir)

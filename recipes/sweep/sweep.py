@@ -65,7 +65,7 @@ class Config:
 class Task:
     """How to run one recipe: its module, fixed argv, the metric to report and AdamW's starting lr grid.
 
-    ``prepare(tiny)`` (optional) builds what the runs need before the first one and returns text substitutions
+    ``prepare(tiny, cache_dir)`` (optional) builds what the runs need before the first one and returns text substitutions
     for the argv, e.g. ``{"{pretrained}": folder}``; ``base_argv`` keeps the placeholder, so ``--reuse`` compares
     settings, not machine paths. ``make_configs`` (optional) replaces the gamma grid of :func:`configs`.
     """
@@ -80,7 +80,7 @@ class Task:
     max_steps: int = 300
     gammas: tuple[float, ...] = DEFAULT_GAMMAS
     anon_optim_args: str = "eps=1e-8"
-    prepare: Callable[[bool], dict[str, str]] | None = None
+    prepare: Callable[[bool, str | None], dict[str, str]] | None = None
     make_configs: Callable[[list[float], str], list[Config]] | None = None
 
     def runner(self) -> Callable[[list[str]], dict[str, Any]]:
@@ -111,10 +111,12 @@ def finetune_configs(gammas: list[float], anon_optim_args: str = "") -> list[Con
     return out
 
 
-def _pretrained_pydoc(tiny: bool) -> dict[str, str]:
+def _pretrained_pydoc(tiny: bool, cache_dir: str | None) -> dict[str, str]:
     from recipes.causal_lm import pretrain
 
-    folder = pretrain.pretrained(pretrain.TINY_ARGV if tiny else pretrain.PRETRAIN_ARGV)
+    folder = pretrain.pretrained(
+        pretrain.TINY_ARGV if tiny else pretrain.PRETRAIN_ARGV, cache_dir or pretrain.CACHE_DIR
+    )
     return {"{pretrained}": str(folder)}
 
 
@@ -472,7 +474,7 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
         cfgs = task.make_configs(args.gammas, args.anon_optim_args)
     else:
         cfgs = configs(args.gammas, args.anon_optim_args, tuple(args.default_eps_gammas))
-    args.substitutions = task.prepare(args.tiny) if task.prepare is not None else {}
+    args.substitutions = task.prepare(args.tiny, args.cache_dir) if task.prepare is not None else {}
     args.cache = {}
     for path in args.reuse or []:
         args.cache.update(load_reusable_runs(path, task, args, cfgs))
@@ -581,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         nargs="+",
         default=None,
         help="earlier <task>.json files whose runs with the same settings (and Anon rule) are reused",
+    )
+    parser.add_argument(
+        "--cache_dir", default=None, help="where the finetune task's pretrained model is cached (outputs/pretrained)"
     )
     parser.add_argument("--lr_points", type=int, default=None, help="use only this many grid points (centred)")
     parser.add_argument(
