@@ -16,6 +16,10 @@ no dampening) sits two half-decades below gamma = 0 (lr scaled by 1 - beta1). Th
 
     python recipes/sweep/sweep.py --task causal_lm --out_dir docs/assets/sweep
     python recipes/sweep/sweep.py --task causal_lm --tiny --out_dir /tmp/sweep   # seconds: checks the plumbing
+    python recipes/sweep/sweep.py --task finetune --out_dir docs/assets/sweep     # pretrains once (cached), then sweeps
+
+The ``finetune`` task fine-tunes a model pretrained here (``recipes/causal_lm/pretrain.py``) on another domain and
+compares fixed configurations (:func:`finetune_configs`) instead of a gamma grid.
 """
 
 from __future__ import annotations
