@@ -412,10 +412,12 @@ def test_sweep_reuses_anon_runs_only_under_the_same_refresh_rule(sweep, tmp_path
 
 
 def test_finetune_configs_compare_defaults_tuned_and_from_scratch(sweep):
-    cfgs = {c.name: c for c in sweep.finetune_configs([0.5, 1.0])}
+    assert "anon(gamma=1, eps=1e-8)" not in {c.name for c in sweep.finetune_configs([0.5, 1.0])}
+    cfgs = {c.name: c for c in sweep.finetune_configs([0.5, 1.0], anon_optim_args="eps=1e-8")}
     assert list(cfgs) == [
         "anon (defaults)",
         "anon(gamma=0.5)",
+        "anon(gamma=1, eps=1e-8)",
         "anon (defaults, lr 5e-05)",
         "adamw",
         "adamw (lr 5e-05)",
@@ -425,7 +427,8 @@ def test_finetune_configs_compare_defaults_tuned_and_from_scratch(sweep):
     assert cfgs["anon (defaults, lr 5e-05)"].optim_args is None and cfgs["anon (defaults, lr 5e-05)"].fixed_lr == 5e-5
     assert cfgs["adamw (lr 5e-05)"].fixed_lr == 5e-5  # TrainingArguments' default lr
     assert cfgs["adamw (from scratch)"].argv == ("--from_scratch", "true")
-    assert cfgs["anon(gamma=0.5)"].grid_offset == 2
+    assert cfgs["anon(gamma=0.5)"].grid_offset == 2 and cfgs["anon(gamma=0.5)"].optim_args == "gamma=0.5"
+    assert cfgs["anon(gamma=1, eps=1e-8)"].optim_args == "gamma=1,eps=1e-8"
 
 
 def test_sweep_verdict_needs_two_standard_errors(sweep):
@@ -505,7 +508,7 @@ def test_sweep_tiny_mode_runs_the_finetune_task(sweep, tmp_path):
     (folder,) = cache.iterdir()  # the tiny pretrained model, built by the sweep
     assert results["settings"]["prepared"] == {"{pretrained}": folder.name}
     assert "{pretrained}" in results["settings"]["base_argv"]
-    assert {run["config"] for run in results["runs"]} == {c.name for c in sweep.finetune_configs([0.5])}
+    assert {run["config"] for run in results["runs"]} == {c.name for c in sweep.finetune_configs([0.5], "eps=1e-8")}
     fixed = [run for run in results["runs"] if run["config"].endswith("lr 5e-05)")]
     assert len(fixed) == 2 and all(run["lr"] == 5e-5 for run in fixed)
     assert not any(run["config"].endswith("lr 5e-05)") for run in results["lr_grid"])  # fixed lrs are not tuned

@@ -37,11 +37,15 @@ METRIC_LABELS = {"eval_loss": "eval loss (lower is better)", "eval_accuracy": "e
 
 
 VARIANT_STYLE = {"color": "tab:red", "linestyle": ":"}
+VARIANT_STYLES = {  # the finetune task's Anon rows beside the gamma line
+    "explicit": {"color": "tab:purple", "linestyle": "-."},
+    "Trainer's lr": {"color": "tab:orange", "linestyle": ":"},
+}
 
 
 def _style(config: str, gamma: float | None, gammas: list[float], variant: str | None = None) -> dict:
     if variant is not None:
-        return VARIANT_STYLE
+        return VARIANT_STYLES.get(variant, VARIANT_STYLE)
     if gamma is None:
         return BASELINE_STYLE.get(config, {"color": "tab:brown", "linestyle": ":"})
     cmap = matplotlib.colormaps["viridis"]
@@ -126,13 +130,14 @@ def plot_metric_vs_gamma(results: dict, path: Path) -> None:
     )
     for row in variants:
         values = [r["metric"] for r in results["runs"] if r["config"] == row["config"] and not r["diverged"]]
-        ax.scatter([row["gamma"]] * len(values), values, color="tab:red", alpha=0.45, s=18, marker="x", zorder=3)
+        color = VARIANT_STYLES.get(row["variant"], VARIANT_STYLE)["color"]
+        ax.scatter([row["gamma"]] * len(values), values, color=color, alpha=0.45, s=18, marker="x", zorder=3)
         if math.isfinite(row["mean"]):
             ax.errorbar(
                 [row["gamma"]],
                 [row["mean"]],
                 yerr=[row["std"]],
-                color="tab:red",
+                color=color,
                 marker="s",
                 capsize=4,
                 linestyle="none",

@@ -99,15 +99,19 @@ def finetune_configs(gammas: list[float], anon_optim_args: str = "") -> list[Con
     Trainer's default lr, and AdamW on the same architecture from random weights (what pretraining brings).
 
     ``anon (defaults)`` passes no ``--optim_args`` at all (gamma 1, eps 1e-16, keep_unseen) and has its lr tuned;
-    the other gammas get ``gamma=<g>`` plus ``anon_optim_args``.
+    each other gamma gets ``gamma=<g>`` (the library's eps). With ``anon_optim_args`` (e.g. ``"eps=1e-8"``), gamma 1
+    is also run with them, as the control that shows whether the defaults still need that setting.
     """
-    extra = f",{anon_optim_args}" if anon_optim_args else ""
     out = [Config("anon (defaults)", "anon", None, 1.0, 0)]
     out += [
-        Config(f"anon(gamma={g:g})", "anon", f"gamma={g:g}{extra}", float(g), round(4 * (1 - g)))
+        Config(f"anon(gamma={g:g})", "anon", f"gamma={g:g}", float(g), round(4 * (1 - g)))
         for g in sorted(gammas)
         if g != 1.0
     ]
+    if anon_optim_args:
+        out.append(
+            Config(f"anon(gamma=1, {anon_optim_args})", "anon", f"gamma=1,{anon_optim_args}", 1.0, 0, "explicit")
+        )
     out.append(Config(f"anon (defaults, lr {HF_DEFAULT_LR:g})", "anon", None, 1.0, 0, "Trainer's lr", HF_DEFAULT_LR))
     out.append(Config("adamw", "adamw_torch", None, None, 0))
     out.append(Config(f"adamw (lr {HF_DEFAULT_LR:g})", "adamw_torch", None, None, 0, fixed_lr=HF_DEFAULT_LR))
@@ -197,7 +201,7 @@ TASKS = {
         tiny_argv=["--max_train_samples", "64", "--max_eval_samples", "16"],
         max_steps=150,
         gammas=(0.5,),
-        anon_optim_args="",
+        anon_optim_args="eps=1e-8",
         prepare=_pretrained_pydoc,
         make_configs=finetune_configs,
     ),
@@ -565,8 +569,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--anon_optim_args",
         default=None,
         help="added to every Anon run's --optim_args except the library-default rows; '' for none "
-        "(default: the task's, eps=1e-8 for causal_lm and classification as in their committed sweeps, '' for "
-        "finetune)",
+        "(default: eps=1e-8; the finetune task adds it to a gamma=1 control row only)",
     )
     parser.add_argument(
         "--default_eps_gammas",
