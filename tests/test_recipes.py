@@ -515,3 +515,21 @@ def test_sweep_tiny_mode_runs_the_finetune_task(sweep, tmp_path):
     assert all(math.isfinite(run["metric"]) for run in results["runs"])
     assert "5e-05 (fixed)" in (out / "finetune_summary.md").read_text()
     assert (out / "finetune_loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@require_transformers
+def test_probe_prints_the_largest_preconditioners_around_refreshes(capsys, tmp_path):
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from recipes.causal_lm import train
+    from recipes.sweep import probe
+
+    try:
+        argv = ["--optim", "anon", "--max_steps", "5", "--save_final_model", "false", "--output_dir", str(tmp_path)]
+        result = probe.main(argv + TINY)
+    finally:
+        train.Trainer = probe.transformers.Trainer  # the module-level fixture shares `train`
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 1", "step 2", "step 3", "step 4", "step 5"]
+    assert all(line.count("max v ") == 3 for line in lines)
+    assert math.isfinite(result["eval"]["eval_loss"])
