@@ -533,3 +533,13 @@ def test_probe_prints_the_largest_preconditioners_around_refreshes(capsys, tmp_p
     assert [line.split(":")[0] for line in lines] == ["step 1", "step 2", "step 3", "step 4", "step 5"]
     assert all(line.count("max v ") == 3 for line in lines)
     assert math.isfinite(result["eval"]["eval_loss"])
+
+
+def test_plot_legend_names_the_options_the_gamma_rows_share():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from recipes.sweep.plots import _shared_options
+
+    assert _shared_options([{"optim_args": "gamma=0,eps=1e-8"}, {"optim_args": "gamma=1,eps=1e-8"}]) == "eps=1e-8"
+    assert _shared_options([{"optim_args": None}, {"optim_args": "gamma=0.5"}]) == "library eps"
+    assert _shared_options([{"optim_args": "gamma=1"}, {"optim_args": "gamma=0.5,eps=1e-8"}]) == "mixed"

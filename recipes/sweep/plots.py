@@ -99,6 +99,12 @@ def plot_loss_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _shared_options(rows: list[dict]) -> str:
+    """The --optim_args the gamma rows share besides gamma (e.g. ``eps=1e-8``), or ``library eps`` when none."""
+    extras = {(row.get("optim_args") or "").partition(",")[2] for row in rows}
+    return extras.pop() if len(extras) == 1 and "" not in extras else "library eps" if extras == {""} else "mixed"
+
+
 def plot_metric_vs_gamma(results: dict, path: Path) -> None:
     metric = results["metric"]
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
@@ -125,7 +131,7 @@ def plot_metric_vs_gamma(results: dict, path: Path) -> None:
         marker="o",
         capsize=4,
         linewidth=1.8,
-        label=f"Anon, {results['settings'].get('anon_optim_args') or 'default eps'}: mean ± std (dots: seeds)",
+        label=f"Anon, {_shared_options(anon)}: mean ± std (dots: seeds)",
         zorder=4,
     )
     for row in variants:
