@@ -349,6 +349,18 @@ class Anon(torch.optim.Optimizer):
         if "_sync" not in self.__dict__:
             self._sync = RefreshSyncChecker()
 
+    def _validate_saved(self, state_dict: dict[str, Any], validate_tensor_state) -> None:
+        """Check the saved groups, then each saved tensor state with ``validate_tensor_state(state, param, id)``,
+        before anything is loaded (when the saved groups hold as many params as this optimizer's)."""
+        self._check_saved_groups(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        state = state_dict["state"]
+        if len(saved_ids) == len(params):
+            for param, saved_id in zip(params, saved_ids, strict=True):
+                if saved_id in state:
+                    validate_tensor_state(state[saved_id], param, saved_id)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by :meth:`state_dict`; refuse one from another optimizer or model.
 
@@ -357,14 +369,7 @@ class Anon(torch.optim.Optimizer):
                 written by another optimizer, e.g. AdamW; a saved group holds a hyperparameter outside its range;
                 or a tensor's state has the wrong keys, types, shapes or values.
         """
-        self._check_saved_groups(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        state = state_dict["state"]
-        if len(saved_ids) == len(params):
-            for param, saved_id in zip(params, saved_ids, strict=False):
-                if saved_id in state:
-                    _validate_tensor_state(state[saved_id], param, saved_id)
+        self._validate_saved(state_dict, _validate_tensor_state)
         super().load_state_dict(state_dict)
         # torch casts loaded state to each param's dtype; put state kept in precond_dtype / moments_dtype back.
         for group in self.param_groups:

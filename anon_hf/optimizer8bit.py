@@ -250,14 +250,10 @@ class Anon8bit(Anon):
         Raises:
             ValueError: as :meth:`Anon.load_state_dict`, and for 8-bit entries of the wrong dtype or size.
         """
-        self._check_saved_groups(state_dict)
+        self._validate_saved(state_dict, _validate_saved)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         saved = state_dict["state"]
-        if len(saved_ids) == len(params):
-            for param, saved_id in zip(params, saved_ids, strict=True):
-                if saved_id in saved:
-                    _validate_saved(saved[saved_id], param, saved_id)
         torch.optim.Optimizer.load_state_dict(self, state_dict)
         groups = {p: group for group in self.param_groups for p in group["params"]}
         for param, saved_id in zip(params, saved_ids, strict=False):
