@@ -3,10 +3,10 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 
 from anon_hf import cli
@@ -33,7 +33,7 @@ def env(**extra):
 
 
 def run(command, **kwargs):
-    return subprocess.run(command, capture_output=True, text=True, env=kwargs.pop("env", env()), **kwargs)
+    return launch.run(command, env=kwargs.pop("env", env()), **kwargs)
 
 
 def read_results(output_dir, world_size):

@@ -23,6 +23,7 @@ import sys
 import time
 import types
 
+import launch
 import pytest
 import torch
 from crash.ports import free_port
@@ -63,7 +64,7 @@ def torchrun(script: str, out_dir, *args, nproc: int = 2, timeout: float = 900, 
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, **(env or {})}
     start = time.monotonic()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    proc = launch.run(command, timeout=timeout, env=full_env, cwd=ROOT)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 

@@ -6,10 +6,10 @@ DPOTrainer and a PEFT LoRA model under the Trainer with `optim="anon"`, with exa
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 
@@ -41,7 +41,7 @@ def env(**extra):
 
 
 def run(command, **kwargs):
-    return subprocess.run(command, capture_output=True, text=True, env=env(), timeout=600, **kwargs)
+    return launch.run(command, env=env(), timeout=600, **kwargs)
 
 
 def assert_checkpoint_holds_anon(checkpoint: Path, gamma: float = 1.1, groups: int = 2):
@@ -122,10 +122,8 @@ def test_anon_hf_run_deepspeed_launcher(tmp_path):
     # `deepspeed` is a plain script, not an entry point: found in this interpreter's scripts folder.
     out = tmp_path / "out"
     command = [str(BIN / "anon-hf"), "run", "deepspeed", "--num_gpus", "2", "--master_port", "29523", str(TRAIN)]
-    result = subprocess.run(
+    result = launch.run(
         [*command, "--output_dir", str(out), *COMMON, "--per_device_train_batch_size", "4"],
-        capture_output=True,
-        text=True,
         env=env(DS_ACCELERATOR="cpu"),
         timeout=600,
     )

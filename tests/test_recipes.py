@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 
 from anon_hf.import_utils import is_transformers_available
@@ -37,7 +38,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = launch.run(cmd, cwd=REPO, env=_env(), timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -265,12 +266,10 @@ def test_causal_lm_under_the_recipe_configs(launcher, tmp_path):
     if not config.is_file():
         pytest.skip(f"{config.name} is not in recipes/configs (issue 4 owns it)")
     cmd += ["--use_cpu", "true", "--max_steps", "3", "--output_dir", str(tmp_path), "--log_level", "info"]
-    proc = subprocess.run(
+    proc = launch.run(
         cmd + ["--save_final_model", "false"] + TINY,
         cwd=REPO,
         env=dict(_env(), DS_ACCELERATOR="cpu"),
-        capture_output=True,
-        text=True,
         timeout=400,
     )
     log = proc.stdout + proc.stderr
