@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -80,6 +82,21 @@ def finish() -> None:
     """A barrier before tearing the group down: without it gloo sometimes aborts at exit."""
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_cases(runs: dict[str, Callable[[], None]], only: list[str], report: Report) -> None:
+    """Run the cases named in ``only`` (all when empty) in order, each followed by a barrier; a failing case's
+    traceback goes to ``report["<name>_error"]`` and the others still run. Then :func:`finish`."""
+    for name, run in runs.items():
+        if only and name not in only:
+            continue
+        try:
+            run()
+        except Exception:
+            report[f"{name}_error"] = traceback.format_exc()
+            traceback.print_exc()
+        dist.barrier()
+    finish()
 
 
 class Report:

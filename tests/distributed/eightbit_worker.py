@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,12 +25,12 @@ from _common import (  # noqa: E402
     SAVE_AT,
     Report,
     causal_lm_loss,
-    finish,
     global_batches,
     init_process_group,
     local_rows,
     max_abs_diff,
     reference_run,
+    run_cases,
     tiny_llama,
 )
 from engines_worker import ds_config, ds_train, zero_full_params, zero_partitions  # noqa: E402
@@ -153,16 +151,7 @@ def main(out_dir: str, only: list[str]) -> None:
         import deepspeed  # `import anon_hf` registered its hooks: ZeRO accepts Anon8bit from here on
 
         deepspeed.init_distributed(dist_backend="gloo")
-    for name, run in runs.items():
-        if only and name not in only:
-            continue
-        try:
-            run()
-        except Exception:
-            report[f"{name}_error"] = traceback.format_exc()
-            traceback.print_exc()
-        dist.barrier()
-    finish()
+    run_cases(runs, only, report)
 
 
 if __name__ == "__main__":
