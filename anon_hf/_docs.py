@@ -11,6 +11,7 @@ __all__ = [
     "moments_dtype_doc",
     "maximize_doc",
     "keep_unseen_doc",
+    "max_precond_ratio_doc",
 ]
 
 gamma_doc = r"""gamma (float, optional): power applied to the second-moment estimate before it becomes the
@@ -76,3 +77,13 @@ keep_unseen_doc = r"""keep_unseen (bool, optional): at a refresh, an element wit
             :math:`\sigma = \epsilon`, so its preconditioner grows towards :math:`\epsilon^{-\gamma/2}` (1e8 at
             the defaults) and its first gradient after that takes a step that many times too large
             (default: True)"""
+
+max_precond_ratio_doc = r"""max_precond_ratio (float or None, optional): between refreshes, an element's step uses
+            :math:`\min(v, r \, \sigma_t^{-\gamma/2})`, with :math:`\sigma_t` the same estimate a refresh takes
+            (:math:`s_t / (1 - \beta_2^{n}) + \epsilon`) over the :math:`n` gradients since the last refresh and
+            :math:`r` this ratio, >= 1. :math:`v` averages earlier intervals, so an element whose gradients were
+            tiny then and are large now (embedding and output rows of rare tokens) would otherwise step by
+            thousands of lr until the next refresh; Adam's per-step second moment bounds such a step, and this is
+            the same bound, effective only where :math:`v` exceeds it ``r``-fold. Costs a multiply and a compare per
+            element per step in the fused kernel (a square root where it binds). ``None`` turns it off: with
+            ``keep_unseen=False`` that is the published algorithm exactly (default: 10.0)"""

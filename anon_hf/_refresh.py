@@ -16,6 +16,13 @@ gets ``sigma = eps`` and ``v = eps**(-gamma / 2)`` (1e8 at the defaults), which 
 New state holds ``v = 0`` ("not seen yet"): such an element takes no step until a refresh has seen its gradient, then
 starts its mean from that refresh, as the whole tensor does at step 1.
 
+Between refreshes, :func:`limited_preconditioner` is what a step multiplies the first moment by: ``v``, but at most
+``max_ratio`` times ``sigma_t**(-gamma / 2)``, where ``sigma_t`` is the same estimate as a refresh's, taken over the
+gradients since the last refresh (``max_precond_ratio``, 10 by default). ``v`` is the mean over earlier intervals; an
+element whose gradients were tiny then and are large now (an embedding row of a rare token, the output row of a token
+that appears late) would otherwise step by ``v * m``, thousands of times lr, until the next refresh. Adam's per-step
+second moment bounds such a step; this is the same bound, applied only where ``v`` exceeds it by the ratio.
+
 Nothing here imports anything but torch.
 """
 
@@ -26,7 +33,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["REFRESH_MODES", "refresh_mode", "refreshed_preconditioner"]
+__all__ = [
+    "REFRESH_MODES",
+    "inverse_bias_correction",
+    "limited_preconditioner",
+    "refresh_mode",
+    "refreshed_preconditioner",
+]
 
 #: The ways to compute ``sigma**gamma``: ``"one"`` (gamma == 1: no power), ``"pow"`` (directly) and ``"log"`` (in log
 #: space). The C++ kernel exports the same names with its own codes and is checked against this tuple when it loads.
@@ -47,6 +60,35 @@ def refresh_mode(gamma: float, eps: float) -> str:
     if abs(gamma) <= 1.0 and eps >= _SMALLEST_DIRECT_EPS:
         return "one" if gamma == 1.0 else "pow"
     return "log"
+
+
+def inverse_bias_correction(beta2: float, steps_since_refresh: int) -> float:
+    """``1 / (1 - beta2**n)``: what the accumulator, ``n`` gradients after its last reset, is multiplied by to estimate
+    the mean of ``g**2`` (``sigma = s * inverse_bias_correction + eps``)."""
+    return 1.0 / (1.0 - beta2**steps_since_refresh)
+
+
+def limited_preconditioner(
+    exp_avg_sq: Tensor,
+    precond: Tensor,
+    *,
+    steps_since_refresh: int,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    max_ratio: float,
+) -> Tensor:
+    """The preconditioner a step between refreshes uses: ``min(v, max_ratio * sigma_t**(-gamma / 2))``.
+
+    ``sigma_t = s / (1 - beta2**n) + eps`` with ``s`` the accumulator ``n >= 1`` gradients after its last reset (this
+    step's included). ``exp_avg_sq`` and ``precond`` are of one shape (any dtypes); a new tensor in
+    ``promote_types(precond.dtype, float32)``, the inputs are untouched. ``sigma_t**(-gamma / 2)`` may overflow to inf
+    or underflow to 0 (gamma far from 0, tiny sigma): the minimum then keeps ``v``, or gives 0 where ``v`` is as small.
+    """
+    compute_dtype = torch.promote_types(precond.dtype, torch.float32)
+    sigma = exp_avg_sq.to(compute_dtype).mul(inverse_bias_correction(beta2, steps_since_refresh)).add_(eps)
+    limit = sigma.rsqrt_() if gamma == 1.0 else sigma.pow_(-0.5 * gamma)
+    return torch.minimum(precond.to(compute_dtype), limit.mul_(max_ratio))
 
 
 def refreshed_preconditioner(
@@ -70,7 +112,7 @@ def refreshed_preconditioner(
     compute_dtype = torch.promote_types(precond.dtype, torch.float32)
     accumulator = exp_avg_sq.to(compute_dtype)
     previous = precond.to(compute_dtype)
-    sigma = accumulator.div(1.0 - beta2**steps_since_refresh).add_(eps)
+    sigma = accumulator.mul(inverse_bias_correction(beta2, steps_since_refresh)).add_(eps)
     averaged = not first and beta3 > 0.0
     # Where v is still 0 the mean starts here: the averaged formula would read u_prev = 0**-2 = inf.
     seen = previous > 0 if averaged and keep_unseen else None

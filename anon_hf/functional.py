@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._dtensor import full
-from ._refresh import refresh_mode, refreshed_preconditioner
+from ._refresh import limited_preconditioner, refresh_mode, refreshed_preconditioner
 from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
@@ -177,6 +177,7 @@ def _single_tensor_anon(
     refresh: RefreshSchedule,
     beta3: float,
     keep_unseen: bool,
+    max_precond_ratio: float | None,
     bounds: tuple[float | None, float | None] | None,
     maximize: bool,
     on_nonfinite: str,
@@ -236,7 +237,20 @@ def _single_tensor_anon(
                     tensor_positions=[i],
                 )
                 refreshed.append(step)
-            param.addcmul_(update, precond if compute is None else precond.to(compute), value=-step_size)
+                used = precond
+            elif max_precond_ratio is None:
+                used = precond
+            else:
+                used = limited_preconditioner(
+                    exp_avg_sq,
+                    precond,
+                    steps_since_refresh=step - previous_refresh_step(step, refresh),
+                    beta2=beta2,
+                    gamma=gamma,
+                    eps=eps,
+                    max_ratio=max_precond_ratio,
+                )
+            param.addcmul_(update, used if compute is None else used.to(compute), value=-step_size)
 
         if bounds is not None:
             param.clamp_(min=bounds[0], max=bounds[1])
@@ -255,6 +269,24 @@ def _refresh_due_(
     for step, indices in refresh_at.items():
         _refresh_(exp_avg_sqs, preconds, indices, step, tensor_positions=positions, **refresh_kwargs)
     return set(refresh_at)
+
+
+def _limited_between_refreshes(
+    exp_avg_sqs: list[Tensor], preconds: list[Tensor], steps: list[int], *, refresh: RefreshSchedule, **limit_kwargs
+) -> list[Tensor]:
+    """``preconds`` with each tensor not refreshed at its step (``steps[i]``, already advanced) replaced by its
+    :func:`anon_hf._refresh.limited_preconditioner`; a refreshed one is used as stored (its accumulator was just
+    reset, and ``v`` was built from this interval's gradients)."""
+    used = list(preconds)
+    for i, step in enumerate(steps):
+        if not is_refresh_step(step, refresh):
+            used[i] = limited_preconditioner(
+                exp_avg_sqs[i],
+                preconds[i],
+                steps_since_refresh=step - previous_refresh_step(step, refresh),
+                **limit_kwargs,
+            )
+    return used
 
 
 def _foreach_update_params_(
@@ -305,6 +337,7 @@ def _multi_tensor_anon(
     refresh: RefreshSchedule,
     beta3: float,
     keep_unseen: bool,
+    max_precond_ratio: float | None,
     bounds: tuple[float | None, float | None] | None,
     maximize: bool,
     on_nonfinite: str,
@@ -371,6 +404,17 @@ def _multi_tensor_anon(
                 on_nonfinite=on_nonfinite,
             )
         preconds_c = device_preconds if compute is None else [v.to(compute) for v in device_preconds]
+        if preconditioned and max_precond_ratio is not None:
+            preconds_c = _limited_between_refreshes(
+                device_exp_avg_sqs,
+                preconds_c,
+                steps,
+                refresh=refresh,
+                beta2=beta2,
+                gamma=gamma,
+                eps=eps,
+                max_ratio=max_precond_ratio,
+            )
         _foreach_update_params_(device_params, exp_avgs_c, preconds_c, steps, lr=lr, beta1=beta1, bounds=bounds)
     return sorted(refreshed)
 
@@ -395,6 +439,7 @@ def anon(
     refresh: RefreshSchedule = "pow2",
     beta3: float = 0.5,
     keep_unseen: bool = True,
+    max_precond_ratio: float | None = 10.0,
     bounds: tuple[float | None, float | None] | None = None,
     maximize: bool = False,
     on_nonfinite: str = "raise",
@@ -445,6 +490,7 @@ def anon(
         refresh=refresh,
         beta3=beta3,
         keep_unseen=keep_unseen,
+        max_precond_ratio=max_precond_ratio,
         bounds=bounds,
         maximize=maximize,
         on_nonfinite=on_nonfinite,

@@ -17,6 +17,7 @@ from ._docs import (
     fused_doc,
     gamma_doc,
     keep_unseen_doc,
+    max_precond_ratio_doc,
     maximize_doc,
     moments_dtype_doc,
     precond_dtype_doc,
@@ -110,6 +111,12 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     weight_decay = group["weight_decay"]
     if not _is_real_number(weight_decay) or not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (allowed: a finite float >= 0)")
+    ratio = group["max_precond_ratio"]
+    if ratio is not None and (not _is_real_number(ratio) or not ratio >= 1.0):
+        raise ValueError(
+            f"Invalid max_precond_ratio value: {ratio!r} (allowed: None to turn the limit off, or a float >= 1, "
+            "inf included; 10 is the default)"
+        )
     validate_refresh(group["refresh"])
     bounds = group["bounds"]
     if bounds is not None:
@@ -142,7 +149,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
 
 def _as_python_numbers(group: dict[str, Any]) -> None:
     """Store numpy scalars as Python floats, so state dicts load with ``torch.load(weights_only=True)``."""
-    for key in ("lr", "gamma", "eps", "weight_decay", "beta3"):
+    for key in ("lr", "gamma", "eps", "weight_decay", "beta3", "max_precond_ratio"):
         if key in group and _is_real_number(group[key]) and type(group[key]) is not float:
             group[key] = float(group[key])
     if isinstance(group.get("betas"), (tuple, list)):
@@ -181,7 +188,9 @@ class Anon(torch.optim.Optimizer):
     refreshes, i.e. :math:`v^2` is their harmonic mean. The refresh runs before the step's update, so step 1
     already uses :math:`v` built from :math:`g_1`. With ``keep_unseen`` (the default) the refresh is taken per
     element: one whose :math:`s_t = 0` (no gradient since :math:`t_{prev}`) keeps its :math:`u`, and one no refresh
-    has seen a gradient of yet starts at :math:`u = \sigma^{\gamma}`. For the details, see `Anon: Extrapolating Adaptivity Beyond
+    has seen a gradient of yet starts at :math:`u = \sigma^{\gamma}`. Between refreshes a step uses at most
+    ``max_precond_ratio`` times the preconditioner its gradients since :math:`t_{prev}` alone would give. For the
+    details, see `Anon: Extrapolating Adaptivity Beyond
     SGD and Adam <https://arxiv.org/abs/2605.02317>`_ and ``docs/algorithm.md``.
 
     Args:
@@ -213,6 +222,9 @@ class Anon(torch.optim.Optimizer):
             (default: None)
         """
         + keep_unseen_doc
+        + r"""
+        """
+        + max_precond_ratio_doc
         + r"""
         """
         + maximize_doc
@@ -278,6 +290,7 @@ class Anon(torch.optim.Optimizer):
         beta3: float = 0.5,
         bounds: Bounds = None,
         keep_unseen: bool = True,
+        max_precond_ratio: float | None = 10.0,
         *,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -298,6 +311,7 @@ class Anon(torch.optim.Optimizer):
             beta3=beta3,
             bounds=tuple(bounds) if isinstance(bounds, list) else bounds,
             keep_unseen=keep_unseen,
+            max_precond_ratio=max_precond_ratio,
             maximize=maximize,
             foreach=foreach,
             fused=fused,
@@ -337,6 +351,7 @@ class Anon(torch.optim.Optimizer):
             group.setdefault("moments_dtype", None)
             group.setdefault("bounds", None)
             group.setdefault("keep_unseen", True)
+            group.setdefault("max_precond_ratio", 10.0)
             group.setdefault("on_nonfinite", "raise")
             group.setdefault("differentiable", False)
         # A step saved as a plain number (hand-made or older state dicts) becomes the tensor step() expects.
@@ -554,6 +569,7 @@ def _update_kwargs(group: dict[str, Any]) -> dict[str, Any]:
         beta3=group["beta3"],
         bounds=group["bounds"],
         keep_unseen=group["keep_unseen"],
+        max_precond_ratio=group["max_precond_ratio"],
         maximize=group["maximize"],
         on_nonfinite=group["on_nonfinite"],
     )

@@ -36,11 +36,13 @@ class ReferenceAnon:
         bounds=None,
         maximize: bool = False,
         keep_unseen: bool = True,
+        max_precond_ratio: float | None = 10.0,
     ):
         self.params = [list(p) for p in params]
         self.lr, (self.b1, self.b2), self.gamma, self.eps = lr, betas, gamma, eps
         self.wd, self.decoupled, self.refresh, self.beta3 = weight_decay, decoupled_weight_decay, refresh, beta3
         self.bounds, self.maximize, self.keep_unseen = bounds, maximize, keep_unseen
+        self.max_ratio = max_precond_ratio
         self.m = [[0.0] * len(p) for p in params]
         self.s = [[0.0] * len(p) for p in params]
         self.u = [[None] * len(p) for p in params]
@@ -76,6 +78,8 @@ class ReferenceAnon:
                     v = 1.0
                 else:
                     v = 0.0 if self.u[k][j] is None else self.u[k][j] ** -0.5
+                    if not refresh and self.max_ratio is not None:
+                        v = min(v, self.max_ratio * self._window_power(self.s[k][j], t))
                 theta -= self.lr * v * self.m[k][j] / (1 - self.b1**t)
                 if self.bounds is not None:
                     lo, hi = self.bounds
@@ -84,6 +88,12 @@ class ReferenceAnon:
                 param[j] = theta
         if refresh:
             self.t_prev = t
+
+    def _window_power(self, s: float, t: int) -> float:
+        """sigma**(-gamma/2) for the gradients since the last refresh (inf where a float cannot hold it)."""
+        sigma = s / (1 - self.b2 ** (t - self.t_prev)) + self.eps
+        exponent = -0.5 * self.gamma * math.log(sigma)
+        return math.inf if exponent > 709.0 else math.exp(exponent)
 
     def preconditioner(self, k: int) -> list[float]:
         return [0.0 if u is None else u**-0.5 for u in self.u[k]]

@@ -203,14 +203,13 @@ def test_the_kernel_refuses_mismatched_lists_before_writing():
     param, grad, exp_avg = torch.randn(5), torch.randn(5), torch.zeros(5)
     original = param.clone()
     scalars = [1.0, 0.1, 0.999, 0.001, 1.0, 0.0, -1e30, 1e30] + [0.0] * 5
+    flags = (False, False, 0, False, False, 0, False, [])  # l2, bounds, refresh, has_prev, keep_unseen, limit, ...
     with pytest.raises(RuntimeError, match="one entry per tensor"):
-        module.anon_step(
-            [param], [grad], [exp_avg], [], [], [], [-0.1, -0.1], scalars, False, False, 0, False, False, False, []
-        )
+        module.anon_step([param], [grad], [exp_avg], [], [], [], [-0.1, -0.1], [1.0, 1.0], scalars, *flags)
+    with pytest.raises(RuntimeError, match="one entry per tensor"):
+        module.anon_step([param], [grad], [exp_avg], [], [], [], [-0.1], [], scalars, *flags)
     with pytest.raises(RuntimeError, match="param's size"):
-        module.anon_step(
-            [param], [grad], [torch.zeros(4)], [], [], [], [-0.1], scalars, False, False, 0, False, False, False, []
-        )
+        module.anon_step([param], [grad], [torch.zeros(4)], [], [], [], [-0.1], [1.0], scalars, *flags)
     assert torch.equal(param, original)
     assert module.anon_supported([param, param.t()], [grad, grad], [exp_avg, exp_avg], [], []) == [True, True]
     matrix = torch.randn(3, 4)

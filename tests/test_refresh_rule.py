@@ -12,27 +12,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paths import PATHS
+from paths import use_path as _use_path
 from reference import ReferenceAnon
 
 import anon_hf
 import anon_hf._fused
 import anon_hf._refresh
-from anon_hf import Anon, NonFinitePreconditionerError, _cpu_kernel, functional
-
-PATHS = {
-    "forloop": dict(foreach=False),
-    "foreach": dict(foreach=True),
-    "kernel": dict(fused=True),
-    "graphs": dict(fused=True),
-}
-
-
-def _use_path(path: str, monkeypatch) -> dict:
-    """Select the fused backend through the environment and return the constructor flags for ``path``."""
-    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0" if path == "graphs" else "1")
-    if path == "kernel" and (reason := _cpu_kernel.kernel_unavailable_reason()) is not None:
-        pytest.skip(f"the C++ kernel is unavailable here: {reason}")
-    return PATHS[path]
+from anon_hf import Anon, NonFinitePreconditionerError, functional
 
 
 @pytest.fixture(params=list(PATHS))
@@ -149,13 +136,14 @@ def test_the_kernel_and_the_graphs_really_share_the_mixed_step(monkeypatch):
 # --- late-seen weights --------------------------------------------------------------------------------------------
 
 
-def _late_row_first_step(flags: dict, rows: int, dim: int, first_seen: int, scale: float, keep_unseen=True):
+def _late_row_first_step(flags: dict, rows: int, dim: int, first_seen: int, scale: float, **rule):
     """Train an embedding-like matrix whose row 0 gets no gradient before ``first_seen``; return the first step that
-    row takes (its largest element), in units of lr, or 0.0 if it never moves."""
+    row takes (its largest element), in units of lr, or 0.0 if it never moves. ``rule``: keep_unseen and
+    max_precond_ratio, when not the defaults."""
     lr = 1e-3
     generator = torch.Generator().manual_seed(first_seen)
     param = torch.nn.Parameter(torch.randn(rows, dim, generator=generator))
-    opt = Anon([param], lr=lr, keep_unseen=keep_unseen, **flags)
+    opt = Anon([param], lr=lr, **rule, **flags)
     for step in range(1, 2 * first_seen + 2):  # past the first refresh after first_seen
         grad = torch.randn(rows, dim, generator=generator) * scale
         if step < first_seen:
@@ -184,20 +172,28 @@ def test_a_weight_first_seen_late_takes_a_first_step_within_10_lr(first_seen, sc
             assert 0.0 < first_step <= 10.0, (name, first_step)
 
 
-def test_the_published_rule_is_kept_behind_keep_unseen_false(monkeypatch):
-    # The same setting under keep_unseen=False: v = eps**-0.5 = 1e8 meets the first gradient (issue 13's table).
-    first_step = _late_row_first_step(_use_path("foreach", monkeypatch), 4, 8, 37, 1e-2, keep_unseen=False)
+def test_the_published_rule_is_kept_behind_keep_unseen_false_and_no_limit(monkeypatch):
+    # The same setting under the published rule: v = eps**-0.5 = 1e8 meets the first gradient (issue 13's table).
+    flags = _use_path("foreach", monkeypatch)
+    first_step = _late_row_first_step(flags, 4, 8, 37, 1e-2, keep_unseen=False, max_precond_ratio=None)
     assert first_step > 1e4
+    # Either safeguard alone bounds it: the limit sees that the first gradient does not justify v = 1e8.
+    assert _late_row_first_step(flags, 4, 8, 37, 1e-2, keep_unseen=False) <= 10.0
+    assert _late_row_first_step(flags, 4, 8, 37, 1e-2, max_precond_ratio=None) <= 10.0
 
 
 @pytest.mark.parametrize("refresh", ["pow2", "every", 3])
-@pytest.mark.parametrize("keep_unseen", [True, False])
-def test_sparse_gradients_match_the_literal_reference_under_both_rules(path, keep_unseen, refresh):
+@pytest.mark.parametrize(
+    "keep_unseen, max_precond_ratio",
+    [(True, 10.0), (False, 10.0), (False, None)],
+    ids=["default", "limit", "published"],
+)
+def test_sparse_gradients_match_the_literal_reference_under_each_rule(path, keep_unseen, max_precond_ratio, refresh):
     # Rows absent for stretches that cover whole refresh intervals, as rare tokens' embedding rows are.
     _, flags = path
     generator = torch.Generator().manual_seed(11)
     init = torch.randn(6, 5, generator=generator, dtype=torch.float64)
-    kwargs = dict(lr=1e-3, eps=1e-8, refresh=refresh, keep_unseen=keep_unseen)
+    kwargs = dict(lr=1e-3, eps=1e-8, refresh=refresh, keep_unseen=keep_unseen, max_precond_ratio=max_precond_ratio)
     param = torch.nn.Parameter(init.clone())
     opt = Anon([param], **kwargs, **flags)
     reference = ReferenceAnon([init.flatten().tolist()], **kwargs)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._refresh import refresh_mode
+from .._refresh import inverse_bias_correction, refresh_mode
 from .._schedule import is_refresh_step, previous_refresh_step
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
@@ -81,25 +81,26 @@ def _fused_anon(
         cpu_eager_reason=cpu_eager_reason,
         graphs_unavailable=fused_unavailable_reason,
     )
-    prev = previous_refresh_step(steps[0], hyper["refresh"]) if refreshing else 0
-    averaged = refreshing and hyper["beta3"] > 0.0 and prev > 0
-    scalar_values = step_scalars(
-        **{k: hyper[k] for k in _SCALAR_HYPERPARAMETERS},
-        steps_since_refresh=steps[0] - prev if refreshing else None,
-        averaged=averaged,
+    refresh_schedule = hyper["refresh"]
+    averaged = refreshing and hyper["beta3"] > 0.0 and previous_refresh_step(steps[0], refresh_schedule) > 0
+    scalar_values = step_scalars(**{k: hyper[k] for k in _SCALAR_HYPERPARAMETERS}, averaged=averaged)
+    lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
+    per_tensor = (
+        [-lr / (1 - beta1**step) for step in steps],
+        [inverse_bias_correction(beta2, step - previous_refresh_step(step, refresh_schedule)) for step in steps],
     )
-    lr, beta1 = hyper["lr"], hyper["beta1"]
-    neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
     decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
     modes = (not decoupled, hyper["bounds"] is not None)
     mode = refresh_mode(hyper["gamma"], hyper["eps"])
+    # Between refreshes, how the limit computes sigma**(-gamma / 2) (None: no limit).
+    limit = mode if not refreshing and len(preconds) > 0 and hyper["max_precond_ratio"] is not None else None
     kernel = graph = None
     if plan.kernel:
         refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None
-        kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, neg_step_sizes, modes, refresh)
+        kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, per_tensor, modes, refresh, limit)
     if plan.chunks:
         refresh = (mode, hyper["beta3"] > 0.0, hyper["keep_unseen"]) if refreshing else None
-        graph = GraphCalls(plan.chunks, lists, scalar_values, neg_step_sizes, modes, refresh)
+        graph = GraphCalls(plan.chunks, lists, scalar_values, per_tensor, modes, refresh, limit)
     eager_indices = list(plan.eager)
     if refreshing:
         graph, eager_indices = _check_all(kernel, graph, eager_indices, lists, steps[0], hyper)
@@ -130,6 +131,7 @@ _SCALAR_HYPERPARAMETERS = (
     "beta3",
     "bounds",
     "maximize",
+    "max_precond_ratio",
 )
 
 

@@ -44,7 +44,7 @@ _disabled_reason: str | None = None
 
 _DECAY, _WEIGHT1, _BETA2, _WEIGHT2 = SLOT["decay"], SLOT["weight1"], SLOT["beta2"], SLOT["weight2"]
 _SIGN, _L2, _LO, _HI = SLOT["sign"], SLOT["l2"], SLOT["lo"], SLOT["hi"]
-_INV_BIAS2, _EPS, _GAMMA = SLOT["inv_bias2"], SLOT["eps"], SLOT["gamma"]
+_EPS, _GAMMA, _MAX_RATIO = SLOT["eps"], SLOT["gamma"], SLOT["max_ratio"]
 _WEIGHT_PREV, _WEIGHT_NEW = SLOT["weight_prev"], SLOT["weight_new"]
 
 
@@ -65,13 +65,13 @@ def _moments(params, grads, exp_avgs, exp_avg_sqs, i: int, scalars: Tensor, mode
     return param, exp_avg, exp_avg_sq
 
 
-def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, refresh: tuple) -> Tensor:
+def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2: Tensor, refresh: tuple) -> Tensor:
     """The refreshed preconditioner as ``anon_hf._refresh.refreshed_preconditioner`` defines it, in
     ``scalars.dtype``. ``refresh = (mode, averaging, keep_unseen)``: the mode of ``refresh_mode``, whether
     ``beta3 > 0`` (the first refresh then has ``weight_prev == 0``) and the keep rule."""
     mode, averaging, keep_unseen = refresh
     previous = precond.to(scalars.dtype)
-    sigma = exp_avg_sq * scalars[_INV_BIAS2] + scalars[_EPS]
+    sigma = exp_avg_sq * inv_bias2 + scalars[_EPS]
     # The mean starts where there is no previous estimate: the first refresh, or (keep_unseen) v still 0.
     averaged = scalars[_WEIGHT_PREV] > 0
     if keep_unseen:
@@ -94,14 +94,25 @@ def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, refresh: 
     return torch.where(exp_avg_sq == 0, previous, new) if keep_unseen else new
 
 
+def _limited(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2: Tensor, limit: str) -> Tensor:
+    """``anon_hf._refresh.limited_preconditioner``: ``min(v, max_ratio * sigma**(-gamma / 2))``, in ``scalars.dtype``;
+    ``limit`` is the refresh mode (``"one"``: gamma == 1, a square root; else through exp and log)."""
+    sigma = exp_avg_sq * inv_bias2 + scalars[_EPS]
+    power = torch.rsqrt(sigma) if limit == "one" else torch.exp(torch.log(sigma) * (scalars[_GAMMA] * -0.5))
+    return torch.minimum(precond.to(scalars.dtype), power * scalars[_MAX_RATIO])
+
+
 def _project(new_param: Tensor, scalars: Tensor, modes: tuple) -> Tensor:
     """Clamp to the box ``[lo, hi]`` when ``bounds`` is set (``modes[1]``)."""
     return torch.clamp(new_param, scalars[_LO], scalars[_HI]) if modes[1] else new_param
 
 
-def _step_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, modes: tuple) -> None:
-    """The update between refreshes, rounded once into each storage. ``neg_step_sizes[i] = -lr / (1 - beta1**t_i)``;
-    ``exp_avg_sqs`` and ``preconds`` are both empty when the preconditioner is all ones (gamma == 0)."""
+def _step_graph(
+    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, inv_bias2s, modes: tuple, limit
+) -> None:
+    """The update between refreshes, rounded once into each storage. ``neg_step_sizes[i] = -lr / (1 - beta1**t_i)``,
+    ``inv_bias2s[i]`` the accumulator's inverse bias correction at that step; ``exp_avg_sqs`` and ``preconds`` are
+    both empty when the preconditioner is all ones (gamma == 0); ``limit`` is ``None`` or the limit's mode."""
     preconditioned = len(preconds) > 0
     for i in range(len(params)):
         param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, modes, preconditioned)
@@ -109,25 +120,39 @@ def _step_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_ste
         update = exp_avg
         if preconditioned:
             exp_avg_sqs[i].copy_(exp_avg_sq)
-            update = exp_avg * preconds[i].to(scalars.dtype)
+            precond = preconds[i].to(scalars.dtype)
+            if limit is not None:
+                precond = _limited(exp_avg_sq, precond, scalars, inv_bias2s[i], limit)
+            update = exp_avg * precond
         new_param = param * scalars[_DECAY] + update * neg_step_sizes[i]
         params[i].copy_(_project(new_param, scalars, modes))
 
 
-def _flags_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, modes: tuple, refresh: tuple):
+def _flags_graph(params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, inv_bias2s, modes: tuple, refresh: tuple):
     """Per tensor, whether this refresh's accumulator and new preconditioner, as stored, are all finite; writes
     nothing."""
     flags = []
     for i in range(len(params)):
         _, _, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, modes, True)
-        stored = _new_precond(exp_avg_sq, preconds[i], scalars, refresh).to(preconds[i].dtype).to(scalars.dtype)
+        new = _new_precond(exp_avg_sq, preconds[i], scalars, inv_bias2s[i], refresh)
+        stored = new.to(preconds[i].dtype).to(scalars.dtype)
         # s * 0 is nan exactly where s is inf or nan: one reduction covers both tensors, with no temporary.
         flags.append(torch.isfinite(exp_avg_sq * 0.0 + stored).all())
     return torch.stack(flags)
 
 
 def _refresh_graph(
-    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, keep, modes: tuple, refresh: tuple
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    preconds,
+    scalars,
+    neg_step_sizes,
+    inv_bias2s,
+    keep,
+    modes: tuple,
+    refresh: tuple,
 ) -> None:
     """A refresh step: moments, the new preconditioner (the old one where ``keep[i]`` is False), accumulator reset,
     then the update with the preconditioner as stored."""
@@ -135,7 +160,7 @@ def _refresh_graph(
     for i in range(len(params)):
         param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, modes, True)
         exp_avgs[i].copy_(exp_avg)
-        precond = _new_precond(exp_avg_sq, preconds[i], scalars, refresh)
+        precond = _new_precond(exp_avg_sq, preconds[i], scalars, inv_bias2s[i], refresh)
         preconds[i].copy_(torch.where(keep[i], precond, preconds[i].to(compute)))
         exp_avg_sqs[i].zero_()
         new_param = param * scalars[_DECAY] + exp_avg * preconds[i].to(compute) * neg_step_sizes[i]
@@ -222,32 +247,36 @@ class GraphCalls:
     """One step of the compiled graphs over ``chunks`` (``(key, indices)`` from ``anon_hf._fused.plan``).
 
     ``lists`` are the parallel tensor lists ``(params, grads, exp_avgs, exp_avg_sqs, preconds)``, the last two empty
-    without a preconditioner; ``refresh`` is ``(mode, averaging, keep_unseen)`` on a refresh step, else ``None``.
+    without a preconditioner; ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``, indexed like ``lists``;
+    ``refresh`` is ``(mode, averaging, keep_unseen)`` on a refresh step, else ``None``; ``limit`` is the mode of
+    ``max_precond_ratio``'s limit on an ordinary step, else ``None``.
     """
 
-    def __init__(self, chunks, lists, scalar_values, neg_step_sizes, modes: tuple, refresh: tuple | None):
-        self.refresh, self.modes = refresh, modes
+    def __init__(self, chunks, lists, scalar_values, per_tensor, modes: tuple, refresh: tuple | None, limit):
+        self.refresh, self.modes, self.limit = refresh, modes, limit
         self.calls = []
         preconditioned = len(lists[4]) > 0
         for key, indices in chunks:
             device, dtype = key[0], key[1]
             compute = torch.promote_types(dtype, torch.float32)
             scalars = torch.tensor(scalar_values, dtype=compute, device=device)
-            sizes = torch.tensor([neg_step_sizes[i] for i in indices], dtype=compute, device=device)
-            torch._dynamo.mark_static(scalars)
-            torch._dynamo.mark_static(sizes)
+            sizes, inv_bias2s = (
+                torch.tensor([values[i] for i in indices], dtype=compute, device=device) for values in per_tensor
+            )
+            for static in (scalars, sizes, inv_bias2s):
+                torch._dynamo.mark_static(static)
             # detach(): plain tensors (dynamo keeps an nn.Parameter's shape static) that are not views (dynamo guards
             # on a view's base), so one graph with dynamic shapes serves every shape of a rank.
             tensors = [[t[i].detach() for i in indices] for t in lists[: 5 if preconditioned else 3]]
             tensors += [] if preconditioned else [[], []]
-            self.calls.append((key + (modes, len(indices)), indices, tensors, scalars, sizes))
+            self.calls.append((key + (modes, len(indices)), indices, tensors, scalars, (sizes, inv_bias2s)))
         self.keeps: list[Tensor] = []
 
     def check(self) -> dict[int, bool]:
         """A refresh's verdict per tensor index (finite as stored); writes nothing. Raises :class:`CompileFailed`."""
         verdicts = {}
-        for key, indices, tensors, scalars, _ in self.calls:
-            flags = _run(("flags", self.refresh) + key, *tensors, scalars, self.modes, self.refresh)
+        for key, indices, tensors, scalars, (_, inv_bias2s) in self.calls:
+            flags = _run(("flags", self.refresh) + key, *tensors, scalars, inv_bias2s, self.modes, self.refresh)
             self.keeps.append(flags)
             verdicts.update(zip(indices, flags.tolist(), strict=True))
         return verdicts
@@ -256,13 +285,14 @@ class GraphCalls:
         """Step every chunk (after :meth:`check` on a refresh). Returns ``(done, left)``: the indices stepped, and
         those left for the eager path because the compiler failed (nothing of theirs was written)."""
         done: list[int] = []
-        for number, (key, indices, tensors, scalars, sizes) in enumerate(self.calls):
+        for number, (key, indices, tensors, scalars, per_tensor) in enumerate(self.calls):
             try:
                 if self.refresh is not None:
                     keep = self.keeps[number]
-                    _run(("refresh", self.refresh) + key, *tensors, scalars, sizes, keep, self.modes, self.refresh)
+                    args = (*tensors, scalars, *per_tensor, keep, self.modes, self.refresh)
+                    _run(("refresh", self.refresh) + key, *args)
                 else:
-                    _run(("step",) + key, *tensors, scalars, sizes, self.modes)
+                    _run(("step", self.limit) + key, *tensors, scalars, *per_tensor, self.modes, self.limit)
             except CompileFailed:
                 return done, [i for _, later, *_ in self.calls[number:] for i in later]
             done += indices

@@ -20,12 +20,13 @@ class KernelCall:
     """One step of the C++ kernel over the tensors at ``indices`` of ``lists`` (params, grads, exp_avgs,
     exp_avg_sqs, preconds; the last two empty without a preconditioner) and their step counters.
 
-    ``refresh`` is ``(mode, averaged, keep_unseen)`` on a refresh step (``averaged``: a previous preconditioner is
-    averaged in), else ``None``. :meth:`check` returns a refresh's verdicts and writes nothing; :meth:`write` steps
-    and advances the step counters.
+    ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``, one entry per tensor of ``lists``. ``refresh`` is
+    ``(mode, averaged, keep_unseen)`` on a refresh step (``averaged``: a previous preconditioner is averaged in), else
+    ``None``; ``limit`` the mode in which an ordinary step computes ``max_precond_ratio``'s limit, or ``None``.
+    :meth:`check` returns a refresh's verdicts and writes nothing; :meth:`write` steps and advances the step counters.
     """
 
-    def __init__(self, indices, lists, state_steps, scalar_values, neg_step_sizes, modes: tuple, refresh):
+    def __init__(self, indices, lists, state_steps, scalar_values, per_tensor, modes: tuple, refresh, limit):
         from .._cpu_kernel import kernel
 
         self.kernel = kernel()
@@ -36,8 +37,9 @@ class KernelCall:
         self.tensors.append([state_steps[i] for i in indices])
         code = 0 if refresh is None else self.kernel.REFRESH_MODES[refresh[0]]
         averaged, keep_unseen = (False, False) if refresh is None else refresh[1:]
-        sizes = [neg_step_sizes[i] for i in indices]
-        self.args = (sizes, scalar_values, modes[0], modes[1], code, averaged, keep_unseen)
+        sizes, inv_bias2s = ([values[i] for i in indices] for values in per_tensor)
+        limit_code = 0 if limit is None else self.kernel.REFRESH_MODES[limit]
+        self.args = (sizes, inv_bias2s, scalar_values, modes[0], modes[1], code, averaged, keep_unseen, limit_code)
         self.keep: list[bool] = []
 
     def check(self) -> dict[int, bool]:

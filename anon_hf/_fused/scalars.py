@@ -20,11 +20,11 @@ SCALAR_SLOTS = (
     "l2",  # weight_decay with coupled (L2) decay, else 0
     "lo",  # lower bound, -inf without one
     "hi",  # upper bound, inf without one
-    "inv_bias2",  # refresh only: 1 / (1 - beta2**n), n the steps since the previous refresh
     "eps",
     "gamma",
     "weight_prev",  # refresh only: beta3 when a previous preconditioner is averaged in, else 0
     "weight_new",  # refresh only: 1 - beta3 when it is, else 1
+    "max_ratio",  # max_precond_ratio, inf without a limit
 )
 SLOT = {name: index for index, name in enumerate(SCALAR_SLOTS)}
 
@@ -41,11 +41,11 @@ def step_scalars(
     beta3: float,
     bounds: tuple[float | None, float | None] | None,
     maximize: bool,
-    steps_since_refresh: int | None,
+    max_precond_ratio: float | None,
     averaged: bool,
 ) -> list[float]:
-    """The values of :data:`SCALAR_SLOTS` for one step; ``steps_since_refresh`` is ``None`` on an ordinary step
-    (the refresh slots are then 0), ``averaged`` whether a refresh averages the previous preconditioner in."""
+    """The values of :data:`SCALAR_SLOTS` for one step; ``averaged``: a refresh averages the previous preconditioner
+    in (on an ordinary step, and at a tensor's first refresh, the refresh slots keep their neutral values)."""
     decoupled = decoupled_weight_decay or weight_decay == 0
     values = dict(
         decay=1.0 - lr * weight_decay if decoupled else 1.0,
@@ -56,14 +56,12 @@ def step_scalars(
         l2=0.0 if decoupled else weight_decay,
         lo=-math.inf if bounds is None or bounds[0] is None else bounds[0],
         hi=math.inf if bounds is None or bounds[1] is None else bounds[1],
-        inv_bias2=0.0,
         eps=eps,
         gamma=gamma,
         weight_prev=0.0,
         weight_new=1.0,
+        max_ratio=math.inf if max_precond_ratio is None else max_precond_ratio,
     )
-    if steps_since_refresh is not None:
-        values["inv_bias2"] = 1.0 / (1.0 - beta2**steps_since_refresh)
-        if averaged:
-            values["weight_prev"], values["weight_new"] = beta3, 1.0 - beta3
+    if averaged:
+        values["weight_prev"], values["weight_new"] = beta3, 1.0 - beta3
     return [values[name] for name in SCALAR_SLOTS]

@@ -8,9 +8,10 @@
 //   g  = sign * g  (+ l2 * p)
 //   m  = m + (g - m) * weight1                        weight1 = 1 - beta1
 //   s  = s * beta2 + g * g * weight2                  weight2 = 1 - beta2
-//   refresh:  sigma = s * inv_bias2 + eps
-//             u = w_new * sigma**gamma + w_prev * v**-2   where a previous v is averaged in, else sigma**gamma
+//   sigma = s * inv_bias2 + eps                     inv_bias2 = 1 / (1 - beta2**n), per tensor
+//   refresh:  u = w_new * sigma**gamma + w_prev * v**-2   where a previous v is averaged in, else sigma**gamma
 //             v = u**-0.5 (keep_unseen: the old v where s == 0),   s = 0
+//   else, with a limit:  v = min(v, max_ratio * sigma**(-gamma / 2))   (v itself is not written)
 //   p  = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
 // The refresh rule and how sigma**gamma is computed (directly or in log space) are anon_hf/_refresh.py's: the mode
@@ -42,12 +43,12 @@ constexpr int64_t kBlock = 2 * FloatVec::size();
 // Elements per task of at::parallel_for: large enough that a task's memory traffic dwarfs its scheduling.
 constexpr int64_t kGrain = 1 << 15;
 
-enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kInvBias2, kEps, kGamma, kWeightPrev,
-                      kWeightNew, kSlotCount };
+enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kEps, kGamma, kWeightPrev, kWeightNew,
+                      kMaxRatio, kSlotCount };
 // The slots' names, in Slot order: exported as SCALAR_SLOTS and checked against the Python layout by name.
-const char* const kSlotNames[kSlotCount] = {"decay", "weight1", "beta2",     "weight2",     "sign",
-                                            "l2",    "lo",      "hi",        "inv_bias2",   "eps",
-                                            "gamma", "weight_prev", "weight_new"};
+const char* const kSlotNames[kSlotCount] = {"decay", "weight1", "beta2",       "weight2",    "sign",
+                                            "l2",    "lo",      "hi",          "eps",        "gamma",
+                                            "weight_prev", "weight_new", "max_ratio"};
 
 // Bounds of the refresh check's shortcut (see block): (1 / 1e18)**2 * 1e-6 = 1e-42 > 0 and 1e15 leave u > 0.
 constexpr float kMinPrecond = 1.0f / 1e18f;
@@ -60,12 +61,14 @@ enum class Refresh : int64_t { kNone = 0, kOne = 1, kPower = 2, kLog = 3 };
 
 struct Settings {
   float s[kSlotCount];
+  float inv_bias2;  // this tensor's 1 / (1 - beta2**n), n the gradients since its last refresh, this one included
   bool l2;
   bool bounds;
   bool preconditioned;
   Refresh refresh;
   bool has_prev;     // a previous preconditioner is averaged in (beta3 > 0, not the first refresh)
   bool keep_unseen;  // elements with s == 0 keep v; those with v == 0 start the mean afresh
+  Refresh limit;     // an ordinary step: kNone (no limit) or how sigma**(-gamma / 2) is computed (kLog as kPower)
 };
 
 template <typename T>
@@ -94,7 +97,7 @@ inline void store2(T* ptr, const FloatVec& a, const FloatVec& b) {
 // |gamma * log(sigma)| * 6e-8 relative (the eager paths' preconditioners are within ~2e-6). Refresh::kLog keeps
 // log(u) and combines the two terms by logaddexp, so v = exp(-log(u) / 2) stays in range where u itself would not.
 inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond, const Settings& st) {
-  const FloatVec sigma = at::vec::fmadd(exp_avg_sq, FloatVec(st.s[kInvBias2]), FloatVec(st.s[kEps]));
+  const FloatVec sigma = at::vec::fmadd(exp_avg_sq, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
   // Lanes whose mean starts here: with keep_unseen, those whose v is still 0 (u_prev would be inf).
   const FloatVec fresh = st.keep_unseen ? (precond <= FloatVec(0.0f)) : FloatVec(0.0f);
   FloatVec result;
@@ -120,6 +123,26 @@ inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond,
     result = u.rsqrt();
   }
   return st.keep_unseen ? FloatVec::blendv(result, precond, exp_avg_sq == FloatVec(0.0f)) : result;
+}
+
+// The preconditioner an ordinary step uses (anon_hf/_refresh.py's limited_preconditioner): min(v, max_ratio *
+// sigma**(-gamma / 2)). For gamma == 1 the test v * v * sigma > max_ratio**2 is two multiplies, and only blocks where
+// a lane passes it take the square root (where the limit does not bind, the minimum is v either way).
+inline void limit_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, FloatVec& v1, const Settings& st) {
+  const FloatVec sigma0 = at::vec::fmadd(s0, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
+  const FloatVec sigma1 = at::vec::fmadd(s1, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
+  const FloatVec ratio(st.s[kMaxRatio]);
+  if (st.limit == Refresh::kOne) {
+    const FloatVec ratio2 = ratio * ratio;
+    const FloatVec over = ((v0 * v0 * sigma0) > ratio2) | ((v1 * v1 * sigma1) > ratio2);
+    if (over.zero_mask() == (1 << FloatVec::size()) - 1) return;  // zero_mask: a bit per lane that is 0
+    v0 = at::vec::minimum(v0, sigma0.rsqrt() * ratio);
+    v1 = at::vec::minimum(v1, sigma1.rsqrt() * ratio);
+    return;
+  }
+  const FloatVec exponent(-0.5f * st.s[kGamma]);
+  v0 = at::vec::minimum(v0, (sigma0.log() * exponent).exp_u20() * ratio);
+  v1 = at::vec::minimum(v1, (sigma1.log() * exponent).exp_u20() * ratio);
 }
 
 // The value as a V stores it, back in fp32: the refresh check judges what will be stored.
@@ -202,6 +225,8 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
     }
     s0 = FloatVec(0.0f);
     s1 = FloatVec(0.0f);
+  } else if (st.limit != Refresh::kNone) {
+    limit_precond(s0, s1, v0, v1, st);
   }
   if (Check) return;
   store2(s + i, s0, s1);
@@ -412,17 +437,22 @@ void increment_steps(const std::vector<at::Tensor>& steps) {
 std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                             const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                             const std::vector<at::Tensor>& preconds, const std::vector<at::Tensor>& steps,
-                            const std::vector<double>& neg_step_sizes, const std::vector<double>& scalars, bool l2,
-                            bool bounds, int64_t refresh, bool has_prev, bool keep_unseen, bool check_only,
-                            const std::vector<bool>& keep) {
+                            const std::vector<double>& neg_step_sizes, const std::vector<double>& inv_bias2s,
+                            const std::vector<double>& scalars, bool l2, bool bounds, int64_t refresh, bool has_prev,
+                            bool keep_unseen, int64_t limit, bool check_only, const std::vector<bool>& keep) {
   const size_t count = params.size();
   const bool preconditioned = !preconds.empty();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && neg_step_sizes.size() == count,
-              "anon_hf CPU kernel: params, grads, exp_avgs and neg_step_sizes must have one entry per tensor");
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && neg_step_sizes.size() == count &&
+                  inv_bias2s.size() == count,
+              "anon_hf CPU kernel: params, grads, exp_avgs, neg_step_sizes and inv_bias2s must have one entry per "
+              "tensor");
   TORCH_CHECK(!preconditioned || (preconds.size() == count && exp_avg_sqs.size() == count),
               "anon_hf CPU kernel: exp_avg_sqs and preconds must be empty or have one tensor per param");
   TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf CPU kernel: expected ", kSlotCount, " scalars");
   TORCH_CHECK(refresh >= 0 && refresh <= 3, "anon_hf CPU kernel: refresh mode must be 0 (none) or one of REFRESH_MODES");
+  TORCH_CHECK(limit >= 0 && limit <= 3, "anon_hf CPU kernel: limit mode must be 0 (none) or one of REFRESH_MODES");
+  TORCH_CHECK(limit == 0 || (refresh == 0 && preconditioned),
+              "anon_hf CPU kernel: a limit applies to ordinary steps with a preconditioner");
   TORCH_CHECK(refresh == 0 || preconditioned, "anon_hf CPU kernel: a refresh needs exp_avg_sqs and preconds");
   TORCH_CHECK(keep.empty() || keep.size() == count, "anon_hf CPU kernel: keep must be empty or one flag per tensor");
   TORCH_CHECK(!check_only || refresh != 0, "anon_hf CPU kernel: check_only needs a refresh mode");
@@ -436,6 +466,7 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   st.refresh = static_cast<Refresh>(refresh);
   st.has_prev = has_prev;
   st.keep_unseen = keep_unseen;
+  st.limit = static_cast<Refresh>(limit);
 
   // Validate everything before writing anything.
   const std::vector<bool> ok = anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds);
@@ -454,19 +485,21 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
     const c10::ScalarType precond_type = preconditioned ? preconds[i].scalar_type() : at::kFloat;
     const float neg_step_size = static_cast<float>(neg_step_sizes[i]);
     const bool keep_i = keep.empty() || keep[i];
+    Settings tensor_st = st;
+    tensor_st.inv_bias2 = static_cast<float>(inv_bias2s[i]);
     bool verdict = true;
     switch (param.scalar_type()) {
       case at::kFloat:
         verdict = dispatch_moments<float>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i], exp_avg_sq,
-                                     precond, neg_step_size, keep_i, st);
+                                     precond, neg_step_size, keep_i, tensor_st);
         break;
       case at::kBFloat16:
         verdict = dispatch_moments<at::BFloat16>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
-                                            exp_avg_sq, precond, neg_step_size, keep_i, st);
+                                            exp_avg_sq, precond, neg_step_size, keep_i, tensor_st);
         break;
       default:
         verdict = dispatch_moments<at::Half>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
-                                        exp_avg_sq, precond, neg_step_size, keep_i, st);
+                                        exp_avg_sq, precond, neg_step_size, keep_i, tensor_st);
     }
     finite[i] = verdict;
   }
