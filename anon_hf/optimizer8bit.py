@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _quant8
 from ._dtensor import is_dtensor, local
-from ._schedule import RefreshSchedule, is_refresh_step
+from ._refresh import inverse_bias_correction
+from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 from .functional import NonFinitePreconditionerError, anon
 from .optimizer import (
     STATE_KEYS,
@@ -59,15 +60,17 @@ class Anon8bit(Anon):
     With ``fused=True`` the steps between refreshes of contiguous fp32 CPU tensors run one C++ pass per block that
     dequantizes, updates and requantizes (the preconditioner is only read there: 17 bytes moved per parameter);
     refresh steps, and every step otherwise, decode the state of one tensor at a time into fp32 temporaries, run
-    :func:`anon_hf.anon` on them and encode the result: the extra memory is one tensor's fp32 state.
-    Full-precision tensors take Anon's own paths (``foreach``/``fused`` as given).
+    :func:`anon_hf.anon` on them and encode the result: the extra memory is one tensor's fp32 state. The kernel
+    computes ``max_precond_ratio``'s limit for gamma 1 (and needs none at gamma 0); at other gammas with the limit on,
+    every step takes the decode-step-encode path. Full-precision tensors take Anon's own paths (``foreach``/``fused``
+    as given).
 
     Args:
         min_8bit_size (int, optional): tensors with at least this many elements get 8-bit state, >= 1
             (default: 4096)
 
     The other arguments are :class:`anon_hf.Anon`'s, except ``precond_dtype`` and ``moments_dtype`` (the state is
-    8-bit). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
+    8-bit) and ``keep_unseen`` (always on). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
     resumes bitwise); :meth:`load_state_dict` also takes an fp32 ``Anon`` state dict, quantizing it, and
     :func:`anon_hf.dequantize_state_dict` turns an ``Anon8bit`` state dict into one ``Anon`` loads.
 
@@ -87,6 +90,7 @@ class Anon8bit(Anon):
         refresh: RefreshSchedule = "pow2",
         beta3: float = 0.5,
         bounds: Bounds = None,
+        max_precond_ratio: float | None = 10.0,
         *,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -108,6 +112,7 @@ class Anon8bit(Anon):
             refresh,
             beta3,
             bounds,
+            max_precond_ratio=max_precond_ratio,
             maximize=maximize,
             foreach=foreach,
             fused=fused,
@@ -203,6 +208,10 @@ class Anon8bit(Anon):
         """Step with the C++ kernel the tensors it takes this step (no refresh due); returns them."""
         from . import _cpu_kernel
 
+        # The kernel computes max_precond_ratio's limit for gamma == 1 only; other gammas take the codec path.
+        limit = kwargs["max_precond_ratio"] is not None and group["gamma"] != 0
+        if limit and group["gamma"] != 1:
+            return set()
         picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
         if not picked or _cpu_kernel.kernel8_unavailable_reason() is not None:
             return set()
@@ -218,6 +227,8 @@ class Anon8bit(Anon):
             0.0 if decoupled else weight_decay,
             -math.inf if bounds is None or bounds[0] is None else bounds[0],
             math.inf if bounds is None or bounds[1] is None else bounds[1],
+            kwargs["eps"],
+            math.inf if kwargs["max_precond_ratio"] is None else kwargs["max_precond_ratio"],
         ]
         for preconditioned in (True, False):
             chosen = [p for p in picked if ("precond" in self.state[p]) == preconditioned]
@@ -227,16 +238,22 @@ class Anon8bit(Anon):
             keys = ["exp_avg", "exp_avg_absmax"]
             keys += ["exp_avg_sq", "exp_avg_sq_max", "precond", "precond_log2_min", "precond_log2_max"]
             lists = [[s[key] for s in states] if preconditioned or n < 2 else [] for n, key in enumerate(keys)]
-            neg_step_sizes = [-lr / (1 - beta1 ** (int(s["step"].item()) + 1)) for s in states]
+            steps = [int(s["step"].item()) + 1 for s in states]
+            neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
+            inv_bias2s = [
+                inverse_bias_correction(beta2, step - previous_refresh_step(step, group["refresh"])) for step in steps
+            ]
             _cpu_kernel.kernel8().anon8_step(
                 chosen,
                 [p.grad for p in chosen],
                 *lists,
                 [s["step"] for s in states],
                 neg_step_sizes,
+                inv_bias2s,
                 scalars,
                 not decoupled and weight_decay != 0,
                 bounds is not None,
+                limit and preconditioned,
             )
             stats["kernel"] += 1
         return set(picked)

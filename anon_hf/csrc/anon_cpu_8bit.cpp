@@ -14,6 +14,8 @@
 // and the update of anon_hf/_cpu_kernel's kernel (anon_cpu.cpp), computed in fp32:
 //
 //   g = sign * g (+ l2 * p);  m = m + (g - m) * weight1;  s = s * beta2 + g * g * weight2
+//   with max_precond_ratio (gamma == 1 only: other gammas take the codec path):
+//       v = min(v, max_ratio / sqrt(s * inv_bias2 + eps))
 //   p = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
 // The loops are plain C++ written for the compiler's vectorizer (-O3 -fopenmp-simd, AVX2/AVX-512 as ATen uses): each
@@ -39,10 +41,11 @@ constexpr float kVLevels = 254.0f;
 // Blocks per task of at::parallel_for (2**15 elements, as anon_cpu.cpp).
 constexpr int64_t kGrainBlocks = 128;
 
-enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kSlotCount };
+enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kEps, kMaxRatio, kSlotCount };
 
 struct Settings {
   float s[kSlotCount];
+  float inv_bias2;  // this tensor's 1 / (1 - beta2**n), n the gradients since its last refresh, this one included
   bool l2;
   bool bounds;
   bool preconditioned;
@@ -70,8 +73,9 @@ inline float exp2_poly(float x) {
 }
 
 // One block of n <= kBlock elements in three passes the compiler vectorizes: decode and update (tracking the new absmax
-// of m and max of s), encode m, encode s. kPrecond = false: gamma == 0, no s and v (v = 1).
-template <bool kPrecond>
+// of m and max of s), encode m, encode s. kPrecond = false: gamma == 0, no s and v (v = 1). kLimit: max_precond_ratio's
+// limit on v (gamma == 1).
+template <bool kPrecond, bool kLimit>
 void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc, float* __restrict__ m_absmax,
                uint8_t* __restrict__ sc, float* __restrict__ s_max, const uint8_t* __restrict__ vc,
                const float* __restrict__ v_lo, const float* __restrict__ v_hi, int64_t n, float neg_step_size,
@@ -86,6 +90,7 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
   const float v_base = kPrecond ? *v_lo : 0.0f;
   const float v_step = kPrecond ? (*v_hi - *v_lo) * (1.0f / kVLevels) : 0.0f;
   const float beta2 = st.s[kBeta2], weight2 = st.s[kWeight2];
+  const float inv_bias2 = st.inv_bias2, eps = st.s[kEps], max_ratio = st.s[kMaxRatio];
   float m_top = 0.0f, s_top = 0.0f;
 #pragma omp simd reduction(max : m_top, s_top)
   for (int64_t j = 0; j < n; ++j) {
@@ -98,11 +103,16 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
     const float s_old = cs != 0 ? s_value : 0.0f;
     const int32_t cv = kPrecond ? vc[j] : 1;
     const float v_value = kPrecond ? exp2_poly(v_base + static_cast<float>(cv - 1) * v_step) : 1.0f;
-    const float v = cv != 0 ? v_value : 0.0f;
+    const float v_stored = cv != 0 ? v_value : 0.0f;
     const float pj = p[j];
     const float gj = g[j] * sign + pj * l2;  // l2 == 0 without L2 decay
     const float mj = m_old + (gj - m_old) * weight1;
     const float sj = s_old * beta2 + gj * gj * weight2;
+    float v = v_stored;
+    if constexpr (kLimit) {
+      const float limit = max_ratio / std::sqrt(sj * inv_bias2 + eps);
+      v = v < limit ? v : limit;
+    }
     const float updated = pj * decay + mj * v * neg_step_size;
     p[j] = updated < lo ? lo : (updated > hi ? hi : updated);  // (-inf, inf) without bounds
     m[j] = mj;
@@ -151,13 +161,15 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<at::Tensor>& s_codes, const std::vector<at::Tensor>& s_max,
                 const std::vector<at::Tensor>& v_codes, const std::vector<at::Tensor>& v_lo,
                 const std::vector<at::Tensor>& v_hi, const std::vector<at::Tensor>& steps,
-                const std::vector<double>& neg_step_sizes, const std::vector<double>& scalars, bool l2, bool bounds) {
+                const std::vector<double>& neg_step_sizes, const std::vector<double>& inv_bias2s,
+                const std::vector<double>& scalars, bool l2, bool bounds, bool limit) {
   const size_t count = params.size();
   const bool preconditioned = !v_codes.empty();
   TORCH_CHECK(grads.size() == count && m_codes.size() == count && m_absmax.size() == count &&
-                  steps.size() == count && neg_step_sizes.size() == count,
-              "anon_hf 8-bit CPU kernel: params, grads, m_codes, m_absmax, steps and neg_step_sizes must have one "
-              "entry per tensor");
+                  steps.size() == count && neg_step_sizes.size() == count && inv_bias2s.size() == count,
+              "anon_hf 8-bit CPU kernel: params, grads, m_codes, m_absmax, steps, neg_step_sizes and inv_bias2s must ",
+              "have one entry per tensor");
+  TORCH_CHECK(!limit || !v_codes.empty(), "anon_hf 8-bit CPU kernel: a limit needs a preconditioner");
   TORCH_CHECK(!preconditioned || (s_codes.size() == count && s_max.size() == count && v_codes.size() == count &&
                                   v_lo.size() == count && v_hi.size() == count),
               "anon_hf 8-bit CPU kernel: s_codes, s_max, v_codes, v_lo and v_hi must be empty or one per tensor");
@@ -199,14 +211,17 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const float* vl = preconditioned ? v_lo[i].const_data_ptr<float>() : nullptr;
     const float* vh = preconditioned ? v_hi[i].const_data_ptr<float>() : nullptr;
     const float neg_step_size = static_cast<float>(neg_step_sizes[i]);
+    Settings tensor_st = st;
+    tensor_st.inv_bias2 = static_cast<float>(inv_bias2s[i]);
+    const auto block = !preconditioned ? run_block<false, false> : (limit ? run_block<true, true> : run_block<true, false>);
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t start = b * kBlock;
         const int64_t n = std::min(kBlock, numel - start);
-        (preconditioned ? run_block<true> : run_block<false>)(p + start, g + start, mc + start, ma + b, preconditioned ? sc + start : nullptr,
-                  preconditioned ? sm + b : nullptr, preconditioned ? vc + start : nullptr,
-                  preconditioned ? vl + b : nullptr, preconditioned ? vh + b : nullptr, n, neg_step_size, st);
+        block(p + start, g + start, mc + start, ma + b, preconditioned ? sc + start : nullptr,
+              preconditioned ? sm + b : nullptr, preconditioned ? vc + start : nullptr, preconditioned ? vl + b : nullptr,
+              preconditioned ? vh + b : nullptr, n, neg_step_size, tensor_st);
       }
     });
   }

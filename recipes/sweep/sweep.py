@@ -409,13 +409,15 @@ def _versions() -> dict[str, str]:
 
 
 def anon_rule() -> str:
-    """Anon's refresh rule at its defaults, recorded with every sweep: runs made under another rule are not reused."""
+    """Anon's update rule at its defaults, recorded with every sweep: runs made under another rule are not reused.
+    ``"keep_unseen=True"`` names the sweeps made before ``max_precond_ratio`` existed."""
     import inspect
 
     import anon_hf
 
     parameters = inspect.signature(anon_hf.Anon).parameters
-    return f"keep_unseen={parameters['keep_unseen'].default}" if "keep_unseen" in parameters else "published"
+    rule = [f"{name}={parameters[name].default}" for name in ("keep_unseen", "max_precond_ratio") if name in parameters]
+    return ",".join(rule) or "published"
 
 
 def prepared(args: argparse.Namespace) -> dict[str, str]:
