@@ -67,7 +67,8 @@ def candidates():
     """(name, family, constructor kwargs, whether the refresh is timed too[, environment while it steps]).
 
     On CPU, ``fused=True`` runs anon_hf's C++ kernel; ``anon_fused_compiled`` turns it off (``ANON_HF_CPU_KERNEL=0``)
-    to time the torch.compile'd graphs, the fused path CUDA tensors take.
+    to time the torch.compile'd graphs, the fused path CUDA tensors take. ``*_no_limit`` turns ``max_precond_ratio``
+    off, to show what the limit costs.
     """
     bf16 = dict(precond_dtype="bf16", moments_dtype="bf16")
     return [
@@ -78,6 +79,9 @@ def candidates():
         ("anon_forloop", "anon", dict(foreach=False), True),
         ("anon_foreach", "anon", dict(foreach=True), True),
         ("anon_fused", "anon", dict(fused=True), True),
+        ("anon_fused_no_limit", "anon", dict(fused=True, max_precond_ratio=None), True),
+        ("anon_fused_gamma0.5", "anon", dict(fused=True, gamma=0.5), True),
+        ("anon_fused_gamma0.5_no_limit", "anon", dict(fused=True, gamma=0.5, max_precond_ratio=None), True),
         ("anon_fused_gamma1.1", "anon", dict(fused=True, gamma=1.1), True),
         ("anon_fused_compiled", "anon", dict(fused=True), True, {"ANON_HF_CPU_KERNEL": "0"}),
         ("anon_foreach_gamma0", "anon", dict(foreach=True, gamma=0.0), False),
@@ -87,6 +91,7 @@ def candidates():
         ("anon_fused_bf16_state", "anon", dict(fused=True, **bf16), False),
         ("anon8bit_forloop", "anon8bit", dict(foreach=False), True),
         ("anon8bit_fused", "anon8bit", dict(fused=True), True),
+        ("anon8bit_fused_no_limit", "anon8bit", dict(fused=True, max_precond_ratio=None), True),
     ]
 
 

@@ -2,8 +2,9 @@
 
 Runs ``recipes/causal_lm/train.py`` with its argv and, after the steps around each refresh (and a few others),
 prints for the three tensors with the largest preconditioner ``v``: ``max v``, ``max |v * m_hat|`` (the largest
-step of that tensor in units of lr: ``m_hat = |exp_avg| / (1 - beta1**t)``) and the share of elements whose ``v``
-is still 0 (not seen by a refresh yet). This is how docs/sweep.md traces a stalled run to its embedding rows:
+step of that tensor in units of lr: ``m_hat = |exp_avg| / (1 - beta1**t)``, ``v`` as that step used it, under
+``max_precond_ratio``'s limit), the share of elements whose ``v`` is still 0 (not seen by a refresh yet) and the
+share the limit bound at that step. This is how docs/sweep.md traces a stalled run to its embedding rows:
 
     python recipes/sweep/probe.py --optim anon --optim_args "gamma=1" --learning_rate 3.16e-3 --seed 0 \\
         --max_steps 300 --save_final_model false --report_to none --disable_tqdm true --log_level error
@@ -20,6 +21,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import transformers  # noqa: E402
 
+from anon_hf._refresh import limited_preconditioner  # noqa: E402
+from anon_hf._schedule import is_refresh_step, previous_refresh_step  # noqa: E402
 from recipes.causal_lm import train  # noqa: E402  (imports anon_hf first, which registers --optim anon)
 
 _REFRESHES = {2**k for k in range(20)}
@@ -43,11 +46,34 @@ class StepProbe(transformers.TrainerCallback):
                 if "precond" not in st:
                     continue
                 v = st["precond"].float()
+                used = _used_preconditioner(st, v, group, step)
                 m_hat = st["exp_avg"].float().abs() / (1 - beta1**step)
-                rows.append((v.max().item(), (v * m_hat).max().item(), (v == 0).float().mean().item(), names[p]))
+                limited = (used < v).float().mean().item()
+                rows.append(
+                    (v.max().item(), (used * m_hat).max().item(), (v == 0).float().mean().item(), limited, names[p])
+                )
         rows.sort(reverse=True)
-        top = "; ".join(f"{n}: max v {a:.2e}, max |v*m_hat| {b:.2e}, v==0 {z:.2f}" for a, b, z, n in rows[:3])
+        top = "; ".join(
+            f"{n}: max v {a:.2e}, max |v*m_hat| {b:.2e}, v==0 {z:.2f}, limited {q:.4f}" for a, b, z, q, n in rows[:3]
+        )
         print(f"step {step}: {top}", flush=True)
+
+
+def _used_preconditioner(state: dict, v, group: dict, step: int):
+    """The preconditioner step ``step`` multiplied ``m_hat`` by: ``v`` at a refresh, else ``v`` under
+    ``max_precond_ratio``'s limit (``anon_hf._refresh.limited_preconditioner``)."""
+    refresh, ratio = group["refresh"], group.get("max_precond_ratio")
+    if ratio is None or is_refresh_step(step, refresh):
+        return v
+    return limited_preconditioner(
+        state["exp_avg_sq"],
+        v,
+        steps_since_refresh=step - previous_refresh_step(step, refresh),
+        beta2=group["betas"][1],
+        gamma=group["gamma"],
+        eps=group["eps"],
+        max_ratio=ratio,
+    )
 
 
 class _ProbedTrainer(transformers.Trainer):

@@ -416,7 +416,9 @@ def anon_rule() -> str:
     import anon_hf
 
     parameters = inspect.signature(anon_hf.Anon).parameters
-    rule = [f"{name}={parameters[name].default}" for name in ("keep_unseen", "max_precond_ratio") if name in parameters]
+    rule = [
+        f"{name}={parameters[name].default}" for name in ("keep_unseen", "max_precond_ratio") if name in parameters
+    ]
     return ",".join(rule) or "published"
 
 
