@@ -85,5 +85,6 @@ max_precond_ratio_doc = r"""max_precond_ratio (float or None, optional): between
             tiny then and are large now (embedding and output rows of rare tokens) would otherwise step by
             thousands of lr until the next refresh; Adam's per-step second moment bounds such a step, and this is
             the same bound, effective only where :math:`v` exceeds it ``r``-fold. Costs a multiply and a compare per
-            element per step in the fused kernel (a square root where it binds). ``None`` turns it off: with
+            element per step in the fused kernel (a square root where it binds). Applies for gamma > 0 only:
+            below, :math:`v` does not grow as gradients shrink. ``None`` turns it off: with
             ``keep_unseen=False`` that is the published algorithm exactly (default: 10.0)"""

@@ -16,7 +16,8 @@ gets ``sigma = eps`` and ``v = eps**(-gamma / 2)`` (1e8 at the defaults), which 
 New state holds ``v = 0`` ("not seen yet"): such an element takes no step until a refresh has seen its gradient, then
 starts its mean from that refresh, as the whole tensor does at step 1.
 
-Between refreshes, :func:`limited_preconditioner` is what a step multiplies the first moment by: ``v``, but at most
+Between refreshes, :func:`limited_preconditioner` is what a step multiplies the first moment by (where
+:func:`limit_applies`: ``gamma > 0``): ``v``, but at most
 ``max_ratio`` times ``sigma_t**(-gamma / 2)``, where ``sigma_t`` is the same estimate as a refresh's, taken over the
 gradients since the last refresh (``max_precond_ratio``, 10 by default). ``v`` is the mean over earlier intervals; an
 element whose gradients were tiny then and are large now (an embedding row of a rare token, the output row of a token
@@ -66,6 +67,14 @@ def inverse_bias_correction(beta2: float, steps_since_refresh: int) -> float:
     """``1 / (1 - beta2**n)``: what the accumulator, ``n`` gradients after its last reset, is multiplied by to estimate
     the mean of ``g**2`` (``sigma = s * inverse_bias_correction + eps``)."""
     return 1.0 / (1.0 - beta2**steps_since_refresh)
+
+
+def limit_applies(gamma: float, max_ratio: float | None) -> bool:
+    """Whether steps between refreshes use :func:`limited_preconditioner`: a ratio is set and ``gamma > 0``. For
+    ``gamma <= 0`` the preconditioner does not grow as gradients shrink (``v = sigma**(-gamma/2)``), so there is no
+    large ``v`` for a large gradient to meet; the limit would instead stop the momentum of weights whose gradient
+    paused."""
+    return max_ratio is not None and gamma > 0.0
 
 
 def limited_preconditioner(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._dtensor import full
-from ._refresh import limited_preconditioner, refresh_mode, refreshed_preconditioner
+from ._refresh import limit_applies, limited_preconditioner, refresh_mode, refreshed_preconditioner
 from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
@@ -238,7 +238,7 @@ def _single_tensor_anon(
                 )
                 refreshed.append(step)
                 used = precond
-            elif max_precond_ratio is None:
+            elif not limit_applies(gamma, max_precond_ratio):
                 used = precond
             else:
                 used = limited_preconditioner(
@@ -404,7 +404,7 @@ def _multi_tensor_anon(
                 on_nonfinite=on_nonfinite,
             )
         preconds_c = device_preconds if compute is None else [v.to(compute) for v in device_preconds]
-        if preconditioned and max_precond_ratio is not None:
+        if preconditioned and limit_applies(gamma, max_precond_ratio):
             preconds_c = _limited_between_refreshes(
                 device_exp_avg_sqs,
                 preconds_c,

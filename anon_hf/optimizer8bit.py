@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _quant8
 from ._dtensor import is_dtensor, local
-from ._refresh import inverse_bias_correction
+from ._refresh import inverse_bias_correction, limit_applies
 from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 from .functional import NonFinitePreconditionerError, anon
 from .optimizer import (
@@ -61,8 +61,8 @@ class Anon8bit(Anon):
     dequantizes, updates and requantizes (the preconditioner is only read there: 17 bytes moved per parameter);
     refresh steps, and every step otherwise, decode the state of one tensor at a time into fp32 temporaries, run
     :func:`anon_hf.anon` on them and encode the result: the extra memory is one tensor's fp32 state. The kernel
-    computes ``max_precond_ratio``'s limit for gamma 1 (and needs none at gamma 0); at other gammas with the limit on,
-    every step takes the decode-step-encode path. Full-precision tensors take Anon's own paths (``foreach``/``fused``
+    computes ``max_precond_ratio``'s limit for gamma 1 (gamma <= 0 has none); at other gammas above 0 with the limit
+    on, every step takes the decode-step-encode path. Full-precision tensors take Anon's own paths (``foreach``/``fused``
     as given).
 
     Args:
@@ -209,7 +209,7 @@ class Anon8bit(Anon):
         from . import _cpu_kernel
 
         # The kernel computes max_precond_ratio's limit for gamma == 1 only; other gammas take the codec path.
-        limit = kwargs["max_precond_ratio"] is not None and group["gamma"] != 0
+        limit = limit_applies(group["gamma"], kwargs["max_precond_ratio"])
         if limit and group["gamma"] != 1:
             return set()
         picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]

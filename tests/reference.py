@@ -78,7 +78,7 @@ class ReferenceAnon:
                     v = 1.0
                 else:
                     v = 0.0 if self.u[k][j] is None else self.u[k][j] ** -0.5
-                    if not refresh and self.max_ratio is not None:
+                    if not refresh and self.max_ratio is not None and self.gamma > 0:
                         v = min(v, self.max_ratio * self._window_power(self.s[k][j], t))
                 theta -= self.lr * v * self.m[k][j] / (1 - self.b1**t)
                 if self.bounds is not None:

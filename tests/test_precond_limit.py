@@ -140,3 +140,42 @@ def test_a_state_dict_from_before_the_limit_loads_with_the_default():
     fresh = Anon([param], max_precond_ratio=None)
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["max_precond_ratio"] == 10.0
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 1.5, 3.0], ids=["one", "pow", "log", "log3"])
+@pytest.mark.parametrize("name", ["kernel", "graphs"])
+def test_the_fused_shortcuts_miss_no_binding_element_near_the_threshold(name, gamma, monkeypatch):
+    # The kernel skips blocks where a cheap test says no lane can bind. One element in 64 lies just above the
+    # threshold (v**2 * sigma**gamma up to 1.4x ratio**2), one just below, the rest far below: a block then holds at
+    # most one binding lane, which the test must not miss.
+    flags = _use_path(name, monkeypatch)
+    generator = torch.Generator().manual_seed(int(gamma * 10))
+    numel, ratio, beta2 = 4096, 10.0, 0.999
+    precond = 10 ** (torch.rand(numel, generator=generator, dtype=torch.float64) * 8 - 3)
+    # Choose sigma so that v**2 * sigma**gamma / ratio**2 = 2**u: u in (0, 0.5), (-0.5, 0) or [-20, -3].
+    position = torch.arange(numel) % 64
+    uniform = torch.rand(numel, generator=generator, dtype=torch.float64)
+    log2_excess = torch.where(
+        position == 0, uniform * 0.5, torch.where(position == 32, -uniform * 0.5, -3 - 17 * uniform)
+    )
+    sigma = ((ratio**2 * 2**log2_excess) / precond**2) ** (1 / gamma)
+    # Step 6 with a zero gradient: the accumulator is beta2 * s, two gradients after the refresh at step 4, so
+    # sigma = beta2 * s / (1 - beta2**2) (+ eps = 1e-16, negligible here); the momentum is 0.9 * 1.
+    exp_avg_sq = sigma * (1 - beta2**2) / beta2
+    results = {}
+    for path, path_flags in (("forloop", dict(foreach=False)), (name, flags)):
+        param = torch.nn.Parameter(torch.zeros(numel))
+        opt = Anon([param], lr=1.0, gamma=gamma, max_precond_ratio=ratio, **path_flags)
+        param.grad = torch.zeros(numel)
+        opt.step()  # creates the state
+        state = opt.state[param]
+        state["step"].fill_(5.0)
+        state["precond"].copy_(precond)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+        state["exp_avg"].fill_(1.0)
+        param.data.zero_()
+        opt.step()
+        results[path] = -param.detach().double() / (0.9 / (1 - 0.9**6))  # the preconditioner the step used
+    stored = precond.float().double()
+    assert int((results["forloop"] < stored * (1 - 1e-4)).sum()) > 0.5 * numel / 64  # the planted lanes bind
+    torch.testing.assert_close(results[name], results["forloop"], rtol=3e-6, atol=0)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._refresh import inverse_bias_correction, refresh_mode
+from .._refresh import inverse_bias_correction, limit_applies, refresh_mode
 from .._schedule import is_refresh_step, previous_refresh_step
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
@@ -93,7 +93,8 @@ def _fused_anon(
     modes = (not decoupled, hyper["bounds"] is not None)
     mode = refresh_mode(hyper["gamma"], hyper["eps"])
     # Between refreshes, how the limit computes sigma**(-gamma / 2) (None: no limit).
-    limit = mode if not refreshing and len(preconds) > 0 and hyper["max_precond_ratio"] is not None else None
+    limited = not refreshing and len(preconds) > 0 and limit_applies(hyper["gamma"], hyper["max_precond_ratio"])
+    limit = mode if limited else None
     kernel = graph = None
     if plan.kernel:
         refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None

@@ -26,6 +26,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <set>
@@ -69,7 +70,15 @@ struct Settings {
   bool has_prev;     // a previous preconditioner is averaged in (beta3 > 0, not the first refresh)
   bool keep_unseen;  // elements with s == 0 keep v; those with v == 0 start the mean afresh
   Refresh limit;     // an ordinary step: kNone (no limit) or how sigma**(-gamma / 2) is computed (kLog as kPower)
+  float limit_cutoff;  // kPower/kLog: 2 * log2(max_ratio) less the shortcut's margin (see limit_precond)
 };
+
+// log2(x) from x's bits, as a float: exponent + mantissa fraction (Mitchell's approximation). For a normal x it is
+// within 0.0861 below log2(x); for 0 and subnormals it lies above; 1e-5 more for the int-to-float rounding.
+inline FloatVec log2_from_bits(const FloatVec& x) {
+  const FloatVec bits = at::vec::convert_to_fp_of_same_size<float>(at::vec::cast<int32_t>(x));
+  return at::vec::fmadd(bits, FloatVec(1.0f / (1 << 23)), FloatVec(-127.0f));
+}
 
 template <typename T>
 inline void load2(const T* ptr, FloatVec& a, FloatVec& b) {
@@ -126,8 +135,11 @@ inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond,
 }
 
 // The preconditioner an ordinary step uses (anon_hf/_refresh.py's limited_preconditioner): min(v, max_ratio *
-// sigma**(-gamma / 2)). For gamma == 1 the test v * v * sigma > max_ratio**2 is two multiplies, and only blocks where
-// a lane passes it take the square root (where the limit does not bind, the minimum is v either way).
+// sigma**(-gamma / 2)), gamma > 0. The limit binds where 2 log2(v) + gamma log2(sigma) > 2 log2(max_ratio). A cheap
+// test skips the blocks where no lane can bind, and only the others compute the limit (where it does not bind, the
+// minimum is v either way): for gamma == 1, v * v * sigma > max_ratio**2 (exact, two multiplies); otherwise the same
+// inequality with log2 read from the bits, which can only err by the margin folded into limit_cutoff, so a block it
+// skips has no binding lane.
 inline void limit_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, FloatVec& v1, const Settings& st) {
   const FloatVec sigma0 = at::vec::fmadd(s0, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
   const FloatVec sigma1 = at::vec::fmadd(s1, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
@@ -140,6 +152,10 @@ inline void limit_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, 
     v1 = at::vec::minimum(v1, sigma1.rsqrt() * ratio);
     return;
   }
+  const FloatVec gamma(st.s[kGamma]), cutoff(st.limit_cutoff);
+  const FloatVec guess0 = at::vec::fmadd(log2_from_bits(sigma0), gamma, log2_from_bits(v0) * FloatVec(2.0f));
+  const FloatVec guess1 = at::vec::fmadd(log2_from_bits(sigma1), gamma, log2_from_bits(v1) * FloatVec(2.0f));
+  if (((guess0 > cutoff) | (guess1 > cutoff)).zero_mask() == (1 << FloatVec::size()) - 1) return;
   const FloatVec exponent(-0.5f * st.s[kGamma]);
   v0 = at::vec::minimum(v0, (sigma0.log() * exponent).exp_u20() * ratio);
   v1 = at::vec::minimum(v1, (sigma1.log() * exponent).exp_u20() * ratio);
@@ -451,8 +467,8 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf CPU kernel: expected ", kSlotCount, " scalars");
   TORCH_CHECK(refresh >= 0 && refresh <= 3, "anon_hf CPU kernel: refresh mode must be 0 (none) or one of REFRESH_MODES");
   TORCH_CHECK(limit >= 0 && limit <= 3, "anon_hf CPU kernel: limit mode must be 0 (none) or one of REFRESH_MODES");
-  TORCH_CHECK(limit == 0 || (refresh == 0 && preconditioned),
-              "anon_hf CPU kernel: a limit applies to ordinary steps with a preconditioner");
+  TORCH_CHECK(limit == 0 || (refresh == 0 && preconditioned && scalars[kGamma] > 0.0),
+              "anon_hf CPU kernel: a limit applies to ordinary steps with a preconditioner and gamma > 0");
   TORCH_CHECK(refresh == 0 || preconditioned, "anon_hf CPU kernel: a refresh needs exp_avg_sqs and preconds");
   TORCH_CHECK(keep.empty() || keep.size() == count, "anon_hf CPU kernel: keep must be empty or one flag per tensor");
   TORCH_CHECK(!check_only || refresh != 0, "anon_hf CPU kernel: check_only needs a refresh mode");
@@ -467,6 +483,8 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   st.has_prev = has_prev;
   st.keep_unseen = keep_unseen;
   st.limit = static_cast<Refresh>(limit);
+  // The bits' log2 lies at most 0.0861 (+1e-5) below the true one for v and sigma: 2 + gamma of them in the sum.
+  st.limit_cutoff = static_cast<float>(2.0 * std::log2(scalars[kMaxRatio]) - 0.0862 * (2.0 + scalars[kGamma]) - 1e-3);
 
   // Validate everything before writing anything.
   const std::vector<bool> ok = anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds);

@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import transformers  # noqa: E402
 
-from anon_hf._refresh import limited_preconditioner  # noqa: E402
+from anon_hf._refresh import limit_applies, limited_preconditioner  # noqa: E402
 from anon_hf._schedule import is_refresh_step, previous_refresh_step  # noqa: E402
 from recipes.causal_lm import train  # noqa: E402  (imports anon_hf first, which registers --optim anon)
 
@@ -63,7 +63,7 @@ def _used_preconditioner(state: dict, v, group: dict, step: int):
     """The preconditioner step ``step`` multiplied ``m_hat`` by: ``v`` at a refresh, else ``v`` under
     ``max_precond_ratio``'s limit (``anon_hf._refresh.limited_preconditioner``)."""
     refresh, ratio = group["refresh"], group.get("max_precond_ratio")
-    if ratio is None or is_refresh_step(step, refresh):
+    if not limit_applies(group["gamma"], ratio) or is_refresh_step(step, refresh):
         return v
     return limited_preconditioner(
         state["exp_avg_sq"],
