@@ -91,6 +91,9 @@ class Task:
         return importlib.import_module(self.module).main
 
 
+# Anon8bit at the library's defaults (--optim anon_8bit, no --optim_args), added to a task by --with_8bit.
+EIGHT_BIT_DEFAULTS = Config("anon_8bit (defaults)", "anon_8bit", None, 1.0, 0, "8-bit state")
+
 HF_DEFAULT_LR = 5e-5  # TrainingArguments.learning_rate: what `--optim adamw_torch` trains at unless told otherwise
 
 
@@ -453,7 +456,7 @@ def load_reusable_runs(path: str, task: Task, args: argparse.Namespace, cfgs: li
     if old["task"] != task.name or mismatches:
         raise ValueError(f"--reuse {path}: its runs were made with other settings ({old['task']}, {mismatches})")
     same_rule = old_settings.get("anon_rule", "published") == anon_rule()
-    optim_args = {c.name: c.optim_args for c in cfgs if c.optim != "anon" or same_rule}
+    optim_args = {c.name: c.optim_args for c in cfgs if not c.optim.startswith("anon") or same_rule}
     return {
         (r["config"], optim_args.get(r["config"]), r["lr"], r["seed"]): r
         for r in old["lr_grid"] + old["runs"]
@@ -486,6 +489,8 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
         cfgs = task.make_configs(args.gammas, args.anon_optim_args)
     else:
         cfgs = configs(args.gammas, args.anon_optim_args, tuple(args.default_eps_gammas))
+    if args.with_8bit:
+        cfgs.append(EIGHT_BIT_DEFAULTS)
     args.substitutions = task.prepare(args.tiny, args.cache_dir) if task.prepare is not None else {}
     args.cache = {}
     for path in args.reuse or []:
@@ -588,6 +593,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument(
         "--max_extensions", type=int, default=2, help="grid extensions per side when best is on an edge"
+    )
+    parser.add_argument(
+        "--with_8bit",
+        action="store_true",
+        help="also run Anon8bit at the library's defaults (--optim anon_8bit), lr tuned like the other rows",
     )
     parser.add_argument(
         "--reuse",

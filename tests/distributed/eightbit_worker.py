@@ -1,7 +1,7 @@
-"""Anon8bit on 2 gloo ranks: DeepSpeed ZeRO-2 (``"type": "Anon8bit"``) and raw FSDP2, each with a resume.
+"""Anon8bit on 2 gloo ranks: DeepSpeed ZeRO-1/2/3 (``"type": "Anon8bit"``) and raw FSDP2, each with a resume.
 
-Usage: ``torchrun --nproc_per_node 2 tests/distributed/eightbit_worker.py OUT_DIR [zero2] [zero2_offload_fused]
-[fsdp2]``
+Usage: ``torchrun --nproc_per_node 2 tests/distributed/eightbit_worker.py OUT_DIR [zero1] [zero2] [zero3]
+[zero2_offload_fused] [fsdp2]``
 
 Each engine trains the tiny Llama for 20 steps on fixed data with a checkpoint at step 6; a fresh model and optimizer
 resume from it and run to step 20. Each rank records the largest difference of the final parameters from
@@ -53,13 +53,13 @@ def state_dtypes(optimizer) -> dict[str, str]:
     return {key: str(value.dtype) for state in optimizer.state.values() for key, value in state.items()}
 
 
-def run_zero2(rank, world, batches, references, report, out_dir, offload=False):
+def run_zero(rank, world, batches, references, report, out_dir, stage, offload=False):
     import deepspeed
 
     from anon_hf import optimizer8bit
 
-    name = "zero2_offload_fused" if offload else "zero2"
-    config = ds_config(2, world, offload=offload)
+    name = f"zero{stage}_offload_fused" if offload else f"zero{stage}"
+    config = ds_config(stage, world, offload=offload)
     config["optimizer"]["type"] = "Anon8bit"
     if offload:  # ZeRO-Offload: the CPU partitions go through the 8-bit C++ kernel between refreshes
         config["optimizer"]["params"]["fused"] = True
@@ -71,15 +71,15 @@ def run_zero2(rank, world, batches, references, report, out_dir, offload=False):
     ds_train(engine, batches[:SAVE_AT], rank, world)
     engine.save_checkpoint(ckpt_dir, tag=f"step{SAVE_AT}")
     ds_train(engine, batches[SAVE_AT:], rank, world)
-    final = zero_full_params(engine, 2)
+    final = zero_full_params(engine, stage)
     result = {
         "inner_type": type(inner).__name__,
         "state_dtypes": state_dtypes(inner),
-        "partition_numel": [flat.numel() for flat in zero_partitions(engine, 2)],
+        "partition_numel": [flat.numel() for flat in zero_partitions(engine, stage)],
         "parity_8bit": max_abs_diff(final, references["8bit"]),
         "parity_fp32": max_abs_diff(final, references["fp32"]),
         "refresh_history": inner.refresh_history,
-        "partition_devices": sorted({str(flat.device) for flat in zero_partitions(engine, 2)}),
+        "partition_devices": sorted({str(flat.device) for flat in zero_partitions(engine, stage)}),
         "kernel_calls": optimizer8bit.stats["kernel"] - kernel_calls,
     }
     del engine, inner
@@ -87,7 +87,7 @@ def run_zero2(rank, world, batches, references, report, out_dir, offload=False):
     resumed, *_ = deepspeed.initialize(model=resumed_model, model_parameters=resumed_model.parameters(), config=config)
     resumed.load_checkpoint(ckpt_dir, tag=f"step{SAVE_AT}")
     ds_train(resumed, batches[SAVE_AT:], rank, world)
-    result["resume"] = max_abs_diff(zero_full_params(resumed, 2), final)
+    result["resume"] = max_abs_diff(zero_full_params(resumed, stage), final)
     report[name] = result
 
 
@@ -143,11 +143,13 @@ def main(out_dir: str, only: list[str]) -> None:
     batches = global_batches()
     references = {"8bit": reference_8bit_run(batches), "fp32": reference_run()}
     runs = {
-        "zero2": lambda: run_zero2(rank, world, batches, references, report, out_dir),
-        "zero2_offload_fused": lambda: run_zero2(rank, world, batches, references, report, out_dir, offload=True),
+        "zero1": lambda: run_zero(rank, world, batches, references, report, out_dir, 1),
+        "zero2": lambda: run_zero(rank, world, batches, references, report, out_dir, 2),
+        "zero3": lambda: run_zero(rank, world, batches, references, report, out_dir, 3),
+        "zero2_offload_fused": lambda: run_zero(rank, world, batches, references, report, out_dir, 2, offload=True),
         "fsdp2": lambda: run_fsdp2(rank, world, batches, references, report, out_dir),
     }
-    if not only or any(name.startswith("zero2") for name in only):
+    if not only or any(name.startswith("zero") for name in only):
         import deepspeed  # `import anon_hf` registered its hooks: ZeRO accepts Anon8bit from here on
 
         deepspeed.init_distributed(dist_backend="gloo")
