@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _quant8
 from ._dtensor import is_dtensor, local
-from ._refresh import inverse_bias_correction, limit_applies
+from ._fused.scalars import step_scalars_from
+from ._refresh import inverse_bias_correction, limit_applies, refresh_mode
 from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
 from .functional import NonFinitePreconditionerError, anon
 from .optimizer import (
@@ -58,7 +59,9 @@ class Anon8bit(Anon):
     elements (default 4,096, bitsandbytes' threshold) and complex tensors keep Anon's full-precision state.
 
     With ``fused=True`` the steps between refreshes of contiguous fp32 CPU tensors run one C++ pass per block that
-    dequantizes, updates and requantizes (the preconditioner is only read there: 17 bytes moved per parameter);
+    dequantizes, updates and requantizes (the preconditioner is only read there: 17 bytes moved per parameter), and
+    those of other tensors (CUDA; CPU with ``ANON_HF_CPU_KERNEL=0``) one ``torch.compile``'d graph per tensor that does
+    the same with ``_quant8``'s maps;
     refresh steps, and every step otherwise, decode the state of one tensor at a time into fp32 temporaries, run
     :func:`anon_hf.anon` on them and encode the result: the extra memory is one tensor's fp32 state. The kernel
     computes ``max_precond_ratio``'s limit for gamma 1 (gamma <= 0 has none); at other gammas above 0 with the limit
@@ -157,9 +160,12 @@ class Anon8bit(Anon):
         for param in large:
             self._ensure_state(param, group)
         kwargs = _update_kwargs(group)
-        by_kernel = self._kernel_step(group, large, kwargs) if group["fused"] else set()
+        fused = set()
+        if group["fused"]:
+            fused = self._kernel_step(group, large, kwargs)
+            fused |= self._graph_step(group, [p for p in large if p not in fused], kwargs)
         for param in large:
-            if param not in by_kernel:
+            if param not in fused:
                 with _positions_in(group, [param]):
                     refreshed += self._reference_step(param, kwargs, fused=bool(group["fused"]))
         return sorted(set(refreshed))
@@ -258,6 +264,41 @@ class Anon8bit(Anon):
             stats["kernel"] += 1
         return set(picked)
 
+    def _graph_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
+        """Step with the compiled graphs (``anon_hf._fused.graphs.step_8bit``) the tensors they take this step: no
+        refresh due, not DTensor, contiguous; on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
+        build failed). Returns them; a compiler failure leaves the rest to the reference path."""
+        from ._fused import graphs
+
+        picked = [p for p in params if _graphs_take(p, self.state[p], group["refresh"])]
+        if not picked or graphs.fused_unavailable_reason(picked) is not None:
+            return set()
+        lr, beta1, beta2 = kwargs["lr"], kwargs["beta1"], kwargs["beta2"]
+        scalar_values = step_scalars_from(kwargs, averaged=False)
+        decoupled = kwargs["decoupled_weight_decay"] or kwargs["weight_decay"] == 0
+        modes = (not decoupled, kwargs["bounds"] is not None)
+        limit = (
+            refresh_mode(kwargs["gamma"], kwargs["eps"])
+            if limit_applies(group["gamma"], kwargs["max_precond_ratio"])
+            else None
+        )
+        done: set[Tensor] = set()
+        for param in picked:
+            state = self.state[param]
+            step = int(state["step"].item()) + 1
+            per_tensor = (
+                [-lr / (1 - beta1**step)],
+                [inverse_bias_correction(beta2, step - previous_refresh_step(step, group["refresh"]))],
+            )
+            codes = {key: value for key, value in state.items() if key != "step"}
+            try:
+                graphs.step_8bit([param], [param.grad], [codes], scalar_values, per_tensor, modes, limit)
+            except graphs.CompileFailed:
+                break
+            state["step"] += 1
+            done.add(param)
+        return done
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by :meth:`state_dict`, or an fp32 one written by :class:`Anon` (quantized here).
 
@@ -294,6 +335,18 @@ class Anon8bit(Anon):
 def _validate_min_8bit_size(value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"Invalid min_8bit_size value: {value!r} (allowed: an integer >= 1; default 4096)")
+
+
+def _graphs_take(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:
+    """Whether the compiled 8-bit graph can step ``param`` now: a dense floating tensor, 8-bit state, no refresh due."""
+    return (
+        param.is_floating_point()
+        and param.is_contiguous()
+        and param.grad.is_contiguous()
+        and not is_dtensor(param)
+        and "exp_avg_absmax" in state
+        and not ("precond" in state and is_refresh_step(int(state["step"].item()) + 1, refresh))
+    )
 
 
 def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:

@@ -97,6 +97,29 @@ def test_matches_literal_8bit_reference(config, impl):
     assert opt.state[params[1]]["exp_avg"].dtype == torch.float32  # under min_8bit_size: full precision
 
 
+@pytest.mark.parametrize(
+    "config", [c for c in reference_configs() + extra_configs() if c.desc in FAST], ids=lambda c: c.desc
+)
+def test_the_compiled_8bit_graph_matches_the_literal_reference(config, monkeypatch):
+    # The graph CUDA tensors take between refreshes, run here by inductor on CPU with the C++ kernel turned off.
+    from anon_hf._fused import stats as fused_stats
+
+    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0")
+    before, kernel_before = fused_stats["compiled_8bit"], optimizer8bit_stats()["kernel"]
+    opt, params, ref = _run(config.kwargs, "fused")
+    _assert_tracks(_gaps(params, ref))
+    assert opt.refresh_history == (ref.refreshes if config.kwargs.get("gamma", 1.0) != 0 else [])
+    refreshes = 0 if config.kwargs.get("gamma", 1.0) == 0 else len(ref.refreshes)
+    assert fused_stats["compiled_8bit"] - before == 30 - refreshes  # every step between refreshes, nothing else
+    assert optimizer8bit_stats()["kernel"] == kernel_before
+
+
+def optimizer8bit_stats():
+    from anon_hf import optimizer8bit
+
+    return optimizer8bit.stats
+
+
 def test_the_tolerance_tells_8bit_from_fp32_state():
     _, params, ref = _run(dict(lr=0.01), "forloop", reference_cls=ReferenceAnon)
     median, _ = _quantiles(_gaps(params, ref)[0])

@@ -34,7 +34,7 @@ from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
 from .kernel import KernelCall, kernel_supported
 from .plan import make_plan
-from .scalars import step_scalars
+from .scalars import step_scalars_from
 from .telemetry import log_once, stats
 
 __all__ = ["fused_unavailable_reason", "stats"]
@@ -83,7 +83,7 @@ def _fused_anon(
     )
     refresh_schedule = hyper["refresh"]
     averaged = refreshing and hyper["beta3"] > 0.0 and previous_refresh_step(steps[0], refresh_schedule) > 0
-    scalar_values = step_scalars(**{k: hyper[k] for k in _SCALAR_HYPERPARAMETERS}, averaged=averaged)
+    scalar_values = step_scalars_from(hyper, averaged=averaged)
     lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
     per_tensor = (
         [-lr / (1 - beta1**step) for step in steps],
@@ -118,22 +118,6 @@ def _fused_anon(
     if eager_indices:
         _eager_with_reason(eager, sorted(eager_indices), plan.eager_reason or graphs._disabled_reason)
     return [steps[0]] if refreshing else []
-
-
-# The hyperparameters step_scalars takes by name from _fused_anon's keyword arguments.
-_SCALAR_HYPERPARAMETERS = (
-    "lr",
-    "beta1",
-    "beta2",
-    "gamma",
-    "eps",
-    "weight_decay",
-    "decoupled_weight_decay",
-    "beta3",
-    "bounds",
-    "maximize",
-    "max_precond_ratio",
-)
 
 
 def _check_all(kernel, graph, eager_indices, lists, step, hyper):

@@ -29,11 +29,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import _quant8
 from .._dtensor import is_dtensor
 from .scalars import SLOT
 from .telemetry import log_once, logger, stats
 
-__all__ = ["CompileFailed", "GraphCalls", "fused_unavailable_reason"]
+__all__ = ["CompileFailed", "GraphCalls", "fused_unavailable_reason", "step_8bit"]
 
 # Compiled graphs, least recently used first. Each holds one chunk's kernels; 64 covers many optimizers and groups.
 _MAX_GRAPHS = 64
@@ -167,7 +168,31 @@ def _refresh_graph(
         params[i].copy_(_project(new_param, scalars, modes))
 
 
-_KINDS = {"step": _step_graph, "flags": _flags_graph, "refresh": _refresh_graph}
+def _step_8bit_graph(params, grads, states, scalars, neg_step_sizes, inv_bias2s, modes: tuple, limit) -> None:
+    """``Anon8bit``'s step between refreshes, one pass per tensor: decode the 8-bit state with ``anon_hf._quant8``'s
+    maps, Anon's update in ``scalars.dtype``, encode ``exp_avg`` and ``exp_avg_sq`` again; ``precond`` is only read.
+    ``states[i]`` is tensor ``i``'s state dict (codes and side values, as ``Anon8bit`` stores them); without
+    ``precond`` (gamma == 0) the preconditioner is all ones."""
+    for i in range(len(params)):
+        state = states[i]
+        preconditioned = "precond" in state
+        decoded = {key: _quant8.dequantize(key, state) for key in _quant8.QUANTIZED_KEYS if key in state}
+        moments = ([params[i]], [grads[i]], [decoded["exp_avg"]], [decoded["exp_avg_sq"]] if preconditioned else [])
+        param, exp_avg, exp_avg_sq = _moments(*moments, 0, scalars, modes, preconditioned)
+        update = exp_avg
+        if preconditioned:
+            precond = decoded["precond"]
+            if limit is not None:
+                precond = _limited(exp_avg_sq, precond, scalars, inv_bias2s[i], limit)
+            update = exp_avg * precond
+        params[i].copy_(_project(param * scalars[_DECAY] + update * neg_step_sizes[i], scalars, modes))
+        for key, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if value is not None:
+                for name, encoded in _quant8.quantize(key, value).items():
+                    state[name].copy_(encoded)
+
+
+_KINDS = {"step": _step_graph, "flags": _flags_graph, "refresh": _refresh_graph, "step_8bit": _step_8bit_graph}
 
 
 def _graph_for(key: tuple) -> Callable:
@@ -303,3 +328,19 @@ class GraphCalls:
                 "chunk size and kind of step (ordinary, refresh).",
             )
         return done, []
+
+
+def step_8bit(params, grads, states, scalar_values, per_tensor, modes: tuple, limit) -> None:
+    """Step ``Anon8bit``'s tensors between refreshes through a compiled graph (:func:`_step_8bit_graph`); their step
+    counters are the caller's. ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``; ``limit`` as in :class:`GraphCalls`.
+    Raises :class:`CompileFailed` with nothing written."""
+    device = params[0].device
+    compute = torch.promote_types(params[0].dtype, torch.float32)
+    scalars = torch.tensor(scalar_values, dtype=compute, device=device)
+    sizes, inv_bias2s = (torch.tensor(values, dtype=compute, device=device) for values in per_tensor)
+    for static in (scalars, sizes, inv_bias2s):
+        torch._dynamo.mark_static(static)
+    preconditioned = "precond" in states[0]
+    key = ("step_8bit", limit, device, params[0].dtype, preconditioned, modes, len(params))
+    _run(key, [p.detach() for p in params], list(grads), states, scalars, sizes, inv_bias2s, modes, limit)
+    stats["compiled_8bit"] += 1

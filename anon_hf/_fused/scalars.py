@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["SCALAR_SLOTS", "SLOT", "step_scalars"]
+__all__ = ["SCALAR_SLOTS", "SLOT", "step_scalars", "step_scalars_from"]
 
 SCALAR_SLOTS = (
     "decay",  # 1 - lr * weight_decay with decoupled decay, else 1
@@ -65,3 +65,25 @@ def step_scalars(
     if averaged:
         values["weight_prev"], values["weight_new"] = beta3, 1.0 - beta3
     return [values[name] for name in SCALAR_SLOTS]
+
+
+# The keyword arguments of step_scalars besides ``averaged``, as functional.anon names its own.
+_HYPERPARAMETERS = (
+    "lr",
+    "beta1",
+    "beta2",
+    "gamma",
+    "eps",
+    "weight_decay",
+    "decoupled_weight_decay",
+    "beta3",
+    "bounds",
+    "maximize",
+    "max_precond_ratio",
+)
+
+
+def step_scalars_from(hyper: dict, *, averaged: bool) -> list[float]:
+    """:func:`step_scalars` with the hyperparameters taken by name from ``hyper`` (``functional.anon``'s keyword
+    arguments; other keys are ignored)."""
+    return step_scalars(**{name: hyper[name] for name in _HYPERPARAMETERS}, averaged=averaged)
