@@ -404,7 +404,10 @@ def test_sweep_reuses_anon_runs_only_under_the_same_refresh_rule(sweep, tmp_path
     }
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
-    assert sweep.anon_rule() == "keep_unseen=True"
+    assert sweep.anon_rule() == "keep_unseen=True,max_precond_ratio=10.0"
+    assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
+    # A sweep made under keep_unseen alone, before max_precond_ratio: its Anon runs are not reused either.
+    path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": "keep_unseen=True"}}))
     assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
     path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": sweep.anon_rule()}}))
     assert len(sweep.load_reusable_runs(str(path), task, args, cfgs)) == 2
