@@ -12,7 +12,9 @@ from typing import Any
 
 import griffe
 
-_MATH_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+\S.*\n|[ \t]*\n)+)", re.M)
+_MATH_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+\S.*\n|[ \t]*\n)+)", re.M
+)
 _ROLE = re.compile(r":(?P<role>math|class|meth|func|attr|mod|exc):`~?(?P<text>[^`]+)`")
 _LINK = re.compile(r"`(?P<text>[^`<]+?)\s*<(?P<url>https?://[^>]+)>`_")
 _LITERAL = re.compile(r"``(?P<text>[^`]+)``")
