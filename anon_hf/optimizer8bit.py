@@ -34,6 +34,8 @@ from .optimizer import (
 __all__ = ["Anon8bit", "dequantize_state_dict"]
 
 _SIDE_KEYS = frozenset(key for keys in _quant8.QUANTIZED_KEYS.values() for key in keys)
+# The shard an FSDP2 tensor's 8-bit state belongs to (see _shard_identity); not part of the state's arithmetic.
+_SHARD_KEY = "local_shard"
 
 #: Calls of the 8-bit C++ kernel (``"kernel"``) in this process, for tests and benchmarks.
 stats: collections.Counter = collections.Counter()
@@ -178,7 +180,7 @@ class Anon8bit(Anon):
         # Anon decides which keys exist and their initial values; this tensor's fp32 state lives only meanwhile.
         self.state[param] = _decoded(state)
         super()._init_group({**group, "params": [param]}, [], [], [], [], [], [])
-        self.state[param] = _encoded(self.state[param])
+        self.state[param] = _encoded(self.state[param], param)
 
     def _reference_step(self, param: Tensor, kwargs: dict[str, Any], fused: bool = False) -> list[int]:
         """One tensor: decode to fp32 temporaries, step them with :func:`anon_hf.anon`, encode the result.
@@ -325,7 +327,7 @@ class Anon8bit(Anon):
                     dtype = torch.float32 if key in _SIDE_KEYS else value.dtype
                     state[key] = value.to(device=local(param).device, dtype=dtype, copy=True)
             if self._is_8bit(param, group) and not quantized:
-                self.state[param] = _encoded(state)  # an fp32 Anon checkpoint: quantized once, here
+                self.state[param] = _encoded(state, param)  # an fp32 Anon checkpoint: quantized once, here
             elif not self._is_8bit(param, group):
                 if quantized:
                     self.state[param] = state = _decoded(state)
@@ -381,7 +383,7 @@ def _sides(key: str, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
 
 def _decoded_by(codec, state: dict[str, Any]) -> dict[str, Any]:
     """:func:`_decoded` by the C++ codecs (CPU state)."""
-    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS}
+    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _SHARD_KEY}
     for key in _quant8.QUANTIZED_KEYS:
         if key in state:
             out[key] = torch.empty(state[key].shape, dtype=torch.float32)
@@ -396,20 +398,35 @@ def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
 
 def _decoded(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with each 8-bit entry replaced by its fp32 tensor (full-precision entries as they are)."""
-    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS}
+    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _SHARD_KEY}
     for key, sides in _quant8.QUANTIZED_KEYS.items():
         if sides[0] in state:
             out[key] = _quant8.dequantize(key, state)
     return out
 
 
-def _encoded(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` (full precision, DTensor entries as this rank's shard) with every moment and ``precond`` in 8 bits."""
+def _encoded(state: dict[str, Any], param: Tensor) -> dict[str, Any]:
+    """``state`` (full precision, DTensor entries as this rank's shard) with every moment and ``precond`` in 8 bits;
+    for a DTensor ``param``, with the shard the codes belong to (:func:`_shard_identity`)."""
     out = {"step": state["step"]}
     for key in _quant8.QUANTIZED_KEYS:
         if key in state:
             out.update(_quant8.quantize(key, local(state[key])))
+    identity = _shard_identity(param)
+    if identity is not None:
+        out[_SHARD_KEY] = identity
     return out
+
+
+def _shard_identity(param: Tensor) -> Tensor | None:
+    """For a DTensor ``param`` (an FSDP2 shard): int64 ``[this rank's coordinates on the mesh..., the mesh's shape...,
+    the local shard's numel]``, else None. Its 8-bit codes and block side values describe this local shard only, so
+    they are valid on this shard alone: torch.distributed.checkpoint keeps one copy of such plain per-rank tensors
+    (rank 0's) and cannot reshard blocks; the identity lets a load tell."""
+    if not is_dtensor(param):
+        return None
+    mesh = param.device_mesh
+    return torch.tensor([*mesh.get_coordinate(), *mesh.shape, local(param).numel()], dtype=torch.int64)
 
 
 class _positions_in:
@@ -432,9 +449,10 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
     if not isinstance(tensor_state, dict) or not (_SIDE_KEYS & set(tensor_state)):
         _validate_tensor_state(tensor_state, param, saved_id)
         return
-    unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS
+    unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS - {_SHARD_KEY}
     if unknown:
         raise ValueError(f"State of param {saved_id} has keys {sorted(unknown)} that Anon8bit does not use.")
+    _check_shard(tensor_state.get(_SHARD_KEY), param, saved_id)
     numel = local(param).numel()
     blocks = -(-numel // _quant8.BLOCK)
     for key, sides in _quant8.QUANTIZED_KEYS.items():
@@ -458,6 +476,26 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
                 )
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"State '{side}' of param {saved_id} holds nan or inf: the state dict is corrupted.")
+
+
+def _check_shard(saved: Any, param: Tensor, saved_id: Any) -> None:
+    """Refuse 8-bit state written for another shard than ``param``'s local one. State without the record (written
+    before it existed, or for a plain tensor) is taken as it is."""
+    expected = _shard_identity(param)
+    if saved is None:
+        return
+    if expected is not None and isinstance(saved, Tensor) and torch.equal(saved.detach().cpu(), expected):
+        return
+    written = f"[coordinates, mesh shape, numel] {saved.tolist()}" if isinstance(saved, Tensor) else repr(saved)
+    here = "no shard (a plain tensor)" if expected is None else f"{expected.tolist()}"
+    raise ValueError(
+        f"Anon8bit's 8-bit state of param {saved_id} was written for {written}, but this rank holds {here}. Under "
+        "FSDP2 each rank's 8-bit codes and block scales describe its own local shard: torch.distributed.checkpoint "
+        "(get/set_optimizer_state_dict, accelerate's FSDP2 save_state) keeps one copy of such per-rank tensors, and "
+        "blocks cannot be resharded. Save them per rank with torch.save(optimizer.state_dict()) and load them on the "
+        "same ranks and world size, or use anon_hf.Anon for checkpoints that reshard (anon_hf.dequantize_state_dict "
+        "converts a per-rank Anon8bit state dict)."
+    )
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,21 @@ def test_anon8bit_two_ranks_match_one_process_and_resume_bitwise(eightbit, engin
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack
+def test_a_dcp_load_of_per_rank_8bit_state_is_refused(eightbit):
+    # torch.distributed.checkpoint keeps one copy of each plain per-rank 8-bit tensor (some from rank 0, some from
+    # rank 1): a rank handed another shard's codes must refuse them (it would step with them), naming the per-rank
+    # way to save. Before the shard record existed, this load went through and the resumed run drifted by 1e-2.
+    outcomes = [result["dcp_load"] for result in _section(eightbit, "fsdp2")]
+    refusals = [text for text in outcomes if text != "loaded"]
+    assert refusals, outcomes
+    for text in refusals:
+        assert "was written for [coordinates, mesh shape, numel]" in text
+        assert "torch.save(optimizer.state_dict())" in text
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
 def test_universal_conversion_of_8bit_state_is_refused_before_writing(eightbit, tmp_path):
     from anon_hf.integrations.deepspeed_universal import convert
 

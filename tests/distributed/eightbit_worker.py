@@ -134,7 +134,25 @@ def run_fsdp2(rank, world, batches, references, report, out_dir):
     ropt.load_state_dict(saved["optimizer"])
     train(resumed, ropt, batches[SAVE_AT:])
     result["resume"] = max_abs_diff(full_params(resumed), final)
+    result["dcp_load"] = dcp_roundtrip(sharded_model, model, opt, os.path.join(out_dir, "fsdp2_8bit_dcp"))
     report["fsdp2"] = result
+
+
+def dcp_roundtrip(sharded_model, model, opt, path) -> str:
+    """Save ``opt`` with torch.distributed.checkpoint and load it into a fresh optimizer: "loaded", or the error."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    fresh = sharded_model(1)
+    fresh_opt = Anon8bit(fresh.parameters(), **ANON_KWARGS)
+    state = {"optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(state, checkpoint_id=path)
+    try:
+        set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
+    except ValueError as err:
+        return str(err)
+    return "loaded"
 
 
 def main(out_dir: str, only: list[str]) -> None:
