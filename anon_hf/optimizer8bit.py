@@ -75,7 +75,9 @@ class Anon8bit(Anon):
             (default: 4096)
 
     The other arguments are :class:`anon_hf.Anon`'s, except ``precond_dtype`` and ``moments_dtype`` (the state is
-    8-bit) and ``keep_unseen`` (always on). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
+    8-bit) and ``keep_unseen`` (always on). Under FSDP2 a tensor's 8-bit state describes this rank's local shard and
+    records which (``local_shard``, int64: mesh coordinates, mesh shape, local numel); loading it on another shard is
+    refused, so keep such checkpoints per rank (``torch.distributed.checkpoint`` cannot reshard blocks). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
     resumes bitwise); :meth:`load_state_dict` also takes an fp32 ``Anon`` state dict, quantizing it, and
     :func:`anon_hf.dequantize_state_dict` turns an ``Anon8bit`` state dict into one ``Anon`` loads.
 
