@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _quant8
+from . import _quant8, _shard8
 from ._dtensor import is_dtensor, local
 from ._fused.scalars import step_scalars_from
 from ._refresh import inverse_bias_correction, limit_applies, refresh_mode
@@ -34,8 +34,6 @@ from .optimizer import (
 __all__ = ["Anon8bit", "dequantize_state_dict"]
 
 _SIDE_KEYS = frozenset(key for keys in _quant8.QUANTIZED_KEYS.values() for key in keys)
-# The shard an FSDP2 tensor's 8-bit state belongs to (see _shard_identity); not part of the state's arithmetic.
-_SHARD_KEY = "local_shard"
 
 #: Calls of the 8-bit C++ kernel (``"kernel"``) in this process, for tests and benchmarks.
 stats: collections.Counter = collections.Counter()
@@ -76,8 +74,9 @@ class Anon8bit(Anon):
 
     The other arguments are :class:`anon_hf.Anon`'s, except ``precond_dtype`` and ``moments_dtype`` (the state is
     8-bit) and ``keep_unseen`` (always on). Under FSDP2 a tensor's 8-bit state describes this rank's local shard and
-    records which (``local_shard``, int64: mesh coordinates, mesh shape, local numel); loading it on another shard is
-    refused, so keep such checkpoints per rank (``torch.distributed.checkpoint`` cannot reshard blocks). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
+    records which (``local_shard``, int64: mesh coordinates, mesh shape, local numel); :meth:`state_dict` gives it as
+    DTensors, so ``torch.distributed.checkpoint`` saves every rank's own and resumes bitwise on the same world size;
+    loading it on another shard is refused (blocks cannot be resharded). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
     resumes bitwise); :meth:`load_state_dict` also takes an fp32 ``Anon`` state dict, quantizing it, and
     :func:`anon_hf.dequantize_state_dict` turns an ``Anon8bit`` state dict into one ``Anon`` loads.
 
@@ -268,6 +267,18 @@ class Anon8bit(Anon):
             stats["kernel"] += 1
         return set(picked)
 
+    def _with_local_shards(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with the DTensor 8-bit entries that :meth:`state_dict` wrote for FSDP2 shards back as this
+        rank's plain tensors (a shallow copy; the caller's dict is kept)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+        state = dict(state_dict.get("state", {}))
+        for param, saved_id in zip(params, saved_ids, strict=False):
+            entries = state.get(saved_id)
+            if is_dtensor(param) and isinstance(entries, dict) and _SIDE_KEYS & set(entries):
+                state[saved_id] = _shard8.as_local(entries, param)
+        return {**state_dict, "state": state}
+
     def _graph_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
         """Step with the compiled graphs (``anon_hf._fused.graphs.step_8bit``) the tensors they take this step: no
         refresh due, not DTensor, contiguous; on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
@@ -303,6 +314,18 @@ class Anon8bit(Anon):
             done.add(param)
         return done
 
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`torch.optim.Optimizer.state_dict`, with the 8-bit entries of FSDP2 shards as DTensors
+        (``anon_hf._shard8``), so that ``torch.distributed.checkpoint`` saves every rank's own codes and scales."""
+        state_dict = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for param, saved_id in zip(params, saved_ids, strict=True):
+            entries = state_dict["state"].get(saved_id)
+            if is_dtensor(param) and isinstance(entries, dict) and _SIDE_KEYS & set(entries):
+                state_dict["state"][saved_id] = _shard8.as_dtensors(entries, param)
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by :meth:`state_dict`, or an fp32 one written by :class:`Anon` (quantized here).
 
@@ -312,6 +335,7 @@ class Anon8bit(Anon):
         Raises:
             ValueError: as :meth:`Anon.load_state_dict`, and for 8-bit entries of the wrong dtype or size.
         """
+        state_dict = self._with_local_shards(state_dict)
         self._validate_saved(state_dict, _validate_saved)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -385,7 +409,7 @@ def _sides(key: str, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
 
 def _decoded_by(codec, state: dict[str, Any]) -> dict[str, Any]:
     """:func:`_decoded` by the C++ codecs (CPU state)."""
-    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _SHARD_KEY}
+    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _shard8.SHARD_KEY}
     for key in _quant8.QUANTIZED_KEYS:
         if key in state:
             out[key] = torch.empty(state[key].shape, dtype=torch.float32)
@@ -400,7 +424,7 @@ def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
 
 def _decoded(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with each 8-bit entry replaced by its fp32 tensor (full-precision entries as they are)."""
-    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _SHARD_KEY}
+    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _shard8.SHARD_KEY}
     for key, sides in _quant8.QUANTIZED_KEYS.items():
         if sides[0] in state:
             out[key] = _quant8.dequantize(key, state)
@@ -409,26 +433,15 @@ def _decoded(state: dict[str, Any]) -> dict[str, Any]:
 
 def _encoded(state: dict[str, Any], param: Tensor) -> dict[str, Any]:
     """``state`` (full precision, DTensor entries as this rank's shard) with every moment and ``precond`` in 8 bits;
-    for a DTensor ``param``, with the shard the codes belong to (:func:`_shard_identity`)."""
+    for a DTensor ``param``, with the shard the codes belong to (``anon_hf._shard8.shard_identity``)."""
     out = {"step": state["step"]}
     for key in _quant8.QUANTIZED_KEYS:
         if key in state:
             out.update(_quant8.quantize(key, local(state[key])))
-    identity = _shard_identity(param)
+    identity = _shard8.shard_identity(param)
     if identity is not None:
-        out[_SHARD_KEY] = identity
+        out[_shard8.SHARD_KEY] = identity
     return out
-
-
-def _shard_identity(param: Tensor) -> Tensor | None:
-    """For a DTensor ``param`` (an FSDP2 shard): int64 ``[this rank's coordinates on the mesh..., the mesh's shape...,
-    the local shard's numel]``, else None. Its 8-bit codes and block side values describe this local shard only, so
-    they are valid on this shard alone: torch.distributed.checkpoint keeps one copy of such plain per-rank tensors
-    (rank 0's) and cannot reshard blocks; the identity lets a load tell."""
-    if not is_dtensor(param):
-        return None
-    mesh = param.device_mesh
-    return torch.tensor([*mesh.get_coordinate(), *mesh.shape, local(param).numel()], dtype=torch.int64)
 
 
 class _positions_in:
@@ -451,10 +464,10 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
     if not isinstance(tensor_state, dict) or not (_SIDE_KEYS & set(tensor_state)):
         _validate_tensor_state(tensor_state, param, saved_id)
         return
-    unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS - {_SHARD_KEY}
+    unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS - {_shard8.SHARD_KEY}
     if unknown:
         raise ValueError(f"State of param {saved_id} has keys {sorted(unknown)} that Anon8bit does not use.")
-    _check_shard(tensor_state.get(_SHARD_KEY), param, saved_id)
+    _shard8.check_shard(tensor_state.get(_shard8.SHARD_KEY), param, saved_id)
     numel = local(param).numel()
     blocks = -(-numel // _quant8.BLOCK)
     for key, sides in _quant8.QUANTIZED_KEYS.items():
@@ -478,26 +491,6 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
                 )
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"State '{side}' of param {saved_id} holds nan or inf: the state dict is corrupted.")
-
-
-def _check_shard(saved: Any, param: Tensor, saved_id: Any) -> None:
-    """Refuse 8-bit state written for another shard than ``param``'s local one. State without the record (written
-    before it existed, or for a plain tensor) is taken as it is."""
-    expected = _shard_identity(param)
-    if saved is None:
-        return
-    if expected is not None and isinstance(saved, Tensor) and torch.equal(saved.detach().cpu(), expected):
-        return
-    written = f"[coordinates, mesh shape, numel] {saved.tolist()}" if isinstance(saved, Tensor) else repr(saved)
-    here = "no shard (a plain tensor)" if expected is None else f"{expected.tolist()}"
-    raise ValueError(
-        f"Anon8bit's 8-bit state of param {saved_id} was written for {written}, but this rank holds {here}. Under "
-        "FSDP2 each rank's 8-bit codes and block scales describe its own local shard: torch.distributed.checkpoint "
-        "(get/set_optimizer_state_dict, accelerate's FSDP2 save_state) keeps one copy of such per-rank tensors, and "
-        "blocks cannot be resharded. Save them per rank with torch.save(optimizer.state_dict()) and load them on the "
-        "same ranks and world size, or use anon_hf.Anon for checkpoints that reshard (anon_hf.dequantize_state_dict "
-        "converts a per-rank Anon8bit state dict)."
-    )
 
 
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -48,16 +48,17 @@ def test_anon8bit_two_ranks_match_one_process_and_resume_bitwise(eightbit, engin
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack
-def test_a_dcp_load_of_per_rank_8bit_state_is_refused(eightbit):
-    # torch.distributed.checkpoint keeps one copy of each plain per-rank 8-bit tensor (some from rank 0, some from
-    # rank 1): a rank handed another shard's codes must refuse them (it would step with them), naming the per-rank
-    # way to save. Before the shard record existed, this load went through and the resumed run drifted by 1e-2.
-    outcomes = [result["dcp_load"] for result in _section(eightbit, "fsdp2")]
-    refusals = [text for text in outcomes if text != "loaded"]
-    assert refusals, outcomes
-    for text in refusals:
-        assert "was written for [coordinates, mesh shape, numel]" in text
-        assert "torch.save(optimizer.state_dict())" in text
+def test_fsdp2_8bit_state_resumes_bitwise_through_dcp_and_refuses_another_ranks_file(eightbit):
+    # torch.distributed.checkpoint (get/set_optimizer_state_dict, as accelerate's FSDP2 save_state) at step 6, then
+    # a fresh model and optimizer to step 20: bitwise, as the per-rank torch.save path. As plain per-rank tensors the
+    # codes were kept once for all ranks and this resume drifted by 1e-2 without a word.
+    for rank, result in enumerate(_section(eightbit, "fsdp2")):
+        assert result["dcp_resume"]["compared"] == 20
+        assert result["dcp_resume"]["max_abs_diff"] == 0.0, (rank, result["dcp_resume"])
+        # The other rank's per-rank file holds another shard's codes: refused, naming what to do.
+        refusal = result["other_rank_load"]
+        assert "was written for [coordinates, mesh shape, numel]" in refusal, (rank, refusal)
+        assert "load the checkpoint on the same world size" in refusal
 
 
 @pytest.mark.slow
