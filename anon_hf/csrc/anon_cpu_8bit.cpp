@@ -72,6 +72,38 @@ inline float exp2_poly(float x) {
   return as_float(as_int(r) + n * (1 << 23));
 }
 
+// The int8 codes of m for n values relative to their absmax `top` (see the file header): the nearest code, ties away
+// from zero; below code 1, 1 if the value is nearer the smallest magnitude than 0, else 0. The int32 codes are
+// narrowed in a pass of their own (faster than in the encoding).
+inline void encode_exp_avg(const float* __restrict__ values, float top, int8_t* __restrict__ codes, int64_t n) {
+  alignas(64) int32_t code[kBlock];
+  const float inverse = top > 0.0f ? 1.0f / top : 0.0f;
+  const float half_smallest = as_float((1 + kMBase) << kMShift) * 0.5f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = std::fabs(values[j]) * inverse;
+    const int32_t rounded = ((as_int(x) + (1 << (kMShift - 1))) >> kMShift) - kMBase;
+    const int32_t raw = rounded < kMTop ? rounded : kMTop;
+    const int32_t small = x >= half_smallest ? 1 : 0;
+    const int32_t magnitude = raw > small ? raw : small;
+    const int32_t negative = -static_cast<int32_t>(values[j] < 0.0f);
+    code[j] = (magnitude ^ negative) - negative;
+  }
+  for (int64_t j = 0; j < n; ++j) codes[j] = static_cast<int8_t>(code[j]);
+}
+
+// The uint8 codes of s for n values relative to their max `top`: the nearest code in [1, 255], 0 only for 0.
+inline void encode_exp_avg_sq(const float* __restrict__ values, float top, uint8_t* __restrict__ codes, int64_t n) {
+  alignas(64) int32_t code[kBlock];
+  const float inverse = top > 0.0f ? 1.0f / top : 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = values[j] * inverse;
+    const int32_t rounded = ((as_int(x) + (1 << (kSShift - 1))) >> kSShift) - kSBase;
+    const int32_t raw = rounded < 1 ? 1 : (rounded > kSTop ? kSTop : rounded);
+    code[j] = values[j] > 0.0f ? raw : 0;
+  }
+  for (int64_t j = 0; j < n; ++j) codes[j] = static_cast<uint8_t>(code[j]);
+}
+
 // One block of n <= kBlock elements in three passes the compiler vectorizes: decode and update (tracking the new absmax
 // of m and max of s), encode m, encode s. kPrecond = false: gamma == 0, no s and v (v = 1). kLimit: max_precond_ratio's
 // limit on v (gamma == 1).
@@ -82,7 +114,6 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
                const Settings& st) {
   alignas(64) float m[kBlock];
   alignas(64) float s[kBlock];
-  alignas(64) int32_t code[kBlock];  // encoded codes, narrowed in a pass of their own (faster than in the encoding)
   const float decay = st.s[kDecay], weight1 = st.s[kWeight1], sign = st.s[kSign], l2 = st.s[kL2];
   const float lo = st.s[kLo], hi = st.s[kHi];
   const float m_scale = *m_absmax;
@@ -121,30 +152,10 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
     m_top = m_top > am ? m_top : am;
     s_top = s_top > sj ? s_top : sj;
   }
-  // Requantize m: nearest code (ties away from zero) relative to the new absmax; below code 1, 1 if x is nearer the
-  // smallest magnitude than 0, else 0.
-  const float m_inverse = m_top > 0.0f ? 1.0f / m_top : 0.0f;
-  const float half_smallest = as_float((1 + kMBase) << kMShift) * 0.5f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = std::fabs(m[j]) * m_inverse;
-    const int32_t rounded = ((as_int(x) + (1 << (kMShift - 1))) >> kMShift) - kMBase;
-    const int32_t raw = rounded < kMTop ? rounded : kMTop;
-    const int32_t small = x >= half_smallest ? 1 : 0;
-    const int32_t magnitude = raw > small ? raw : small;
-    const int32_t negative = -static_cast<int32_t>(m[j] < 0.0f);
-    code[j] = (magnitude ^ negative) - negative;
-  }
-  for (int64_t j = 0; j < n; ++j) mc[j] = static_cast<int8_t>(code[j]);
+  encode_exp_avg(m, m_top, mc, n);
   *m_absmax = m_top;
   if (!kPrecond) return;
-  const float s_inverse = s_top > 0.0f ? 1.0f / s_top : 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = s[j] * s_inverse;
-    const int32_t rounded = ((as_int(x) + (1 << (kSShift - 1))) >> kSShift) - kSBase;
-    const int32_t raw = rounded < 1 ? 1 : (rounded > kSTop ? kSTop : rounded);
-    code[j] = s[j] > 0.0f ? raw : 0;
-  }
-  for (int64_t j = 0; j < n; ++j) sc[j] = static_cast<uint8_t>(code[j]);
+  encode_exp_avg_sq(s, s_top, sc, n);
   *s_max = s_top;
 }
 
@@ -265,7 +276,6 @@ void decode_block(int64_t kind, const void* codes, const float* side0, const flo
 }
 
 void encode_block(int64_t kind, const float* values, void* codes, float* side0, float* side1, int64_t n) {
-  alignas(64) int32_t code[kBlock];
   if (kind == 0 || kind == 1) {
     float top = 0.0f;
 #pragma omp simd reduction(max : top)
@@ -273,29 +283,10 @@ void encode_block(int64_t kind, const float* values, void* codes, float* side0, 
       const float a = kind == 0 ? std::fabs(values[j]) : values[j];
       top = top > a ? top : a;
     }
-    const float inverse = top > 0.0f ? 1.0f / top : 0.0f;
     if (kind == 0) {
-      const float half_smallest = as_float((1 + kMBase) << kMShift) * 0.5f;
-      for (int64_t j = 0; j < n; ++j) {
-        const float x = std::fabs(values[j]) * inverse;
-        const int32_t rounded = ((as_int(x) + (1 << (kMShift - 1))) >> kMShift) - kMBase;
-        const int32_t raw = rounded < kMTop ? rounded : kMTop;
-        const int32_t small = x >= half_smallest ? 1 : 0;
-        const int32_t magnitude = raw > small ? raw : small;
-        const int32_t negative = -static_cast<int32_t>(values[j] < 0.0f);
-        code[j] = (magnitude ^ negative) - negative;
-      }
-      int8_t* c = static_cast<int8_t*>(codes);
-      for (int64_t j = 0; j < n; ++j) c[j] = static_cast<int8_t>(code[j]);
+      encode_exp_avg(values, top, static_cast<int8_t*>(codes), n);
     } else {
-      for (int64_t j = 0; j < n; ++j) {
-        const float x = values[j] * inverse;
-        const int32_t rounded = ((as_int(x) + (1 << (kSShift - 1))) >> kSShift) - kSBase;
-        const int32_t raw = rounded < 1 ? 1 : (rounded > kSTop ? kSTop : rounded);
-        code[j] = values[j] > 0.0f ? raw : 0;
-      }
-      uint8_t* c = static_cast<uint8_t*>(codes);
-      for (int64_t j = 0; j < n; ++j) c[j] = static_cast<uint8_t>(code[j]);
+      encode_exp_avg_sq(values, top, static_cast<uint8_t*>(codes), n);
     }
     *side0 = top;
     return;
