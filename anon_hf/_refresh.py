@@ -37,6 +37,8 @@ from torch import Tensor
 __all__ = [
     "REFRESH_MODES",
     "inverse_bias_correction",
+    "limit_applies",
+    "limit_mode",
     "limited_preconditioner",
     "refresh_mode",
     "refreshed_preconditioner",
@@ -75,6 +77,12 @@ def limit_applies(gamma: float, max_ratio: float | None) -> bool:
     large ``v`` for a large gradient to meet; the limit would instead stop the momentum of weights whose gradient
     paused."""
     return max_ratio is not None and gamma > 0.0
+
+
+def limit_mode(gamma: float, eps: float, max_ratio: float | None) -> str | None:
+    """How the fused paths compute the limit's ``sigma**(-gamma / 2)`` between refreshes: the group's
+    :func:`refresh_mode` where :func:`limit_applies`, else None (no limit)."""
+    return refresh_mode(gamma, eps) if limit_applies(gamma, max_ratio) else None
 
 
 def limited_preconditioner(

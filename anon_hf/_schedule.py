@@ -11,7 +11,14 @@ Everything here is plain Python on integers, so a refresh test never touches a d
 
 from __future__ import annotations
 
-__all__ = ["RefreshSchedule", "is_refresh_step", "previous_refresh_step", "refresh_steps", "validate_refresh"]
+__all__ = [
+    "RefreshSchedule",
+    "gradients_since_refresh",
+    "is_refresh_step",
+    "previous_refresh_step",
+    "refresh_steps",
+    "validate_refresh",
+]
 
 RefreshSchedule = str | int
 
@@ -53,6 +60,12 @@ def previous_refresh_step(step: int, refresh: RefreshSchedule) -> int:
     if refresh == "every":
         return step - 1
     return max(1, ((step - 1) // refresh) * refresh)
+
+
+def gradients_since_refresh(step: int, refresh: RefreshSchedule) -> int:
+    """How many gradients the accumulator holds at ``step`` (this step's included): ``n`` in its bias correction
+    ``1 - beta2**n``."""
+    return step - previous_refresh_step(step, refresh)
 
 
 def refresh_steps(last_step: int, refresh: RefreshSchedule) -> list[int]:

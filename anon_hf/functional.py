@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._dtensor import full
 from ._refresh import limit_applies, limited_preconditioner, refresh_mode, refreshed_preconditioner
-from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
+from ._schedule import RefreshSchedule, gradients_since_refresh, is_refresh_step, previous_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
 
@@ -237,19 +237,10 @@ def _single_tensor_anon(
                     tensor_positions=[i],
                 )
                 refreshed.append(step)
-                used = precond
-            elif not limit_applies(gamma, max_precond_ratio):
-                used = precond
-            else:
-                used = limited_preconditioner(
-                    exp_avg_sq,
-                    precond,
-                    steps_since_refresh=step - previous_refresh_step(step, refresh),
-                    beta2=beta2,
-                    gamma=gamma,
-                    eps=eps,
-                    max_ratio=max_precond_ratio,
-                )
+            used = precond
+            if limit_applies(gamma, max_precond_ratio):
+                limit = dict(refresh=refresh, beta2=beta2, gamma=gamma, eps=eps, max_ratio=max_precond_ratio)
+                used = _limited_between_refreshes([exp_avg_sq], [precond], [step], **limit)[0]
             param.addcmul_(update, used if compute is None else used.to(compute), value=-step_size)
 
         if bounds is not None:
@@ -283,7 +274,7 @@ def _limited_between_refreshes(
             used[i] = limited_preconditioner(
                 exp_avg_sqs[i],
                 preconds[i],
-                steps_since_refresh=step - previous_refresh_step(step, refresh),
+                steps_since_refresh=gradients_since_refresh(step, refresh),
                 **limit_kwargs,
             )
     return used

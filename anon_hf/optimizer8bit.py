@@ -9,7 +9,6 @@ same in one pass per block (``csrc/anon_cpu_8bit.cpp``); refresh steps, O(log T)
 from __future__ import annotations
 
 import collections
-import math
 from typing import Any
 
 import torch
@@ -17,9 +16,9 @@ from torch import Tensor
 
 from . import _quant8, _shard8
 from ._dtensor import is_dtensor, local
-from ._fused.scalars import step_scalars_from
-from ._refresh import inverse_bias_correction, limit_applies, refresh_mode
-from ._schedule import RefreshSchedule, is_refresh_step, previous_refresh_step
+from ._fused.scalars import SLOT, per_tensor_scalars, step_scalars_from
+from ._refresh import limit_applies, limit_mode
+from ._schedule import RefreshSchedule, is_refresh_step
 from .functional import NonFinitePreconditionerError, anon
 from .optimizer import (
     STATE_KEYS,
@@ -224,21 +223,9 @@ class Anon8bit(Anon):
         picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
         if not picked or _cpu_kernel.kernel8_unavailable_reason() is not None:
             return set()
-        lr, beta1, beta2 = kwargs["lr"], kwargs["beta1"], kwargs["beta2"]
         weight_decay, decoupled = kwargs["weight_decay"], kwargs["decoupled_weight_decay"]
-        bounds = kwargs["bounds"]
-        scalars = [
-            1.0 - lr * weight_decay if decoupled else 1.0,
-            1.0 - beta1,
-            beta2,
-            1.0 - beta2,
-            -1.0 if kwargs["maximize"] else 1.0,
-            0.0 if decoupled else weight_decay,
-            -math.inf if bounds is None or bounds[0] is None else bounds[0],
-            math.inf if bounds is None or bounds[1] is None else bounds[1],
-            kwargs["eps"],
-            math.inf if kwargs["max_precond_ratio"] is None else kwargs["max_precond_ratio"],
-        ]
+        values = step_scalars_from(kwargs, averaged=False)
+        scalars = [values[SLOT[name]] for name in _KERNEL8_SLOTS]
         for preconditioned in (True, False):
             chosen = [p for p in picked if ("precond" in self.state[p]) == preconditioned]
             if not chosen:
@@ -248,10 +235,7 @@ class Anon8bit(Anon):
             keys += ["exp_avg_sq", "exp_avg_sq_max", "precond", "precond_log2_min", "precond_log2_max"]
             lists = [[s[key] for s in states] if preconditioned or n < 2 else [] for n, key in enumerate(keys)]
             steps = [int(s["step"].item()) + 1 for s in states]
-            neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
-            inv_bias2s = [
-                inverse_bias_correction(beta2, step - previous_refresh_step(step, group["refresh"])) for step in steps
-            ]
+            neg_step_sizes, inv_bias2s = per_tensor_scalars(steps, kwargs)
             _cpu_kernel.kernel8().anon8_step(
                 chosen,
                 [p.grad for p in chosen],
@@ -261,7 +245,7 @@ class Anon8bit(Anon):
                 inv_bias2s,
                 scalars,
                 not decoupled and weight_decay != 0,
-                bounds is not None,
+                kwargs["bounds"] is not None,
                 limit and preconditioned,
             )
             stats["kernel"] += 1
@@ -288,23 +272,14 @@ class Anon8bit(Anon):
         picked = [p for p in params if _graphs_take(p, self.state[p], group["refresh"])]
         if not picked or graphs.fused_unavailable_reason(picked) is not None:
             return set()
-        lr, beta1, beta2 = kwargs["lr"], kwargs["beta1"], kwargs["beta2"]
         scalar_values = step_scalars_from(kwargs, averaged=False)
         decoupled = kwargs["decoupled_weight_decay"] or kwargs["weight_decay"] == 0
         modes = (not decoupled, kwargs["bounds"] is not None)
-        limit = (
-            refresh_mode(kwargs["gamma"], kwargs["eps"])
-            if limit_applies(group["gamma"], kwargs["max_precond_ratio"])
-            else None
-        )
+        limit = limit_mode(kwargs["gamma"], kwargs["eps"], kwargs["max_precond_ratio"])
         done: set[Tensor] = set()
         for param in picked:
             state = self.state[param]
-            step = int(state["step"].item()) + 1
-            per_tensor = (
-                [-lr / (1 - beta1**step)],
-                [inverse_bias_correction(beta2, step - previous_refresh_step(step, group["refresh"]))],
-            )
+            per_tensor = per_tensor_scalars([int(state["step"].item()) + 1], kwargs)
             codes = {key: value for key, value in state.items() if key != "step"}
             try:
                 graphs.step_8bit([param], [param.grad], [codes], scalar_values, per_tensor, modes, limit)
@@ -393,6 +368,9 @@ def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule
 
 
 _CODEC_KINDS = {"exp_avg": 0, "exp_avg_sq": 1, "precond": 2}
+
+# The scalars of the 8-bit kernel (csrc/anon_cpu_8bit.cpp's Slot), in its order, by their names in step_scalars.
+_KERNEL8_SLOTS = ("decay", "weight1", "beta2", "weight2", "sign", "l2", "lo", "hi", "eps", "max_ratio")
 
 
 def _cpu_codec():

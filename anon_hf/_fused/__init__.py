@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._refresh import inverse_bias_correction, limit_applies, refresh_mode
+from .._refresh import limit_mode, refresh_mode
 from .._schedule import is_refresh_step, previous_refresh_step
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
 from .kernel import KernelCall, kernel_supported
 from .plan import make_plan
-from .scalars import step_scalars_from
+from .scalars import per_tensor_scalars, step_scalars_from
 from .telemetry import log_once, stats
 
 __all__ = ["fused_unavailable_reason", "stats"]
@@ -84,17 +84,14 @@ def _fused_anon(
     refresh_schedule = hyper["refresh"]
     averaged = refreshing and hyper["beta3"] > 0.0 and previous_refresh_step(steps[0], refresh_schedule) > 0
     scalar_values = step_scalars_from(hyper, averaged=averaged)
-    lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
-    per_tensor = (
-        [-lr / (1 - beta1**step) for step in steps],
-        [inverse_bias_correction(beta2, step - previous_refresh_step(step, refresh_schedule)) for step in steps],
-    )
+    per_tensor = per_tensor_scalars(steps, hyper)
     decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
     modes = (not decoupled, hyper["bounds"] is not None)
     mode = refresh_mode(hyper["gamma"], hyper["eps"])
     # Between refreshes, how the limit computes sigma**(-gamma / 2) (None: no limit).
-    limited = not refreshing and len(preconds) > 0 and limit_applies(hyper["gamma"], hyper["max_precond_ratio"])
-    limit = mode if limited else None
+    limit = (
+        None if refreshing or not preconds else limit_mode(hyper["gamma"], hyper["eps"], hyper["max_precond_ratio"])
+    )
     kernel = graph = None
     if plan.kernel:
         refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None

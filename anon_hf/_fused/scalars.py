@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["SCALAR_SLOTS", "SLOT", "step_scalars", "step_scalars_from"]
+from .._refresh import inverse_bias_correction
+from .._schedule import gradients_since_refresh
+
+__all__ = ["SCALAR_SLOTS", "SLOT", "per_tensor_scalars", "step_scalars", "step_scalars_from"]
 
 SCALAR_SLOTS = (
     "decay",  # 1 - lr * weight_decay with decoupled decay, else 1
@@ -87,3 +90,13 @@ def step_scalars_from(hyper: dict, *, averaged: bool) -> list[float]:
     """:func:`step_scalars` with the hyperparameters taken by name from ``hyper`` (``functional.anon``'s keyword
     arguments; other keys are ignored)."""
     return step_scalars(**{name: hyper[name] for name in _HYPERPARAMETERS}, averaged=averaged)
+
+
+def per_tensor_scalars(steps: list[int], hyper: dict) -> tuple[list[float], list[float]]:
+    """What differs per tensor, at each tensor's step (``steps[i]``, already advanced): ``-lr / (1 - beta1**t)`` and
+    the accumulator's inverse bias correction ``1 / (1 - beta2**n)``, ``n`` the gradients since its last refresh.
+    ``hyper``: ``functional.anon``'s keyword arguments (``lr``, ``beta1``, ``beta2`` and ``refresh`` are read)."""
+    lr, beta1, beta2, refresh = hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["refresh"]
+    neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
+    inv_bias2s = [inverse_bias_correction(beta2, gradients_since_refresh(step, refresh)) for step in steps]
+    return neg_step_sizes, inv_bias2s

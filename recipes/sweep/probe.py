@@ -22,7 +22,7 @@ if str(REPO_ROOT) not in sys.path:
 import transformers  # noqa: E402
 
 from anon_hf._refresh import limit_applies, limited_preconditioner  # noqa: E402
-from anon_hf._schedule import is_refresh_step, previous_refresh_step  # noqa: E402
+from anon_hf._schedule import gradients_since_refresh, is_refresh_step  # noqa: E402
 from recipes.causal_lm import train  # noqa: E402  (imports anon_hf first, which registers --optim anon)
 
 _REFRESHES = {2**k for k in range(20)}
@@ -68,7 +68,7 @@ def _used_preconditioner(state: dict, v, group: dict, step: int):
     return limited_preconditioner(
         state["exp_avg_sq"],
         v,
-        steps_since_refresh=step - previous_refresh_step(step, refresh),
+        steps_since_refresh=gradients_since_refresh(step, refresh),
         beta2=group["betas"][1],
         gamma=group["gamma"],
         eps=group["eps"],
