@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,6 +227,80 @@ def test_fused_matches_the_reference_path():
     for a, b in zip(*runs, strict=True):
         gap = (a - b).abs()
         assert (gap <= CLOSE).double().mean() >= MOST
+
+
+@pytest.mark.parametrize("max_precond_ratio", [None, 10.0, 1.0], ids=["no_limit", "limit", "limit_binds"])
+@pytest.mark.parametrize("bounds", [None, (-1.5, 1.5)], ids=["no_bounds", "bounds"])
+@pytest.mark.parametrize("weight_decay", ["decoupled", "l2"])
+def test_every_variant_of_the_kernel_matches_the_reference_path(max_precond_ratio, bounds, weight_decay):
+    # The kernel compiles the limit, L2 decay and bounds in or out (its AVX-512 version per combination, for whole
+    # blocks; its loops for the tail of 4,096 + 77 elements): each combination against the reference path, with a
+    # gradient that grows between refreshes so that ratio 10 binds somewhere and ratio 1 on about half the elements.
+    _kernel_or_skip()
+    runs, kernel_steps = [], []
+    for impl in ("forloop", "fused"):
+        generator = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(4096 + 77,), (70, 80)]]
+        opt = Anon8bit(
+            params,
+            lr=0.01,
+            weight_decay=0.1,
+            decoupled_weight_decay=weight_decay == "decoupled",
+            bounds=bounds,
+            max_precond_ratio=max_precond_ratio,
+            **IMPLS[impl],
+        )
+        before = optimizer8bit_stats()["kernel"]
+        for step in range(1, 41):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator) * (1.0 + 0.2 * (step % 16))
+            opt.step()
+        kernel_steps.append(optimizer8bit_stats()["kernel"] - before)
+        runs.append(params)
+    assert kernel_steps[0] == 0 and kernel_steps[1] >= 30  # 40 steps, 6 of them refreshes
+    for a, b in zip(*runs, strict=True):
+        gap = (a - b).abs()
+        assert (gap <= CLOSE).double().mean() >= MOST, gap.max()
+        if bounds is not None:
+            assert b.min() >= bounds[0] and b.max() <= bounds[1]
+
+
+@pytest.mark.skipif(
+    _cpu_kernel._capability() != "AVX512",
+    reason="this CPU's kernel build has no AVX-512 version: the tests above already run its loops on every block",
+)
+def test_the_avx2_build_of_the_kernel_matches_the_reference_path_too(tmp_path):
+    # Above, whole blocks run the AVX-512 version; here the kernel is built for AVX2 (torch reports AVX2 under
+    # ATEN_CPU_CAPABILITY), so its plain loops, which GCC must vectorize without AVX-512's masks, take every block.
+    # Inductor gets a cache of its own: its FX graph cache does not key on the instruction set and would hand an
+    # AVX2 process code written for 16 lanes.
+    _kernel_or_skip()
+    assert _cpu_kernel.kernel8().AVX512_STEP
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    which = "from anon_hf import _cpu_kernel as k; assert k.kernel8_unavailable_reason() is None; print(k.kernel8().AVX512_STEP)"
+    built = subprocess.run([sys.executable, "-c", which], env=env, capture_output=True, text=True, timeout=900)
+    assert built.stdout.strip() == "False", built.stdout + built.stderr[-2000:]
+    selected = "every_variant_of_the_kernel or fused_matches_the_reference_path or cpu_codecs_match"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(tests / "test_anon8bit.py"),
+            "-k",
+            selected,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"^15 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]
 
 
 def test_an_anon_checkpoint_loads_into_anon8bit_quantized():
