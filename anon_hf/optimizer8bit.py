@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _quant8, _shard8
 from ._dtensor import is_dtensor, local
 from ._fused.scalars import SLOT, per_tensor_scalars, step_scalars_from
-from ._refresh import limit_applies, limit_mode
+from ._refresh import limit_mode
 from ._schedule import RefreshSchedule, is_refresh_step
 from .functional import NonFinitePreconditionerError, anon
 from .optimizer import (
@@ -63,9 +63,8 @@ class Anon8bit(Anon):
     the same with ``_quant8``'s maps;
     refresh steps, and every step otherwise, decode the state of one tensor at a time into fp32 temporaries, run
     :func:`anon_hf.anon` on them and encode the result: the extra memory is one tensor's fp32 state. The kernel
-    computes ``max_precond_ratio``'s limit for gamma 1 (gamma <= 0 has none); at other gammas above 0 with the limit
-    on, every step takes the decode-step-encode path. Full-precision tensors take Anon's own paths (``foreach``/``fused``
-    as given).
+    computes ``max_precond_ratio``'s limit at every gamma above 0 (gamma <= 0 has none). Full-precision tensors take
+    Anon's own paths (``foreach``/``fused`` as given).
 
     Args:
         min_8bit_size (int, optional): tensors with at least this many elements get 8-bit state, >= 1
@@ -216,10 +215,7 @@ class Anon8bit(Anon):
         """Step with the C++ kernel the tensors it takes this step (no refresh due); returns them."""
         from . import _cpu_kernel
 
-        # The kernel computes max_precond_ratio's limit for gamma == 1 only; other gammas take the codec path.
-        limit = limit_applies(group["gamma"], kwargs["max_precond_ratio"])
-        if limit and group["gamma"] != 1:
-            return set()
+        limit = _KERNEL8_LIMITS[limit_mode(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"])]
         picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
         if not picked or _cpu_kernel.kernel8_unavailable_reason() is not None:
             return set()
@@ -246,7 +242,7 @@ class Anon8bit(Anon):
                 scalars,
                 not decoupled and weight_decay != 0,
                 kwargs["bounds"] is not None,
-                limit and preconditioned,
+                limit if preconditioned else 0,
             )
             stats["kernel"] += 1
         return set(picked)
@@ -370,7 +366,10 @@ def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule
 _CODEC_KINDS = {"exp_avg": 0, "exp_avg_sq": 1, "precond": 2}
 
 # The scalars of the 8-bit kernel (csrc/anon_cpu_8bit.cpp's Slot), in its order, by their names in step_scalars.
-_KERNEL8_SLOTS = ("decay", "weight1", "beta2", "weight2", "sign", "l2", "lo", "hi", "eps", "max_ratio")
+_KERNEL8_SLOTS = ("decay", "weight1", "beta2", "weight2", "sign", "l2", "lo", "hi", "eps", "max_ratio", "gamma")
+# The 8-bit kernel's limit modes (its Limit) for limit_mode's answers: gamma == 1 takes a square root, other gammas
+# exp2 and log2 (their log-space form, "log", is what the kernel computes anyway).
+_KERNEL8_LIMITS = {None: 0, "one": 1, "pow": 2, "log": 2}
 
 
 def _cpu_codec():

@@ -95,6 +95,8 @@ def candidates():
         ("anon8bit_fused", "anon8bit", dict(fused=True), True),
         ("anon8bit_fused_no_limit", "anon8bit", dict(fused=True, max_precond_ratio=None), True),
         ("anon8bit_fused_ratio1", "anon8bit", dict(fused=True, max_precond_ratio=1.0), False),
+        ("anon8bit_fused_gamma0.5", "anon8bit", dict(fused=True, gamma=0.5), True),
+        ("anon8bit_fused_gamma0.5_ratio1", "anon8bit", dict(fused=True, gamma=0.5, max_precond_ratio=1.0), False),
         ("anon8bit_fused_compiled", "anon8bit", dict(fused=True), False, {"ANON_HF_CPU_KERNEL": "0"}),
     ]
 

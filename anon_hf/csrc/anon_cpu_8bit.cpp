@@ -14,8 +14,9 @@
 // and the update of anon_hf/_cpu_kernel's kernel (anon_cpu.cpp), computed in fp32:
 //
 //   g = sign * g (+ l2 * p);  m = m + (g - m) * weight1;  s = s * beta2 + g * g * weight2
-//   with max_precond_ratio (gamma == 1 only: other gammas take the codec path):
-//       v = min(v, max_ratio / sqrt(s * inv_bias2 + eps))
+//   with max_precond_ratio (gamma > 0), sigma = s * inv_bias2 + eps:
+//       v = min(v, max_ratio / sqrt(sigma))                            gamma == 1
+//       v = min(v, max_ratio * 2**(-gamma / 2 * log2(sigma)))          other gammas (exp2 and log2 as polynomials)
 //   p = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
 // v is decoded as the product of two 16-entry tables built per block, c - 1 = 16 a + b:
@@ -53,11 +54,14 @@ constexpr float kVLevels = 254.0f;
 // Blocks per task of at::parallel_for (2**15 elements, as anon_cpu.cpp).
 constexpr int64_t kGrainBlocks = 128;
 
-enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kEps, kMaxRatio, kSlotCount };
+enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kEps, kMaxRatio, kGamma, kSlotCount };
+// max_precond_ratio's limit between refreshes: none, gamma == 1 (a square root), or any other gamma > 0.
+enum Limit : int64_t { kNoLimit, kLimitOne, kLimitPower };
 
 struct Settings {
   float s[kSlotCount];
   float inv_bias2;  // this tensor's 1 / (1 - beta2**n), n the gradients since its last refresh, this one included
+  float power_cutoff;  // kLimitPower: 2 log2(max_ratio) less the margin of run_block_avx512's shortcut
   bool l2;
   bool bounds;
   bool preconditioned;
@@ -75,13 +79,47 @@ inline float exp2_poly(float x) {
   const int32_t n = as_int(shifted) - as_int(kRound);
   const float f = x - (shifted - kRound);
   float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  const float r = 1.0f + p * f;
+  p = std::fma(p, f, 1.339887440266574e-3f);
+  p = std::fma(p, f, 9.618437357674640e-3f);
+  p = std::fma(p, f, 5.550332471162809e-2f);
+  p = std::fma(p, f, 2.402264791363012e-1f);
+  p = std::fma(p, f, 6.931472028550421e-1f);
+  const float r = std::fma(p, f, 1.0f);
   return as_float(as_int(r) + n * (1 << 23));
+}
+
+// log2(x) for a positive normal float, within 2e-7 of log2's (Cephes' logf: x = 2**e * (1 + f) with 1 + f in
+// [sqrt(1/2), sqrt(2)), ln(1 + f) by a polynomial). Branch-free, so loops calling it vectorize; std::log2 left the
+// precond encoder scalar at 2.9 ns per element, half of an 8-bit refresh.
+inline float log2_poly(float x) {
+  constexpr int32_t kSqrtHalf = 0x3f3504f3;  // bits of sqrt(1/2)
+  const int32_t exponent = (as_int(x) - kSqrtHalf) >> 23;
+  const float f = as_float(as_int(x) - exponent * (1 << 23)) - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = std::fma(y, f, -1.1514610310e-1f);
+  y = std::fma(y, f, 1.1676998740e-1f);
+  y = std::fma(y, f, -1.2420140846e-1f);
+  y = std::fma(y, f, 1.4249322787e-1f);
+  y = std::fma(y, f, -1.6668057665e-1f);
+  y = std::fma(y, f, 2.0000714765e-1f);
+  y = std::fma(y, f, -2.4999993993e-1f);
+  y = std::fma(y, f, 3.3333331174e-1f);
+  const float ln = f + std::fma(y * f, z, -0.5f * z);
+  return std::fma(ln, 1.44269504088896341f, static_cast<float>(exponent));
+}
+
+// max(x, the smallest normal float) on the bits (ordered as the floats for x >= 0; a negative x's are below), for
+// log2_poly: a float select here is control flow GCC does not vectorize.
+inline float at_least_tiny(float x) {
+  const int32_t tiny = as_int(std::numeric_limits<float>::min());
+  return as_float(as_int(x) > tiny ? as_int(x) : tiny);
+}
+
+// max_precond_ratio's limit on v for gamma != 1: max_ratio * sigma**(-gamma / 2), computed as
+// 2**(-gamma / 2 * log2(sigma)) (the exponent clamped to +-126, far beyond where the limit can bind).
+inline float power_limit(float sigma, float neg_half_gamma, float max_ratio) {
+  return max_ratio * exp2_poly(neg_half_gamma * log2_poly(at_least_tiny(sigma)));
 }
 
 // Per block: v's decode tables, high[a] = 2**(lo + 16 a step) and low[b] = 2**(b step) (see the file header).
@@ -155,7 +193,7 @@ inline void encode_exp_avg_sq(const float* __restrict__ values, float top, uint8
 // One block of n <= kBlock elements in three passes the compiler vectorizes: decode and update (tracking the new absmax
 // of m and max of s), encode m, encode s. kPrecond = false: gamma == 0, no s and v (v = 1). kLimit: max_precond_ratio's
 // limit on v (gamma == 1).
-template <bool kPrecond, bool kLimit>
+template <bool kPrecond, Limit kLimit>
 void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc, float* __restrict__ m_absmax,
                uint8_t* __restrict__ sc, float* __restrict__ s_max, const uint8_t* __restrict__ vc,
                const float* __restrict__ v_lo, const float* __restrict__ v_hi, int64_t n, float neg_step_size,
@@ -170,6 +208,7 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
   if (kPrecond) precond_tables(*v_lo, (*v_hi - *v_lo) * (1.0f / kVLevels), tables);
   const float beta2 = st.s[kBeta2], weight2 = st.s[kWeight2];
   const float inv_bias2 = st.inv_bias2, eps = st.s[kEps], max_ratio = st.s[kMaxRatio];
+  const float neg_half_gamma = -0.5f * st.s[kGamma];
   float m_top = 0.0f, s_top = 0.0f;
 #pragma omp simd reduction(max : m_top, s_top)
   for (int64_t j = 0; j < n; ++j) {
@@ -181,8 +220,11 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
     const float mj = std::fma(gj - m_old, weight1, m_old);
     const float sj = std::fma(s_old, beta2, gj * gj * weight2);
     float v = v_stored;
-    if constexpr (kLimit) {
+    if constexpr (kLimit == kLimitOne) {
       const float limit = max_ratio / std::sqrt(std::fma(sj, inv_bias2, eps));
+      v = v < limit ? v : limit;
+    } else if constexpr (kLimit == kLimitPower) {
+      const float limit = power_limit(std::fma(sj, inv_bias2, eps), neg_half_gamma, max_ratio);
       v = v < limit ? v : limit;
     }
     const float updated = std::fma(pj, decay, mj * v * neg_step_size);
@@ -221,9 +263,48 @@ inline void store_codes(__m512i codes, void* out) {
 
 inline void prefetch(const void* address) { _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0); }
 
+inline __m512 fma16(__m512 a, float b, float c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), _mm512_set1_ps(c)); }
+
+// exp2_poly, log2_poly and power_limit on 16 lanes: the same operations.
+inline __m512 exp2_poly16(__m512 x) {
+  const __m512 round = _mm512_set1_ps(12582912.0f);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+  const __m512 shifted = _mm512_add_ps(x, round);
+  const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_castps_si512(round));
+  const __m512 f = _mm512_sub_ps(x, _mm512_sub_ps(shifted, round));
+  __m512 p = fma16(f, 1.535336188319500e-4f, 1.339887440266574e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  const __m512 r = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(r), _mm512_slli_epi32(n, 23)));
+}
+
+inline __m512 log2_poly16(__m512 x) {
+  const __m512i bits = _mm512_max_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(as_int(std::numeric_limits<float>::min())));
+  const __m512i exponent = _mm512_srai_epi32(_mm512_sub_epi32(bits, _mm512_set1_epi32(0x3f3504f3)), 23);
+  const __m512 f = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_sub_epi32(bits, _mm512_slli_epi32(exponent, 23))),
+                                 _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 y = fma16(f, 7.0376836292e-2f, -1.1514610310e-1f);
+  for (const float c : {1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f,
+                        -2.4999993993e-1f, 3.3333331174e-1f}) {
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c));
+  }
+  const __m512 tail = _mm512_fmadd_ps(_mm512_mul_ps(y, f), z, _mm512_mul_ps(_mm512_set1_ps(-0.5f), z));
+  const __m512 ln = _mm512_add_ps(f, tail);
+  return _mm512_fmadd_ps(ln, _mm512_set1_ps(1.44269504088896341f), _mm512_cvtepi32_ps(exponent));
+}
+
+// log2(x) from the bits, exponent + mantissa - 1: below log2(x) by at most 0.0861 (0 for x == 0: -127).
+inline __m512 log2_from_bits16(__m512 x) {
+  return fma16(_mm512_cvtepi32_ps(_mm512_castps_si512(x)), 1.0f / (1 << 23), -127.0f);
+}
+
 // run_block<true, kLimit> for a whole block, 16 lanes at a time: the same operations in the same order, with l2 decay
 // and bounds compiled in only where they are set.
-template <bool kLimit, bool kL2, bool kBounds>
+template <Limit kLimit, bool kL2, bool kBounds>
 void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc,
                       float* __restrict__ m_absmax, uint8_t* __restrict__ sc, float* __restrict__ s_max,
                       const uint8_t* __restrict__ vc, const float* __restrict__ v_lo, const float* __restrict__ v_hi,
@@ -242,6 +323,8 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
   const __m512 inv_bias2 = _mm512_set1_ps(st.inv_bias2), eps = _mm512_set1_ps(st.s[kEps]);
   const __m512 max_ratio = _mm512_set1_ps(st.s[kMaxRatio]), nss = _mm512_set1_ps(neg_step_size);
   const __m512 max_ratio_sq = _mm512_mul_ps(max_ratio, max_ratio);
+  const __m512 gamma = _mm512_set1_ps(st.s[kGamma]), neg_half_gamma = _mm512_set1_ps(-0.5f * st.s[kGamma]);
+  const __m512 power_cutoff = _mm512_set1_ps(st.power_cutoff);
   const __m512 m_scale = _mm512_set1_ps(*m_absmax), s_scale = _mm512_set1_ps(*s_max);
   __m512 m_top = _mm512_setzero_ps(), s_top = _mm512_setzero_ps();
   for (int64_t j = 0; j < kBlock; j += 16) {
@@ -272,12 +355,21 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
                           : _mm512_mul_ps(_mm512_loadu_ps(g + j), sign);
     const __m512 mj = _mm512_fmadd_ps(_mm512_sub_ps(gj, m_old), weight1, m_old);
     const __m512 sj = _mm512_fmadd_ps(s_old, beta2, _mm512_mul_ps(_mm512_mul_ps(gj, gj), weight2));
-    if constexpr (kLimit) {
-      // v > r / sqrt(sigma) <=> v * v * sigma > r * r (v >= 0): the square root and division only in the vectors
-      // where a lane binds, rare where gradients are stationary.
+    // The limit is computed only in the vectors where a lane may bind, rare where gradients are stationary.
+    if constexpr (kLimit == kLimitOne) {  // v > r / sqrt(sigma) <=> v * v * sigma > r * r (v >= 0): exact
       const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
       const __mmask16 binds = _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_mul_ps(v, v), sigma), max_ratio_sq, _CMP_GT_OQ);
       if (binds) v = _mm512_min_ps(v, _mm512_div_ps(max_ratio, _mm512_sqrt_ps(sigma)));
+    } else if constexpr (kLimit == kLimitPower) {
+      // 2 log2(v) + gamma log2(sigma) > 2 log2(r), log2 read from the bits: each term errs low by at most 0.0861,
+      // which power_cutoff allows for, so a vector skipped has no binding lane.
+      const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
+      const __m512 guess =
+          _mm512_fmadd_ps(log2_from_bits16(sigma), gamma, _mm512_add_ps(log2_from_bits16(v), log2_from_bits16(v)));
+      if (_mm512_cmp_ps_mask(guess, power_cutoff, _CMP_GT_OQ)) {
+        const __m512 power = exp2_poly16(_mm512_mul_ps(neg_half_gamma, log2_poly16(sigma)));
+        v = _mm512_min_ps(v, _mm512_mul_ps(max_ratio, power));
+      }
     }
     const __m512 updated = _mm512_fmadd_ps(pj, decay, _mm512_mul_ps(_mm512_mul_ps(mj, v), nss));
     // max/min return their second operand where one is NaN: NaN stays NaN, as in run_block.
@@ -318,14 +410,20 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
 using WholeBlock = void (*)(float*, const float*, int8_t*, float*, uint8_t*, float*, const uint8_t*, const float*,
                             const float*, float, const Settings&);
 
-template <bool kLimit, bool kL2>
+template <Limit kLimit, bool kL2>
 WholeBlock avx512_block(bool bounds) {
   return bounds ? run_block_avx512<kLimit, kL2, true> : run_block_avx512<kLimit, kL2, false>;
 }
 
-WholeBlock avx512_block(bool limit, bool l2, bool bounds) {
-  if (limit) return l2 ? avx512_block<true, true>(bounds) : avx512_block<true, false>(bounds);
-  return l2 ? avx512_block<false, true>(bounds) : avx512_block<false, false>(bounds);
+template <Limit kLimit>
+WholeBlock avx512_block(bool l2, bool bounds) {
+  return l2 ? avx512_block<kLimit, true>(bounds) : avx512_block<kLimit, false>(bounds);
+}
+
+WholeBlock avx512_block(Limit limit, bool l2, bool bounds) {
+  if (limit == kLimitOne) return avx512_block<kLimitOne>(l2, bounds);
+  if (limit == kLimitPower) return avx512_block<kLimitPower>(l2, bounds);
+  return avx512_block<kNoLimit>(l2, bounds);
 }
 #endif  // AVX-512
 
@@ -343,14 +441,16 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<at::Tensor>& v_codes, const std::vector<at::Tensor>& v_lo,
                 const std::vector<at::Tensor>& v_hi, const std::vector<at::Tensor>& steps,
                 const std::vector<double>& neg_step_sizes, const std::vector<double>& inv_bias2s,
-                const std::vector<double>& scalars, bool l2, bool bounds, bool limit) {
+                const std::vector<double>& scalars, bool l2, bool bounds, int64_t limit) {
   const size_t count = params.size();
   const bool preconditioned = !v_codes.empty();
   TORCH_CHECK(grads.size() == count && m_codes.size() == count && m_absmax.size() == count &&
                   steps.size() == count && neg_step_sizes.size() == count && inv_bias2s.size() == count,
               "anon_hf 8-bit CPU kernel: params, grads, m_codes, m_absmax, steps, neg_step_sizes and inv_bias2s must ",
               "have one entry per tensor");
-  TORCH_CHECK(!limit || !v_codes.empty(), "anon_hf 8-bit CPU kernel: a limit needs a preconditioner");
+  TORCH_CHECK(limit >= kNoLimit && limit <= kLimitPower, "anon_hf 8-bit CPU kernel: limit must be 0, 1 or 2");
+  TORCH_CHECK(limit == kNoLimit || (!v_codes.empty() && scalars.size() == kSlotCount && scalars[kGamma] > 0.0),
+              "anon_hf 8-bit CPU kernel: a limit needs a preconditioner and gamma > 0");
   TORCH_CHECK(!preconditioned || (s_codes.size() == count && s_max.size() == count && v_codes.size() == count &&
                                   v_lo.size() == count && v_hi.size() == count),
               "anon_hf 8-bit CPU kernel: s_codes, s_max, v_codes, v_lo and v_hi must be empty or one per tensor");
@@ -375,6 +475,7 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   }
   Settings st;
   for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
+  st.power_cutoff = static_cast<float>(2.0 * std::log2(scalars[kMaxRatio]) - 0.0862 * (2.0 + scalars[kGamma]) - 1e-3);
   st.l2 = l2;
   st.bounds = bounds;
   st.preconditioned = preconditioned;
@@ -394,9 +495,12 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const float neg_step_size = static_cast<float>(neg_step_sizes[i]);
     Settings tensor_st = st;
     tensor_st.inv_bias2 = static_cast<float>(inv_bias2s[i]);
-    const auto block = !preconditioned ? run_block<false, false> : (limit ? run_block<true, true> : run_block<true, false>);
+    const auto block = !preconditioned          ? run_block<false, kNoLimit>
+                       : limit == kLimitOne    ? run_block<true, kLimitOne>
+                       : limit == kLimitPower  ? run_block<true, kLimitPower>
+                                               : run_block<true, kNoLimit>;
 #ifdef ANON_HF_AVX512
-    const WholeBlock whole_block = preconditioned ? avx512_block(limit, l2, bounds) : nullptr;
+    const WholeBlock whole_block = preconditioned ? avx512_block(static_cast<Limit>(limit), l2, bounds) : nullptr;
 #endif
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
@@ -439,27 +543,6 @@ void decode_block(int64_t kind, const void* codes, const float* side0, const flo
   }
 }
 
-// log2(x) for a positive normal float, within 2e-7 of log2's (Cephes' logf: x = 2**e * (1 + f) with 1 + f in
-// [sqrt(1/2), sqrt(2)), ln(1 + f) by a polynomial). Branch-free, so the precond encoder's loop vectorizes; std::log2
-// left it scalar at 2.9 ns per element, half of an 8-bit refresh.
-inline float log2_poly(float x) {
-  constexpr int32_t kSqrtHalf = 0x3f3504f3;  // bits of sqrt(1/2)
-  const int32_t exponent = (as_int(x) - kSqrtHalf) >> 23;
-  const float f = as_float(as_int(x) - (exponent << 23)) - 1.0f;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  const float ln = f + (y * f * z - 0.5f * z);
-  return static_cast<float>(exponent) + ln * 1.44269504088896341f;
-}
-
 void encode_block(int64_t kind, const float* values, void* codes, float* side0, float* side1, int64_t n) {
   if (kind == 0 || kind == 1) {
     float top = 0.0f;
@@ -478,14 +561,8 @@ void encode_block(int64_t kind, const float* values, void* codes, float* side0, 
   }
   // precond: log2 v over the positive elements, their min and max, then 1 + round((log2 v - min) * 254 / span).
   alignas(64) float logs[kBlock];
-  constexpr float kInf = std::numeric_limits<float>::infinity(), kTiny = std::numeric_limits<float>::min();
-  // max(v, tiny) on the bits (ordered as the floats for v >= 0; a negative v's are below): a float select here is
-  // control flow GCC does not vectorize.
-  const int32_t tiny_bits = as_int(kTiny);
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t bits = as_int(values[j]);
-    logs[j] = log2_poly(as_float(bits > tiny_bits ? bits : tiny_bits));
-  }
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) logs[j] = log2_poly(at_least_tiny(values[j]));
   float low = kInf, high = -kInf;
 #pragma omp simd reduction(min : low) reduction(max : high)
   for (int64_t j = 0; j < n; ++j) {
