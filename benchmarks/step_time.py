@@ -251,6 +251,8 @@ def machine(device):
             (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), ""
         )
         info["device"] = model or platform.processor()
+        # What torch's kernels and anon_hf's C++ kernels were built for (ATEN_CPU_CAPABILITY can lower it).
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["cpus"] = os.cpu_count()
         info["load_average_at_start"] = os.getloadavg()
     try:
