@@ -240,7 +240,8 @@ def test_every_variant_of_the_kernel_matches_the_reference_path(gamma, max_preco
     # somewhere and ratio 1 on about half the elements.
     _kernel_or_skip()
     scale = lambda step: 1.0 + 0.2 * (step % 16)  # noqa: E731
-    hyper = dict(gamma=gamma, weight_decay=0.1, decoupled_weight_decay=weight_decay == "decoupled", bounds=bounds)
+    # weight_decay 0.05, not 0.1: an L2 coefficient equal to 1 - beta1 hid a kernel reading the wrong slot.
+    hyper = dict(gamma=gamma, weight_decay=0.05, decoupled_weight_decay=weight_decay == "decoupled", bounds=bounds)
     fused = _kernel_beside_reference_path(dict(hyper, max_precond_ratio=max_precond_ratio), scale)
     if bounds is not None:
         assert all(p.min() >= bounds[0] and p.max() <= bounds[1] for p in fused)
@@ -284,16 +285,19 @@ def _kernel_beside_reference_path(kwargs, scale, steps=40):
 )
 def test_the_avx2_build_of_the_kernel_matches_the_reference_path_too(tmp_path):
     # Above, whole blocks run the AVX-512 version; here the kernel is built for AVX2 (torch reports AVX2 under
-    # ATEN_CPU_CAPABILITY), so its plain loops, which GCC must vectorize without AVX-512's masks, take every block.
+    # ATEN_CPU_CAPABILITY), so whole blocks run its AVX2 version and tails its plain loops, vectorized without masks.
     # Inductor gets a cache of its own: its FX graph cache does not key on the instruction set and would hand an
     # AVX2 process code written for 16 lanes.
     _kernel_or_skip()
     assert _cpu_kernel.kernel8().AVX512_STEP
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    which = "from anon_hf import _cpu_kernel as k; assert k.kernel8_unavailable_reason() is None; print(k.kernel8().AVX512_STEP)"
+    which = (
+        "from anon_hf import _cpu_kernel as k; assert k.kernel8_unavailable_reason() is None; "
+        "print(k.kernel8().AVX512_STEP, k.kernel8().AVX2_STEP)"
+    )
     built = subprocess.run([sys.executable, "-c", which], env=env, capture_output=True, text=True, timeout=900)
-    assert built.stdout.strip() == "False", built.stdout + built.stderr[-2000:]
+    assert built.stdout.strip() == "False True", built.stdout + built.stderr[-2000:]  # whole blocks: the AVX2 version
     selected = (
         "every_variant_of_the_kernel or near_its_threshold or fused_matches_the_reference_path or cpu_codecs_match"
     )
