@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 __all__ = ["full", "is_dtensor", "local"]
 
 
-def is_dtensor(tensor: Tensor) -> bool:
+@functools.cache
+def _dtensor_class() -> type | None:
+    """torch's DTensor class, None on torch without it (imported once: optimizers ask for every tensor every step)."""
     if not torch.distributed.is_available():
-        return False
+        return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without DTensor: nothing can be one
-        return False
-    return isinstance(tensor, DTensor)
+        return None
+    return DTensor
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def local(tensor: Tensor) -> Tensor:

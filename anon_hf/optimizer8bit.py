@@ -149,9 +149,10 @@ class Anon8bit(Anon):
 
     def _step_group(self, group: dict[str, Any]) -> list[int]:
         """Full-precision tensors through :class:`Anon`, then the 8-bit ones (the kernel, or one at a time)."""
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        small = [p for p in with_grad if not self._is_8bit(p, group)]
-        large = [p for p in with_grad if self._is_8bit(p, group)]
+        small, large = [], []
+        for param in group["params"]:
+            if param.grad is not None:
+                (large if self._is_8bit(param, group) else small).append(param)
         refreshed: list[int] = []
         if small:
             with _positions_in(group, small):
