@@ -290,7 +290,8 @@ inline __m512 exp2_poly16(__m512 x) {
 }
 
 inline __m512 log2_poly16(__m512 x) {
-  const __m512i bits = _mm512_max_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(as_int(std::numeric_limits<float>::min())));
+  const __m512i tiny = _mm512_set1_epi32(as_int(std::numeric_limits<float>::min()));
+  const __m512i bits = _mm512_max_epi32(_mm512_castps_si512(x), tiny);  // at_least_tiny
   const __m512i exponent = _mm512_srai_epi32(_mm512_sub_epi32(bits, _mm512_set1_epi32(0x3f3504f3)), 23);
   const __m512 f = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_sub_epi32(bits, _mm512_slli_epi32(exponent, 23))),
                                  _mm512_set1_ps(1.0f));
@@ -347,7 +348,8 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
     // Decode: a code's magnitude bits, zero where the code is 0, then (for m) the code's sign bit.
     const __m512i cm = load_codes(mc + j);
     const __m512i m_bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_abs_epi32(cm), m_base), kMShift);
-    const __m512 m_magnitude = _mm512_maskz_mul_ps(_mm512_test_epi32_mask(cm, cm), _mm512_castsi512_ps(m_bits), m_scale);
+    const __m512 m_magnitude =
+        _mm512_maskz_mul_ps(_mm512_test_epi32_mask(cm, cm), _mm512_castsi512_ps(m_bits), m_scale);
     const __m512 m_old = _mm512_castsi512_ps(  // 0xF8: magnitude | (code & sign bit)
         _mm512_ternarylogic_epi32(_mm512_castps_si512(m_magnitude), cm, sign_bit, 0xF8));
     const __m512i cs = load_codes(sc + j);
