@@ -9,6 +9,7 @@ same in one pass per block (``csrc/anon_cpu_8bit.cpp``); refresh steps, O(log T)
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -251,14 +252,23 @@ class Anon8bit(Anon):
     def _with_local_shards(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with the DTensor 8-bit entries that :meth:`state_dict` wrote for FSDP2 shards back as this
         rank's plain tensors (a shallow copy; the caller's dict is kept)."""
+        state = dict(state_dict.get("state", {}))
+        for param, saved_id, entries in self._sharded_8bit_entries(state_dict, state):
+            state[saved_id] = _shard8.as_local(entries, param)
+        return {**state_dict, "state": state}
+
+    def _sharded_8bit_entries(
+        self, state_dict: dict[str, Any], state: dict[Any, Any]
+    ) -> Iterator[tuple[Tensor, Any, dict[str, Any]]]:
+        """``(param, saved_id, entries)`` for each FSDP2 (DTensor) param whose entries in ``state`` (``state_dict``'s
+        per-param state, or a copy of it) are 8-bit; params are matched to saved ids by position, as
+        :meth:`torch.optim.Optimizer.load_state_dict` does."""
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
-        state = dict(state_dict.get("state", {}))
         for param, saved_id in zip(params, saved_ids, strict=False):
             entries = state.get(saved_id)
             if is_dtensor(param) and isinstance(entries, dict) and _SIDE_KEYS & set(entries):
-                state[saved_id] = _shard8.as_local(entries, param)
-        return {**state_dict, "state": state}
+                yield param, saved_id, entries
 
     def _graph_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
         """Step with the compiled graphs (``anon_hf._fused.graphs.step_8bit``) the tensors they take this step: no
@@ -290,12 +300,9 @@ class Anon8bit(Anon):
         """:meth:`torch.optim.Optimizer.state_dict`, with the 8-bit entries of FSDP2 shards as DTensors
         (``anon_hf._shard8``), so that ``torch.distributed.checkpoint`` saves every rank's own codes and scales."""
         state_dict = super().state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for param, saved_id in zip(params, saved_ids, strict=True):
-            entries = state_dict["state"].get(saved_id)
-            if is_dtensor(param) and isinstance(entries, dict) and _SIDE_KEYS & set(entries):
-                state_dict["state"][saved_id] = _shard8.as_dtensors(entries, param)
+        state = state_dict["state"]
+        for param, saved_id, entries in self._sharded_8bit_entries(state_dict, state):
+            state[saved_id] = _shard8.as_dtensors(entries, param)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -350,17 +357,12 @@ def _graphs_take(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule)
 
 
 def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:
-    """Whether the 8-bit kernel can step ``param`` now: fp32 contiguous CPU tensors, 8-bit state, no refresh due."""
-    grad = param.grad
+    """Whether the 8-bit kernel can step ``param`` now: what the graph takes (:func:`_graphs_take`), on CPU in fp32."""
     return (
         param.device.type == "cpu"
         and param.dtype == torch.float32
-        and grad.dtype == torch.float32
-        and param.is_contiguous()
-        and grad.is_contiguous()
-        and not is_dtensor(param)
-        and "exp_avg_absmax" in state
-        and not ("precond" in state and is_refresh_step(int(state["step"].item()) + 1, refresh))
+        and param.grad.dtype == torch.float32
+        and _graphs_take(param, state, refresh)
     )
 
 
@@ -387,7 +389,7 @@ def _sides(key: str, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
 
 def _decoded_by(codec, state: dict[str, Any]) -> dict[str, Any]:
     """:func:`_decoded` by the C++ codecs (CPU state)."""
-    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _shard8.SHARD_KEY}
+    out = _without_8bit_bookkeeping(state)
     for key in _quant8.QUANTIZED_KEYS:
         if key in state:
             out[key] = torch.empty(state[key].shape, dtype=torch.float32)
@@ -400,9 +402,14 @@ def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
     codec.encode(_CODEC_KINDS[key], value.contiguous(), state[key], *_sides(key, state))
 
 
+def _without_8bit_bookkeeping(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` less the block side values and the shard record: what remains once the codes are decoded."""
+    return {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _shard8.SHARD_KEY}
+
+
 def _decoded(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with each 8-bit entry replaced by its fp32 tensor (full-precision entries as they are)."""
-    out = {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _shard8.SHARD_KEY}
+    out = _without_8bit_bookkeeping(state)
     for key, sides in _quant8.QUANTIZED_KEYS.items():
         if sides[0] in state:
             out[key] = _quant8.dequantize(key, state)

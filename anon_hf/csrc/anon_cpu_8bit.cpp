@@ -62,10 +62,7 @@ enum Limit : int64_t { kNoLimit, kLimitOne, kLimitPower };
 struct Settings {
   float s[kSlotCount];
   float inv_bias2;  // this tensor's 1 / (1 - beta2**n), n the gradients since its last refresh, this one included
-  float power_cutoff;  // kLimitPower: 2 log2(max_ratio) less the margin of run_block_avx512's shortcut
-  bool l2;
-  bool bounds;
-  bool preconditioned;
+  float power_cutoff;  // kLimitPower: 2 log2(max_ratio) less the margin of the intrinsics versions' shortcut
 };
 
 inline float as_float(int32_t bits) { return __builtin_bit_cast(float, bits); }
@@ -250,6 +247,19 @@ constexpr int64_t kPrefetchAhead = 4 * kBlock;
 
 inline void prefetch(const void* address) { _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0); }
 
+// At element j (a multiple of 16) of a whole block: the cache line of p and of g kPrefetchAhead elements on, and at
+// every 64th element that of each code array.
+inline void prefetch_ahead(const float* p, const float* g, const int8_t* mc, const uint8_t* sc, const uint8_t* vc,
+                           int64_t j) {
+  prefetch(p + j + kPrefetchAhead);
+  prefetch(g + j + kPrefetchAhead);
+  if (j % 64 == 0) {
+    prefetch(mc + j + kPrefetchAhead);
+    prefetch(sc + j + kPrefetchAhead);
+    prefetch(vc + j + kPrefetchAhead);
+  }
+}
+
 // A whole block's step (run_block_avx512 or run_block_avx2), picked per tensor for its limit, L2 decay and bounds.
 using WholeBlock = void (*)(float*, const float*, int8_t*, float*, uint8_t*, float*, const uint8_t*, const float*,
                             const float*, float, const Settings&);
@@ -257,7 +267,6 @@ using WholeBlock = void (*)(float*, const float*, int8_t*, float*, uint8_t*, flo
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #define ANON_HF_AVX512 1
-
 
 inline __m512i load_codes(const int8_t* codes) {
   return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
@@ -338,13 +347,7 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
   const __m512 m_scale = _mm512_set1_ps(*m_absmax), s_scale = _mm512_set1_ps(*s_max);
   __m512 m_top = _mm512_setzero_ps(), s_top = _mm512_setzero_ps();
   for (int64_t j = 0; j < kBlock; j += 16) {
-    prefetch(p + j + kPrefetchAhead);
-    prefetch(g + j + kPrefetchAhead);
-    if (j % 64 == 0) {
-      prefetch(mc + j + kPrefetchAhead);
-      prefetch(sc + j + kPrefetchAhead);
-      prefetch(vc + j + kPrefetchAhead);
-    }
+    prefetch_ahead(p, g, mc, sc, vc, j);
     // Decode: a code's magnitude bits, zero where the code is 0, then (for m) the code's sign bit.
     const __m512i cm = load_codes(mc + j);
     const __m512i m_bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_abs_epi32(cm), m_base), kMShift);
@@ -418,21 +421,8 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
   *s_max = s_top_value;
 }
 
-template <Limit kLimit, bool kL2>
-WholeBlock avx512_block(bool bounds) {
-  return bounds ? run_block_avx512<kLimit, kL2, true> : run_block_avx512<kLimit, kL2, false>;
-}
-
-template <Limit kLimit>
-WholeBlock avx512_block(bool l2, bool bounds) {
-  return l2 ? avx512_block<kLimit, true>(bounds) : avx512_block<kLimit, false>(bounds);
-}
-
-WholeBlock avx512_block(Limit limit, bool l2, bool bounds) {
-  if (limit == kLimitOne) return avx512_block<kLimitOne>(l2, bounds);
-  if (limit == kLimitPower) return avx512_block<kLimitPower>(l2, bounds);
-  return avx512_block<kNoLimit>(l2, bounds);
-}
+template <Limit kLimit, bool kL2, bool kBounds>
+constexpr WholeBlock kWholeBlock = run_block_avx512<kLimit, kL2, kBounds>;
 #endif  // AVX-512
 
 #if !defined(ANON_HF_AVX512) && defined(__AVX2__) && defined(__FMA__)
@@ -605,13 +595,7 @@ void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* 
     s_top = _mm256_max_ps(s_top, sj);
   };
   for (int64_t j = 0; j < kBlock; j += 16) {  // a cache line of p and g per iteration
-    prefetch(p + j + kPrefetchAhead);
-    prefetch(g + j + kPrefetchAhead);
-    if (j % 64 == 0) {
-      prefetch(mc + j + kPrefetchAhead);
-      prefetch(sc + j + kPrefetchAhead);
-      prefetch(vc + j + kPrefetchAhead);
-    }
+    prefetch_ahead(p, g, mc, sc, vc, j);
     step8(j);
     step8(j + 8);
   }
@@ -649,22 +633,24 @@ void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* 
   *s_max = s_top_value;
 }
 
-template <Limit kLimit, bool kL2>
-WholeBlock avx2_block(bool bounds) {
-  return bounds ? run_block_avx2<kLimit, kL2, true> : run_block_avx2<kLimit, kL2, false>;
-}
-
-template <Limit kLimit>
-WholeBlock avx2_block(bool l2, bool bounds) {
-  return l2 ? avx2_block<kLimit, true>(bounds) : avx2_block<kLimit, false>(bounds);
-}
-
-WholeBlock avx2_block(Limit limit, bool l2, bool bounds) {
-  if (limit == kLimitOne) return avx2_block<kLimitOne>(l2, bounds);
-  if (limit == kLimitPower) return avx2_block<kLimitPower>(l2, bounds);
-  return avx2_block<kNoLimit>(l2, bounds);
-}
+template <Limit kLimit, bool kL2, bool kBounds>
+constexpr WholeBlock kWholeBlock = run_block_avx2<kLimit, kL2, kBounds>;
 #endif  // AVX2
+
+#if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
+// The build's whole-block step (kWholeBlock, AVX-512 or AVX2) compiled for this limit, L2 decay and bounds.
+template <Limit kLimit>
+WholeBlock whole_block_for(bool l2, bool bounds) {
+  if (l2) return bounds ? kWholeBlock<kLimit, true, true> : kWholeBlock<kLimit, true, false>;
+  return bounds ? kWholeBlock<kLimit, false, true> : kWholeBlock<kLimit, false, false>;
+}
+
+WholeBlock whole_block_for(Limit limit, bool l2, bool bounds) {
+  if (limit == kLimitOne) return whole_block_for<kLimitOne>(l2, bounds);
+  if (limit == kLimitPower) return whole_block_for<kLimitPower>(l2, bounds);
+  return whole_block_for<kNoLimit>(l2, bounds);
+}
+#endif
 
 bool is_cpu_contiguous(const at::Tensor& t, c10::ScalarType type) {
   return !t.key_set().has(c10::DispatchKey::Python) && t.layout() == at::kStrided && t.device().is_cpu() &&
@@ -687,13 +673,13 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                   steps.size() == count && neg_step_sizes.size() == count && inv_bias2s.size() == count,
               "anon_hf 8-bit CPU kernel: params, grads, m_codes, m_absmax, steps, neg_step_sizes and inv_bias2s must ",
               "have one entry per tensor");
+  TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf 8-bit CPU kernel: expected ", kSlotCount, " scalars");
   TORCH_CHECK(limit >= kNoLimit && limit <= kLimitPower, "anon_hf 8-bit CPU kernel: limit must be 0, 1 or 2");
-  TORCH_CHECK(limit == kNoLimit || (!v_codes.empty() && scalars.size() == kSlotCount && scalars[kGamma] > 0.0),
+  TORCH_CHECK(limit == kNoLimit || (preconditioned && scalars[kGamma] > 0.0),
               "anon_hf 8-bit CPU kernel: a limit needs a preconditioner and gamma > 0");
   TORCH_CHECK(!preconditioned || (s_codes.size() == count && s_max.size() == count && v_codes.size() == count &&
                                   v_lo.size() == count && v_hi.size() == count),
               "anon_hf 8-bit CPU kernel: s_codes, s_max, v_codes, v_lo and v_hi must be empty or one per tensor");
-  TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf 8-bit CPU kernel: expected ", kSlotCount, " scalars");
   for (size_t i = 0; i < count; ++i) {
     const int64_t numel = params[i].numel();
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
@@ -715,9 +701,6 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   Settings st;
   for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
   st.power_cutoff = static_cast<float>(2.0 * std::log2(scalars[kMaxRatio]) - 0.0862 * (2.0 + scalars[kGamma]) - 1e-3);
-  st.l2 = l2;
-  st.bounds = bounds;
-  st.preconditioned = preconditioned;
 
   for (size_t i = 0; i < count; ++i) {
     const int64_t numel = params[i].numel();
@@ -738,10 +721,8 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                        : limit == kLimitOne    ? run_block<true, kLimitOne>
                        : limit == kLimitPower  ? run_block<true, kLimitPower>
                                                : run_block<true, kNoLimit>;
-#ifdef ANON_HF_AVX512
-    const WholeBlock whole_block = preconditioned ? avx512_block(static_cast<Limit>(limit), l2, bounds) : nullptr;
-#elif defined(ANON_HF_AVX2)
-    const WholeBlock whole_block = preconditioned ? avx2_block(static_cast<Limit>(limit), l2, bounds) : nullptr;
+#if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
+    const WholeBlock whole_block = preconditioned ? whole_block_for(static_cast<Limit>(limit), l2, bounds) : nullptr;
 #endif
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
