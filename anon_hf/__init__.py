@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from ._import_hooks import when_imported  # noqa: F401  (public: anon_hf.when_imported)
-from ._schedule import refresh_steps
-from ._sync import RefreshOutOfSyncError
+from .distributed.sync import RefreshOutOfSyncError
 from .functional import NonFinitePreconditionerError, anon
 from .integrations import _patches
 from .integrations._patches import PatchError
+from .integrations.import_hooks import when_imported  # noqa: F401  (public: anon_hf.when_imported)
 from .optimizer import Anon
 from .optimizer8bit import Anon8bit, dequantize_state_dict
 from .param_groups import create_anon_optimizer
+from .schedule import refresh_steps
 
 __version__ = "0.1.0.dev0"
 

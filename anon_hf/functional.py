@@ -3,7 +3,7 @@
 :func:`anon` takes the parameters, their gradients and their state as lists and dispatches to
 :func:`_single_tensor_anon` (a per-tensor loop) or :func:`_multi_tensor_anon` (``torch._foreach_*`` kernels
 over tensors grouped by device and dtype). Both share one signature and one refresh routine,
-:func:`anon_hf._refresh.refreshed_preconditioner`, so they differ only in how the per-step arithmetic is batched.
+:func:`anon_hf.refresh.refreshed_preconditioner`, so they differ only in how the per-step arithmetic is batched.
 
 Nothing here imports anything but torch.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dtensor import full
-from ._refresh import limit_applies, limited_preconditioner, refresh_mode, refreshed_preconditioner
-from ._schedule import RefreshSchedule, gradients_since_refresh, is_refresh_step, previous_refresh_step
+from .distributed.dtensor import full
+from .refresh import limit_applies, limited_preconditioner, refresh_mode, refreshed_preconditioner
+from .schedule import RefreshSchedule, gradients_since_refresh, is_refresh_step, previous_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
 
@@ -266,7 +266,7 @@ def _limited_between_refreshes(
     exp_avg_sqs: list[Tensor], preconds: list[Tensor], steps: list[int], *, refresh: RefreshSchedule, **limit_kwargs
 ) -> list[Tensor]:
     """``preconds`` with each tensor not refreshed at its step (``steps[i]``, already advanced) replaced by its
-    :func:`anon_hf._refresh.limited_preconditioner`; a refreshed one is used as stored (its accumulator was just
+    :func:`anon_hf.refresh.limited_preconditioner`; a refreshed one is used as stored (its accumulator was just
     reset, and ``v`` was built from this interval's gradients)."""
     used = list(preconds)
     for i, step in enumerate(steps):
@@ -442,7 +442,7 @@ def anon(
     ``state_steps`` holds one 0-d CPU tensor per parameter and is incremented in place; refreshes follow each
     tensor's own step. Returns the sorted distinct steps at which a refresh happened in this call.
 
-    ``fused=True`` updates each tensor in one pass (``anon_hf._fused``: a C++ kernel on CPU, ``torch.compile``'d
+    ``fused=True`` updates each tensor in one pass (``anon_hf.backends.fused``: a C++ kernel on CPU, ``torch.compile``'d
     graphs elsewhere), falling back to foreach where it cannot; ``None`` never builds or compiles anything (see
     :class:`anon_hf.Anon`).
     """
@@ -455,7 +455,7 @@ def anon(
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if fused:
-        from ._fused import _fused_anon
+        from .backends.fused import _fused_anon
 
         func = _fused_anon
     else:

@@ -24,10 +24,10 @@ from ._docs import (
     refresh_doc,
     weight_decay_doc,
 )
-from ._dtensor import local
-from ._schedule import RefreshSchedule, validate_refresh
-from ._sync import RefreshSyncChecker, upcoming_collective_refresh
+from .distributed.dtensor import local
+from .distributed.sync import RefreshSyncChecker, upcoming_collective_refresh
 from .functional import _NONFINITE_POLICIES, NonFinitePreconditionerError, anon
+from .schedule import RefreshSchedule, validate_refresh
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype, _use_grad_for_differentiable
@@ -453,7 +453,7 @@ class Anon(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
             if preconditioned and "precond" not in state:
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.preserve_format)
-                # 0 marks "not seen by a refresh yet" (see anon_hf._refresh); a tensor that has stepped with gamma = 0
+                # 0 marks "not seen by a refresh yet" (see anon_hf.refresh); a tensor that has stepped with gamma = 0
                 # starts from the preconditioner it was using, ones.
                 fill = 1.0 if state["step"] > 0 else 0.0
                 state["precond"] = torch.full_like(p, fill, dtype=precond_dtype, memory_format=torch.preserve_format)

@@ -15,11 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _quant8, _shard8
-from ._dtensor import is_dtensor, local
-from ._fused.scalars import SLOT, per_tensor_scalars, step_scalars_from
-from ._refresh import limit_mode
-from ._schedule import RefreshSchedule, is_refresh_step
+from .backends.fused.scalars import SLOT, per_tensor_scalars, step_scalars_from
+from .distributed.dtensor import is_dtensor, local
 from .functional import NonFinitePreconditionerError, anon
 from .optimizer import (
     STATE_KEYS,
@@ -30,10 +27,13 @@ from .optimizer import (
     _update_kwargs,
     _validate_tensor_state,
 )
+from .refresh import limit_mode
+from .schedule import RefreshSchedule, is_refresh_step
+from .storage import quant8, shard8
 
 __all__ = ["Anon8bit", "dequantize_state_dict"]
 
-_SIDE_KEYS = frozenset(key for keys in _quant8.QUANTIZED_KEYS.values() for key in keys)
+_SIDE_KEYS = frozenset(key for keys in quant8.QUANTIZED_KEYS.values() for key in keys)
 
 #: Calls of the 8-bit C++ kernel (``"kernel"``) in this process, for tests and benchmarks.
 stats: collections.Counter = collections.Counter()
@@ -102,7 +102,7 @@ class Anon8bit(Anon):
         fused: bool | None = None,
         on_nonfinite: str = "raise",
         verify_sync: bool = True,
-        min_8bit_size: int = _quant8.MIN_NUMEL,
+        min_8bit_size: int = quant8.MIN_NUMEL,
     ):
         _validate_min_8bit_size(min_8bit_size)
         self._min_8bit_size = min_8bit_size  # read by add_param_group while Anon.__init__ adds the groups
@@ -141,7 +141,7 @@ class Anon8bit(Anon):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_min_8bit_size", self.defaults.get("min_8bit_size", _quant8.MIN_NUMEL))
+        self.__dict__.setdefault("_min_8bit_size", self.defaults.get("min_8bit_size", quant8.MIN_NUMEL))
         for group in self.param_groups:
             group.setdefault("min_8bit_size", self._min_8bit_size)
 
@@ -208,18 +208,18 @@ class Anon8bit(Anon):
         keys = ["exp_avg"] + (["exp_avg_sq"] + (["precond"] if refreshed else []) if preconditioned else [])
         for key in keys:
             if codec is None:
-                state.update(_quant8.quantize(key, decoded[key]))
+                state.update(quant8.quantize(key, decoded[key]))
             else:
                 _encode_by(codec, key, decoded[key], state)
         return refreshed
 
     def _kernel_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
         """Step with the C++ kernel the tensors it takes this step (no refresh due); returns them."""
-        from . import _cpu_kernel
+        from .backends import cpu_kernel
 
         limit = _KERNEL8_LIMITS[limit_mode(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"])]
         picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
-        if not picked or _cpu_kernel.kernel8_unavailable_reason() is not None:
+        if not picked or cpu_kernel.kernel8_unavailable_reason() is not None:
             return set()
         weight_decay, decoupled = kwargs["weight_decay"], kwargs["decoupled_weight_decay"]
         values = step_scalars_from(kwargs, averaged=False)
@@ -234,7 +234,7 @@ class Anon8bit(Anon):
             lists = [[s[key] for s in states] if preconditioned or n < 2 else [] for n, key in enumerate(keys)]
             steps = [int(s["step"].item()) + 1 for s in states]
             neg_step_sizes, inv_bias2s = per_tensor_scalars(steps, kwargs)
-            _cpu_kernel.kernel8().anon8_step(
+            cpu_kernel.kernel8().anon8_step(
                 chosen,
                 [p.grad for p in chosen],
                 *lists,
@@ -254,7 +254,7 @@ class Anon8bit(Anon):
         rank's plain tensors (a shallow copy; the caller's dict is kept)."""
         state = dict(state_dict.get("state", {}))
         for param, saved_id, entries in self._sharded_8bit_entries(state_dict, state):
-            state[saved_id] = _shard8.as_local(entries, param)
+            state[saved_id] = shard8.as_local(entries, param)
         return {**state_dict, "state": state}
 
     def _sharded_8bit_entries(
@@ -271,10 +271,10 @@ class Anon8bit(Anon):
                 yield param, saved_id, entries
 
     def _graph_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
-        """Step with the compiled graphs (``anon_hf._fused.graphs.step_8bit``) the tensors they take this step: no
+        """Step with the compiled graphs (``anon_hf.backends.fused.graphs.step_8bit``) the tensors they take this step: no
         refresh due, not DTensor, contiguous; on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
         build failed). Returns them; a compiler failure leaves the rest to the reference path."""
-        from ._fused import graphs
+        from .backends.fused import graphs
 
         picked = [p for p in params if _graphs_take(p, self.state[p], group["refresh"])]
         if not picked or graphs.fused_unavailable_reason(picked) is not None:
@@ -298,11 +298,11 @@ class Anon8bit(Anon):
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`torch.optim.Optimizer.state_dict`, with the 8-bit entries of FSDP2 shards as DTensors
-        (``anon_hf._shard8``), so that ``torch.distributed.checkpoint`` saves every rank's own codes and scales."""
+        (``anon_hf.storage.shard8``), so that ``torch.distributed.checkpoint`` saves every rank's own codes and scales."""
         state_dict = super().state_dict()
         state = state_dict["state"]
         for param, saved_id, entries in self._sharded_8bit_entries(state_dict, state):
-            state[saved_id] = _shard8.as_dtensors(entries, param)
+            state[saved_id] = shard8.as_dtensors(entries, param)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -377,20 +377,20 @@ _KERNEL8_LIMITS = {None: 0, "one": 1, "pow": 2, "log": 2}
 
 def _cpu_codec():
     """The 8-bit C++ extension if it can run (it holds fast codecs), else None."""
-    from . import _cpu_kernel
+    from .backends import cpu_kernel
 
-    return _cpu_kernel.kernel8() if _cpu_kernel.kernel8_unavailable_reason() is None else None
+    return cpu_kernel.kernel8() if cpu_kernel.kernel8_unavailable_reason() is None else None
 
 
 def _sides(key: str, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    sides = [state[name] for name in _quant8.QUANTIZED_KEYS[key]]
+    sides = [state[name] for name in quant8.QUANTIZED_KEYS[key]]
     return sides[0], sides[-1]
 
 
 def _decoded_by(codec, state: dict[str, Any]) -> dict[str, Any]:
     """:func:`_decoded` by the C++ codecs (CPU state)."""
     out = _without_8bit_bookkeeping(state)
-    for key in _quant8.QUANTIZED_KEYS:
+    for key in quant8.QUANTIZED_KEYS:
         if key in state:
             out[key] = torch.empty(state[key].shape, dtype=torch.float32)
             codec.decode(_CODEC_KINDS[key], state[key], *_sides(key, state), out[key])
@@ -404,28 +404,28 @@ def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
 
 def _without_8bit_bookkeeping(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` less the block side values and the shard record: what remains once the codes are decoded."""
-    return {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != _shard8.SHARD_KEY}
+    return {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != shard8.SHARD_KEY}
 
 
 def _decoded(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with each 8-bit entry replaced by its fp32 tensor (full-precision entries as they are)."""
     out = _without_8bit_bookkeeping(state)
-    for key, sides in _quant8.QUANTIZED_KEYS.items():
+    for key, sides in quant8.QUANTIZED_KEYS.items():
         if sides[0] in state:
-            out[key] = _quant8.dequantize(key, state)
+            out[key] = quant8.dequantize(key, state)
     return out
 
 
 def _encoded(state: dict[str, Any], param: Tensor) -> dict[str, Any]:
     """``state`` (full precision, DTensor entries as this rank's shard) with every moment and ``precond`` in 8 bits;
-    for a DTensor ``param``, with the shard the codes belong to (``anon_hf._shard8.shard_identity``)."""
+    for a DTensor ``param``, with the shard the codes belong to (``anon_hf.storage.shard8.shard_identity``)."""
     out = {"step": state["step"]}
-    for key in _quant8.QUANTIZED_KEYS:
+    for key in quant8.QUANTIZED_KEYS:
         if key in state:
-            out.update(_quant8.quantize(key, local(state[key])))
-    identity = _shard8.shard_identity(param)
+            out.update(quant8.quantize(key, local(state[key])))
+    identity = shard8.shard_identity(param)
     if identity is not None:
-        out[_shard8.SHARD_KEY] = identity
+        out[shard8.SHARD_KEY] = identity
     return out
 
 
@@ -449,13 +449,13 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
     if not isinstance(tensor_state, dict) or not (_SIDE_KEYS & set(tensor_state)):
         _validate_tensor_state(tensor_state, param, saved_id)
         return
-    unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS - {_shard8.SHARD_KEY}
+    unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS - {shard8.SHARD_KEY}
     if unknown:
         raise ValueError(f"State of param {saved_id} has keys {sorted(unknown)} that Anon8bit does not use.")
-    _shard8.check_shard(tensor_state.get(_shard8.SHARD_KEY), param, saved_id)
+    shard8.check_shard(tensor_state.get(shard8.SHARD_KEY), param, saved_id)
     numel = local(param).numel()
-    blocks = -(-numel // _quant8.BLOCK)
-    for key, sides in _quant8.QUANTIZED_KEYS.items():
+    blocks = -(-numel // quant8.BLOCK)
+    for key, sides in quant8.QUANTIZED_KEYS.items():
         present = [name in tensor_state for name in (key, *sides)]
         if not any(present):
             continue
@@ -472,7 +472,7 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
             if not isinstance(value, Tensor) or not value.is_floating_point() or value.numel() != blocks:
                 raise ValueError(
                     f"State '{side}' of param {saved_id} must be a float tensor of {blocks} values (one per block of "
-                    f"{_quant8.BLOCK}): the state dict belongs to another model or another sharding, or is corrupted."
+                    f"{quant8.BLOCK}): the state dict belongs to another model or another sharding, or is corrupted."
                 )
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"State '{side}' of param {saved_id} holds nan or inf: the state dict is corrupted.")

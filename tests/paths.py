@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from anon_hf import _cpu_kernel
+from anon_hf.backends import cpu_kernel as _cpu_kernel
 
 PATHS = {
     "forloop": dict(foreach=False),

@@ -25,7 +25,9 @@ from optim_inputs import extra_configs, reference_configs
 from reference import ReferenceAnon, run_beside_reference
 from reference8bit import ReferenceAnon8bit, roundtrip_exp_avg, roundtrip_exp_avg_sq, roundtrip_precond
 
-from anon_hf import Anon, Anon8bit, _cpu_kernel, _quant8, dequantize_state_dict
+from anon_hf import Anon, Anon8bit, dequantize_state_dict
+from anon_hf.backends import cpu_kernel as _cpu_kernel
+from anon_hf.storage import quant8 as _quant8
 
 # (40, 110): 4,400 elements, 8-bit (17 blocks and a tail of 48); (300,): full precision, under 4,096.
 SHAPES = [(40, 110), (300,)]
@@ -107,7 +109,7 @@ def test_matches_literal_8bit_reference(config, impl):
 )
 def test_the_compiled_8bit_graph_matches_the_literal_reference(config, monkeypatch):
     # The graph CUDA tensors take between refreshes, run here by inductor on CPU with the C++ kernel turned off.
-    from anon_hf._fused import stats as fused_stats
+    from anon_hf.backends.fused import stats as fused_stats
 
     monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0")
     before, kernel_before = fused_stats["compiled_8bit"], optimizer8bit_stats()["kernel"]
@@ -293,7 +295,7 @@ def test_the_avx2_build_of_the_kernel_matches_the_reference_path_too(tmp_path):
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     which = (
-        "from anon_hf import _cpu_kernel as k; assert k.kernel8_unavailable_reason() is None; "
+        "from anon_hf.backends import cpu_kernel as k; assert k.kernel8_unavailable_reason() is None; "
         "print(k.kernel8().AVX512_STEP, k.kernel8().AVX2_STEP)"
     )
     built = subprocess.run([sys.executable, "-c", which], env=env, capture_output=True, text=True, timeout=900)

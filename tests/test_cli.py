@@ -9,8 +9,12 @@ from pathlib import Path
 import launch
 import pytest
 
-from anon_hf import cli
-from anon_hf.import_utils import is_accelerate_available, is_deepspeed_available, is_transformers_available
+from anon_hf.integrations.import_utils import (
+    is_accelerate_available,
+    is_deepspeed_available,
+    is_transformers_available,
+)
+from anon_hf.launcher import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "scripts"

@@ -1,4 +1,4 @@
-"""The C++ kernel that ``fused=True`` runs on CPU (``anon_hf/csrc/anon_cpu.cpp``, loaded by ``anon_hf._cpu_kernel``).
+"""The C++ kernel that ``fused=True`` runs on CPU (``anon_hf/backends/csrc/anon_cpu.cpp``, loaded by ``anon_hf.backends.cpu_kernel``).
 
 What ``tests/test_fused.py`` covers for both backends (the reference grid, groups, skipped grads, state dicts, the
 non-finite policies) is not repeated here. These tests cover what only the kernel has: its vector blocks and their
@@ -12,7 +12,9 @@ import logging
 import pytest
 import torch
 
-from anon_hf import Anon, NonFinitePreconditionerError, _cpu_kernel, _fused
+from anon_hf import Anon, NonFinitePreconditionerError
+from anon_hf.backends import cpu_kernel as _cpu_kernel
+from anon_hf.backends import fused as _fused
 
 # The kernel computes in fp32 with fused multiply-adds, the for-loop path rounds per op.
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -191,7 +193,7 @@ def test_a_failed_build_falls_back_to_foreach_with_one_warning(monkeypatch, capl
 def test_loading_says_which_kernel_runs(monkeypatch, caplog):
     monkeypatch.setattr(_cpu_kernel, "_module", None)
     monkeypatch.setattr(_cpu_kernel, "_failure", None)
-    with caplog.at_level(logging.INFO, logger="anon_hf._cpu_kernel"):
+    with caplog.at_level(logging.INFO, logger="anon_hf.backends.cpu_kernel"):
         assert _cpu_kernel.kernel_unavailable_reason() is None
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1

@@ -444,7 +444,7 @@ def test_engine_guard_checks_anon_blocks_and_spelling():
 
 
 def test_sync_timeout_setting_is_validated(monkeypatch):
-    from anon_hf import _sync
+    from anon_hf.distributed import sync as _sync
 
     monkeypatch.setenv(_sync.TIMEOUT_ENV, "0")
     with pytest.raises(ValueError, match="ANON_HF_SYNC_TIMEOUT"):
@@ -457,7 +457,7 @@ def test_no_collective_refresh_is_expected_without_a_process_group():
     param = torch.nn.Parameter(torch.zeros(3))
     param.grad = torch.ones(3)
     opt = Anon([param])
-    assert anon_hf._sync.upcoming_collective_refresh(opt.param_groups, opt.state) is None
+    assert anon_hf.distributed.sync.upcoming_collective_refresh(opt.param_groups, opt.state) is None
 
 
 @pytest.mark.parametrize("name", ["ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json"])

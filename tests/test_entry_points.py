@@ -13,7 +13,7 @@ import launch
 import pytest
 import torch
 
-from anon_hf.import_utils import is_accelerate_available, is_transformers_available
+from anon_hf.integrations.import_utils import is_accelerate_available, is_transformers_available
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

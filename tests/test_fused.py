@@ -1,8 +1,8 @@
 """``fused=True`` against the literal reference, the for-loop and foreach paths, through both of its backends.
 
 Tests that take the ``backend`` fixture run twice: ``kernel`` (CPU tensors take the C++ kernel of
-``anon_hf._cpu_kernel``, the default on CPU) and ``compiled`` (``ANON_HF_CPU_KERNEL=0``: the torch.compile'd graphs
-of ``anon_hf._fused``, what CUDA tensors run). Tests of the graphs alone take ``compiled_graphs``.
+``anon_hf.backends.cpu_kernel``, the default on CPU) and ``compiled`` (``ANON_HF_CPU_KERNEL=0``: the torch.compile'd graphs
+of ``anon_hf.backends.fused``, what CUDA tensors run). Tests of the graphs alone take ``compiled_graphs``.
 
 Compiling costs seconds per graph on CPU. Graphs are keyed by dtypes, rank, chunk size and the kind of step only
 (dynamic shapes), so most tests reuse the same few graphs; the full reference grid is marked slow.
@@ -19,7 +19,9 @@ import torch
 from optim_inputs import extra_configs, reference_configs
 from reference import run_beside_reference
 
-from anon_hf import Anon, NonFinitePreconditionerError, _cpu_kernel, _fused
+from anon_hf import Anon, NonFinitePreconditionerError
+from anon_hf.backends import cpu_kernel as _cpu_kernel
+from anon_hf.backends import fused as _fused
 
 IMPLS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 # Both rank 2, neither square nor with a size-1 dim: one graph (dynamic shapes) per kind of step serves both.
@@ -121,7 +123,7 @@ def test_the_compiled_path_really_runs_and_says_so_once(caplog, compiled_graphs)
     # fp64 moments with fp32 params: no other test uses these dtypes, so dynamo must capture new graphs here.
     params = _params(shapes=[(5, 7), (7, 5)])
     opt = Anon(params, lr=0.01, fused=True, moments_dtype=torch.float64)
-    with caplog.at_level(logging.INFO, logger="anon_hf._fused"):
+    with caplog.at_level(logging.INFO, logger="anon_hf.backends.fused"):
         for _ in range(6):
             for p in params:
                 p.grad = torch.randn_like(p)
@@ -320,7 +322,7 @@ def test_a_failing_compiler_falls_back_to_foreach_with_one_warning(monkeypatch, 
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
-    with caplog.at_level(logging.WARNING, logger="anon_hf._fused"):
+    with caplog.at_level(logging.WARNING, logger="anon_hf.backends.fused"):
         opt, params = _train("fused", lr=0.01, steps=8)
     _, expected = _train("foreach", lr=0.01, steps=8)
     for a, b in zip(params, expected, strict=True):
@@ -345,7 +347,7 @@ def test_dtensor_params_take_the_foreach_path_and_say_so(tmp_path, caplog):
         opt = Anon([param], lr=0.01, fused=True)
         reference = Anon([plain], lr=0.01, foreach=True)
         _fused.telemetry._logged.clear()
-        with caplog.at_level(logging.INFO, logger="anon_hf._fused"):
+        with caplog.at_level(logging.INFO, logger="anon_hf.backends.fused"):
             for _ in range(4):
                 grad = torch.randn(4, 3)
                 param.grad = distribute_tensor(grad, mesh, [Replicate()])

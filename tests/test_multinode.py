@@ -385,7 +385,7 @@ def test_docs_multinode_commands_are_the_tested_ones():
 
 
 def test_node_identity_reads_each_launchers_node_rank(monkeypatch):
-    from anon_hf import _sync
+    from anon_hf.distributed import sync as _sync
 
     for name in ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -400,7 +400,7 @@ def test_node_identity_reads_each_launchers_node_rank(monkeypatch):
 
 
 def _checker_on(store):
-    from anon_hf import _sync
+    from anon_hf.distributed import sync as _sync
 
     checker = _sync.RefreshSyncChecker()
     checker._store = dist.PrefixStore("anon_hf/optimizer0/", store)
@@ -429,7 +429,7 @@ def test_wait_for_a_missing_rank_ends_after_the_timeout_naming_its_node(monkeypa
 
 
 def test_a_lost_store_fails_at_once_naming_the_store():
-    from anon_hf import _sync
+    from anon_hf.distributed import sync as _sync
 
     class LostStore:
         def wait(self, *args):

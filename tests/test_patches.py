@@ -19,9 +19,9 @@ import torch
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from anon_hf import Anon, import_utils
-from anon_hf.import_utils import SUPPORTED_VERSIONS, package_version
-from anon_hf.integrations import _patches
+from anon_hf import Anon
+from anon_hf.integrations import _patches, import_utils
+from anon_hf.integrations.import_utils import SUPPORTED_VERSIONS, package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,7 +231,7 @@ def test_real_import_outside_the_range_warns_once():
     code = """
 import logging
 logging.basicConfig(format="LOG %(levelname)s %(message)s")
-import anon_hf.import_utils as import_utils
+import anon_hf.integrations.import_utils as import_utils
 import_utils.SUPPORTED_VERSIONS["accelerate"] = ">=99"  # the installed release is then outside
 import accelerate, accelerate.accelerator  # two patched modules of the same library
 """

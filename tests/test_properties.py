@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from optim_inputs import IMPLEMENTATIONS
 from reference import ReferenceAnon
 
-from anon_hf import Anon, _cpu_kernel, refresh_steps
+from anon_hf import Anon, refresh_steps
+from anon_hf.backends import cpu_kernel as _cpu_kernel
 
 settings.register_profile(
     "anon", max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

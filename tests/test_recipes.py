@@ -16,7 +16,7 @@ from pathlib import Path
 import launch
 import pytest
 
-from anon_hf.import_utils import is_transformers_available
+from anon_hf.integrations.import_utils import is_transformers_available
 
 REPO = Path(__file__).resolve().parents[1]
 CAUSAL_LM = REPO / "recipes" / "causal_lm" / "train.py"

@@ -1,4 +1,4 @@
-"""The refresh rule every path obeys (``anon_hf._refresh``): one mode decision, late-seen weights, 16-bit storage.
+"""The refresh rule every path obeys (``anon_hf.refresh``): one mode decision, late-seen weights, 16-bit storage.
 
 Paths: ``forloop`` and ``foreach`` (eager), ``kernel`` (``fused=True`` on CPU: the C++ kernel) and ``graphs``
 (``fused=True`` with ``ANON_HF_CPU_KERNEL=0``: the torch.compile'd graphs CUDA tensors run).
@@ -17,8 +17,8 @@ from paths import use_path as _use_path
 from reference import ReferenceAnon
 
 import anon_hf
-import anon_hf._fused
-import anon_hf._refresh
+import anon_hf.backends.fused
+import anon_hf.refresh
 from anon_hf import Anon, NonFinitePreconditionerError, functional
 
 
@@ -48,7 +48,7 @@ MODE_GRID = {
 @pytest.mark.parametrize(("gamma", "eps"), list(MODE_GRID), ids=[f"gamma{g}-eps{e}" for g, e in MODE_GRID])
 def test_every_path_takes_the_same_mode_and_agrees_with_the_reference(gamma, eps, scale, monkeypatch):
     taken = []
-    decide = anon_hf._refresh.refresh_mode
+    decide = anon_hf.refresh.refresh_mode
 
     def spy(*args):
         taken.append(decide(*args))
@@ -56,7 +56,7 @@ def test_every_path_takes_the_same_mode_and_agrees_with_the_reference(gamma, eps
 
     # functional and the fused execution are the two callers; the kernel and the graphs receive their answer.
     monkeypatch.setattr(functional, "refresh_mode", spy)
-    monkeypatch.setattr(anon_hf._fused, "refresh_mode", spy)
+    monkeypatch.setattr(anon_hf.backends.fused, "refresh_mode", spy)
     generator = torch.Generator().manual_seed(3)
     init = torch.randn(40, generator=generator, dtype=torch.float64)
     grads = [torch.randn(40, generator=generator, dtype=torch.float64) * scale for _ in range(8)]
@@ -125,12 +125,12 @@ def test_the_kernel_and_the_graphs_really_share_the_mixed_step(monkeypatch):
     _use_path("kernel", monkeypatch)
     params = [torch.nn.Parameter(torch.randn(3, 4).to(dtype)) for dtype in MEMBERS.values()]
     opt = Anon(params, lr=0.01, fused=True)
-    before = dict(anon_hf._fused.stats)
+    before = dict(anon_hf.backends.fused.stats)
     for p in params:
         p.grad = torch.randn(3, 4).to(p.dtype)
     opt.step()
     for counter in ("kernel", "compiled", "fallback"):
-        assert anon_hf._fused.stats[counter] > before.get(counter, 0), counter
+        assert anon_hf.backends.fused.stats[counter] > before.get(counter, 0), counter
 
 
 # --- late-seen weights --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from anon_hf import Anon
-from anon_hf.import_utils import is_deepspeed_available, is_transformers_available
+from anon_hf.integrations.import_utils import is_deepspeed_available, is_transformers_available
 
 pytestmark = pytest.mark.skipif(not is_transformers_available(), reason="transformers is not installed")
 

@@ -1,4 +1,4 @@
-"""Registration in every interpreter a run starts (anon_hf/_startup.py): `anon-hf run`'s children, spawned
+"""Registration in every interpreter a run starts (anon_hf/launcher/startup.py): `anon-hf run`'s children, spawned
 workers, the `anon-hf enable` .pth, turning it off, and a regular wheel install."""
 
 import importlib.util
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from anon_hf import _startup, cli
-from anon_hf.import_utils import is_transformers_available
+from anon_hf.integrations.import_utils import is_transformers_available
+from anon_hf.launcher import cli
+from anon_hf.launcher import startup as _startup
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

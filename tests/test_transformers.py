@@ -11,7 +11,7 @@ import torch
 
 import anon_hf
 from anon_hf import Anon
-from anon_hf.import_utils import is_transformers_available
+from anon_hf.integrations.import_utils import is_transformers_available
 
 pytestmark = pytest.mark.skipif(not is_transformers_available(), reason="transformers is not installed")
 

@@ -3,7 +3,7 @@
 import pytest
 
 from anon_hf import Anon
-from anon_hf.import_utils import package_version
+from anon_hf.integrations.import_utils import package_version
 
 pytestmark = pytest.mark.skipif(
     not package_version("trl"), reason="trl is not installed (it comes with pip install -e '.[test]')"

@@ -5,7 +5,7 @@ the attributes it touches and the feature that needs it. :func:`install` registe
 hooks; the row's function runs through :func:`_apply`, so a patch that fails (a private attribute renamed in a new
 release) never breaks the user's import: it logs one error line naming the attribute, and the feature's entry
 point raises :class:`PatchError` through :func:`require` when it is used. Before the first patch of a library runs,
-its installed version is checked against :data:`anon_hf.import_utils.SUPPORTED_VERSIONS` (one warning outside).
+its installed version is checked against :data:`anon_hf.integrations.import_utils.SUPPORTED_VERSIONS` (one warning outside).
 
 Standard library only: ``import anon_hf`` loads this module, and the libraries it patches must stay unimported.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .._import_hooks import when_imported
-from ..import_utils import SUPPORTED_VERSIONS, warn_if_unsupported
+from .import_hooks import when_imported
+from .import_utils import SUPPORTED_VERSIONS, warn_if_unsupported
 
 __all__ = ["PATCHES", "Patch", "PatchError", "failures", "install", "require", "wrap_once"]
 

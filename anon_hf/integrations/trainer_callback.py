@@ -38,9 +38,9 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers.trainer_callback import TrainerCallback
 
-from .. import _quant8
-from .._dtensor import local
+from ..distributed.dtensor import local
 from ..optimizer import Anon
+from ..storage import quant8
 
 __all__ = ["AnonCallback", "add_anon_callback", "find_anon", "preconditioner_stats", "zero3_group_tensors"]
 
@@ -98,7 +98,7 @@ def _distributed() -> bool:
 def _precond(state: dict) -> Tensor:
     """A tensor's preconditioner v as this rank's float tensor; Anon8bit's 8-bit codes are decoded (one at a time)."""
     if "precond_log2_min" in state:
-        return _quant8.dequantize("precond", state)
+        return quant8.dequantize("precond", state)
     return local(state["precond"]).detach()
 
 

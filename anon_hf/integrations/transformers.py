@@ -32,10 +32,10 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from .. import optimizer as _optimizer
-from ..import_utils import SUPPORTED_VERSIONS
 from ..optimizer import Anon
 from ..optimizer8bit import Anon8bit
 from ._patches import PatchError, require, wrap_once
+from .import_utils import SUPPORTED_VERSIONS
 
 __all__ = [
     "OPTIM_NAME",
@@ -543,7 +543,7 @@ def register() -> None:
     with _lock:
         if _registered:
             return
-        from ..import_utils import is_transformers_available
+        from .import_utils import is_transformers_available
 
         if not is_transformers_available():
             return

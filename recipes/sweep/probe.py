@@ -21,8 +21,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import transformers  # noqa: E402
 
-from anon_hf._refresh import limit_applies, limited_preconditioner  # noqa: E402
-from anon_hf._schedule import gradients_since_refresh, is_refresh_step  # noqa: E402
+from anon_hf.refresh import limit_applies, limited_preconditioner  # noqa: E402
+from anon_hf.schedule import gradients_since_refresh, is_refresh_step  # noqa: E402
 from recipes.causal_lm import train  # noqa: E402  (imports anon_hf first, which registers --optim anon)
 
 _REFRESHES = {2**k for k in range(20)}
@@ -61,7 +61,7 @@ class StepProbe(transformers.TrainerCallback):
 
 def _used_preconditioner(state: dict, v, group: dict, step: int):
     """The preconditioner step ``step`` multiplied ``m_hat`` by: ``v`` at a refresh, else ``v`` under
-    ``max_precond_ratio``'s limit (``anon_hf._refresh.limited_preconditioner``)."""
+    ``max_precond_ratio``'s limit (``anon_hf.refresh.limited_preconditioner``)."""
     refresh, ratio = group["refresh"], group.get("max_precond_ratio")
     if not limit_applies(group["gamma"], ratio) or is_refresh_step(step, refresh):
         return v

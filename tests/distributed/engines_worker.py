@@ -282,7 +282,7 @@ def ds_train(engine, chunk, rank, world):
 def run_zero(stage, rank, world, batches, reference, report, out_dir, offload=False, name=None, fused=False):
     import deepspeed
 
-    from anon_hf import _fused
+    from anon_hf.backends import fused as _fused
 
     name = name or f"zero{stage}"
     config = ds_config(stage, world, offload=offload)

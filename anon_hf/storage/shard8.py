@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _quant8
-from ._dtensor import is_dtensor, local
+from ..distributed.dtensor import is_dtensor, local
+from . import quant8
 
 __all__ = ["SHARD_KEY", "as_dtensors", "as_local", "check_shard", "shard_identity"]
 
 #: The state key of the shard record (int64 ``[mesh coordinate..., mesh shape..., local numel]``).
 SHARD_KEY = "local_shard"
 
-_SIDE_KEYS = frozenset(key for keys in _quant8.QUANTIZED_KEYS.values() for key in keys)
+_SIDE_KEYS = frozenset(key for keys in quant8.QUANTIZED_KEYS.values() for key in keys)
 
 
 def shard_identity(param: Tensor) -> Tensor | None:
@@ -72,7 +72,7 @@ def _fsdp_layout(param: Tensor) -> tuple[int, int] | None:
     world, rows = param.device_mesh.size(), param.shape[0]
     row_numel = param.numel() // rows if rows else 0
     chunk = -(-rows // world)
-    blocks = [-(-max(0, min(chunk, rows - r * chunk)) * row_numel // _quant8.BLOCK) for r in range(world)]
+    blocks = [-(-max(0, min(chunk, rows - r * chunk)) * row_numel // quant8.BLOCK) for r in range(world)]
     return world, max(blocks)
 
 
@@ -87,7 +87,7 @@ def as_dtensors(tensor_state: dict[str, Any], param: Tensor) -> dict[str, Any]:
     world, max_blocks = layout
     mesh, out = param.device_mesh, dict(tensor_state)
     for key, value in tensor_state.items():
-        if key in _quant8.QUANTIZED_KEYS:
+        if key in quant8.QUANTIZED_KEYS:
             out[key] = DTensor.from_local(
                 value, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
             )
@@ -103,7 +103,7 @@ def as_dtensors(tensor_state: dict[str, Any], param: Tensor) -> dict[str, Any]:
 def as_local(tensor_state: dict[str, Any], param: Tensor) -> dict[str, Any]:
     """The inverse of :func:`as_dtensors` on this rank: plain local codes, side values cut to this shard's block
     count, the shard record as a vector. Entries that are not DTensors are kept. A new dict."""
-    blocks = -(-local(param).numel() // _quant8.BLOCK)
+    blocks = -(-local(param).numel() // quant8.BLOCK)
     out = dict(tensor_state)
     for key, value in tensor_state.items():
         if not is_dtensor(value):

@@ -7,7 +7,7 @@ import logging
 
 __all__ = ["log_once", "stats"]
 
-logger = logging.getLogger("anon_hf._fused")
+logger = logging.getLogger("anon_hf.backends.fused")
 
 #: How often each path ran in this process: ``"kernel"`` (a C++ kernel call), ``"compiled"`` (a chunk's step or
 #: refresh graph ran), ``"refresh_eager"`` (a refresh of tensors at different steps ran the eager foreach path),

@@ -2,15 +2,15 @@
 
 Both backends take the step's hyperparameters as one 1-D array of floats. :data:`SCALAR_SLOTS` names its slots; the
 graphs index it through :data:`SLOT` and the kernel exports its own names (``SCALAR_SLOTS``), which
-``anon_hf._cpu_kernel`` compares with this tuple, name by name, before the kernel may run.
+``anon_hf.backends.cpu_kernel`` compares with this tuple, name by name, before the kernel may run.
 """
 
 from __future__ import annotations
 
 import math
 
-from .._refresh import inverse_bias_correction
-from .._schedule import gradients_since_refresh
+from ...refresh import inverse_bias_correction
+from ...schedule import gradients_since_refresh
 
 __all__ = ["SCALAR_SLOTS", "SLOT", "per_tensor_scalars", "step_scalars", "step_scalars_from"]
 

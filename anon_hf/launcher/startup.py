@@ -1,7 +1,7 @@
 """Register Anon in every interpreter a run starts, at the cost of a dictionary lookup at start-up.
 
 Standard library only, and loaded by file path as the top-level module ``_anon_hf_startup`` (importing it as
-``anon_hf._startup`` would run ``anon_hf/__init__.py``, which imports torch: seconds, in every interpreter).
+``anon_hf.launcher.startup`` would run ``anon_hf/__init__.py``, which imports torch: seconds, in every interpreter).
 
 At interpreter start-up, :func:`install` puts a finder first on ``sys.meta_path`` that waits for the first import
 of ``transformers`` or ``deepspeed`` and then runs ``import anon_hf`` (whose own post-import hooks register

@@ -8,7 +8,7 @@ and loaded from there afterwards.
 
 Nothing is built or imported at ``import anon_hf``. When the build fails, CPU tensors take the foreach path, with one
 warning saying why; ``ANON_HF_CPU_KERNEL=0`` turns the kernel off on purpose, and CPU tensors then take the
-``torch.compile``'d graphs of ``anon_hf._fused`` (what CUDA tensors run).
+``torch.compile``'d graphs of ``anon_hf.backends.fused`` (what CUDA tensors run).
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def _build(source: Path = _SOURCE, prefix: str = "anon_hf_cpu", extra_flags: tup
 
 def _check_interface(module: ModuleType) -> None:
     """Refuse a kernel whose scalar layout or refresh modes differ, by name, from the Python side's."""
-    from ._fused.scalars import SCALAR_SLOTS
-    from ._refresh import REFRESH_MODES
+    from ..refresh import REFRESH_MODES
+    from .fused.scalars import SCALAR_SLOTS
 
     slots, modes = tuple(getattr(module, "SCALAR_SLOTS", ())), tuple(sorted(getattr(module, "REFRESH_MODES", {})))
     if slots != SCALAR_SLOTS or modes != tuple(sorted(REFRESH_MODES)):

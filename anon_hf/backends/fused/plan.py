@@ -1,6 +1,6 @@
 """Which backend steps which tensor: a pure function of the tensors' properties, testable without running anything.
 
-The C++ kernel takes the CPU tensors it supports (``anon_hf._cpu_kernel``); the compiled graphs take the rest,
+The C++ kernel takes the CPU tensors it supports (``anon_hf.backends.cpu_kernel``); the compiled graphs take the rest,
 grouped into chunks of one device, dtypes and shape; the eager foreach path takes what neither covers (DTensor and
 complex parameters, non-contiguous layouts, and everything when the compiler is unavailable).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .._dtensor import is_dtensor
+from ...distributed.dtensor import is_dtensor
 
 __all__ = ["Plan", "chunk_sizes", "make_plan"]
 

@@ -1,9 +1,9 @@
 // Anon's fused CPU step: one pass over each tensor, vectorized with ATen's at::vec (AVX2 or AVX-512 when
-// anon_hf/_cpu_kernel.py builds for them, as ATen picks for this CPU; scalar lanes otherwise).
+// anon_hf/backends/cpu_kernel.py builds for them, as ATen picks for this CPU; scalar lanes otherwise).
 //
 // Between refreshes a step reads p, g, m, s, v and writes p, m, s (8 memory passes; fused AdamW makes 7). A refresh
 // step also writes v and resets s. Every element is computed in fp32 whatever the storage dtypes (float, bfloat16,
-// float16), in the same order of operations as anon_hf/_fused.py's graphs:
+// float16), in the same order of operations as anon_hf/backends/fused/graphs.py:
 //
 //   g  = sign * g  (+ l2 * p)
 //   m  = m + (g - m) * weight1                        weight1 = 1 - beta1
@@ -14,9 +14,9 @@
 //   else, with a limit:  v = min(v, max_ratio * sigma**(-gamma / 2))   (v itself is not written)
 //   p  = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
-// The refresh rule and how sigma**gamma is computed (directly or in log space) are anon_hf/_refresh.py's: the mode
+// The refresh rule and how sigma**gamma is computed (directly or in log space) are anon_hf/refresh.py's: the mode
 // arrives as an argument and the kernel never picks one. The scalars arrive in the layout named by SCALAR_SLOTS,
-// which anon_hf/_cpu_kernel.py compares by name with anon_hf/_fused/scalars.py before the kernel may run.
+// which anon_hf/backends/cpu_kernel.py compares by name with anon_hf/backends/fused/scalars.py before the kernel may run.
 //
 // Elementwise only: results do not depend on the number of threads.
 
@@ -56,7 +56,7 @@ constexpr float kMinPrecond = 1.0f / 1e18f;
 constexpr float kMaxPrecond = 1e15f;
 constexpr float kMinWeightPrev = 1e-6f;
 
-// 0: an ordinary step; else a refresh computing sigma**gamma as anon_hf._refresh.refresh_mode says: no power (gamma
+// 0: an ordinary step; else a refresh computing sigma**gamma as anon_hf.refresh.refresh_mode says: no power (gamma
 // == 1), directly, or in log space. Exported as REFRESH_MODES.
 enum class Refresh : int64_t { kNone = 0, kOne = 1, kPower = 2, kLog = 3 };
 
@@ -100,7 +100,7 @@ inline void store2(T* ptr, const FloatVec& a, const FloatVec& b) {
   }
 }
 
-// The new preconditioner (anon_hf/_refresh.py): u = sigma**gamma, averaged with the previous v**-2 where there is one,
+// The new preconditioner (anon_hf/refresh.py): u = sigma**gamma, averaged with the previous v**-2 where there is one,
 // v = u**-0.5, and with keep_unseen the old v where s == 0. Refresh::kPower computes sigma**gamma as
 // exp(gamma * log(sigma)) with at::vec's 20-ulp exp: a quarter of the cost of its pow, within ~1e-6 +
 // |gamma * log(sigma)| * 6e-8 relative (the eager paths' preconditioners are within ~2e-6). Refresh::kLog keeps
@@ -134,7 +134,7 @@ inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond,
   return st.keep_unseen ? FloatVec::blendv(result, precond, exp_avg_sq == FloatVec(0.0f)) : result;
 }
 
-// The preconditioner an ordinary step uses (anon_hf/_refresh.py's limited_preconditioner): min(v, max_ratio *
+// The preconditioner an ordinary step uses (anon_hf/refresh.py's limited_preconditioner): min(v, max_ratio *
 // sigma**(-gamma / 2)), gamma > 0. The limit binds where 2 log2(v) + gamma log2(sigma) > 2 log2(max_ratio). A cheap
 // test skips the blocks where no lane can bind, and only the others compute the limit (where it does not bind, the
 // minimum is v either way): for gamma == 1, v * v * sigma > max_ratio**2 (exact, two multiplies); otherwise the same

@@ -1,7 +1,7 @@
 """How a refresh rebuilds the preconditioner: the one place that decides the arithmetic, and its eager form.
 
 Every path obeys :func:`refresh_mode`: the eager paths compute with :func:`refreshed_preconditioner` below, the
-compiled graphs (``anon_hf._fused.graphs``) and the C++ kernel (``csrc/anon_cpu.cpp``) receive the mode as an
+compiled graphs (``anon_hf.backends.fused.graphs``) and the C++ kernel (``csrc/anon_cpu.cpp``) receive the mode as an
 argument and never choose one themselves. Per element, with ``s`` the accumulator at the refresh and ``v`` the
 stored preconditioner:
 

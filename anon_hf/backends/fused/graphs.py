@@ -7,10 +7,10 @@ once. This is what CUDA tensors run, and CPU tensors the C++ kernel does not tak
   preconditioner exists, whether L2 decay and bounds are on, the number of tensors in a call (16, 4 or 1, all of one
   shape) and the kind of step: a few graphs serve every model, param group and optimizer of the process.
 * Every hyperparameter that may change between steps enters through the ``scalars`` tensor
-  (``anon_hf._fused.scalars``), so nothing recompiles when a scheduler moves lr.
+  (``anon_hf.backends.fused.scalars``), so nothing recompiles when a scheduler moves lr.
 * A refresh runs two graphs: a reduction that tells, per tensor, whether the new accumulator and preconditioner are
   finite as stored (:meth:`GraphCalls.check`), then the step with the refresh folded in (:meth:`GraphCalls.write`).
-  How ``sigma**gamma`` is computed is decided by ``anon_hf._refresh.refresh_mode`` and handed in.
+  How ``sigma**gamma`` is computed is decided by ``anon_hf.refresh.refresh_mode`` and handed in.
 * Each graph gets a code object of its own, because dynamo keeps its cache and recompile limit per code object.
 
 A failure of dynamo or inductor disables the graphs for the process (one warning); the tensors then take the eager
@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .. import _quant8
-from .._dtensor import is_dtensor
+from ...distributed.dtensor import is_dtensor
+from ...storage import quant8
 from .scalars import SLOT
 from .telemetry import log_once, logger, stats
 
@@ -67,7 +67,7 @@ def _moments(params, grads, exp_avgs, exp_avg_sqs, i: int, scalars: Tensor, mode
 
 
 def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2: Tensor, refresh: tuple) -> Tensor:
-    """The refreshed preconditioner as ``anon_hf._refresh.refreshed_preconditioner`` defines it, in
+    """The refreshed preconditioner as ``anon_hf.refresh.refreshed_preconditioner`` defines it, in
     ``scalars.dtype``. ``refresh = (mode, averaging, keep_unseen)``: the mode of ``refresh_mode``, whether
     ``beta3 > 0`` (the first refresh then has ``weight_prev == 0``) and the keep rule."""
     mode, averaging, keep_unseen = refresh
@@ -96,7 +96,7 @@ def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2
 
 
 def _limited(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2: Tensor, limit: str) -> Tensor:
-    """``anon_hf._refresh.limited_preconditioner``: ``min(v, max_ratio * sigma**(-gamma / 2))``, in ``scalars.dtype``;
+    """``anon_hf.refresh.limited_preconditioner``: ``min(v, max_ratio * sigma**(-gamma / 2))``, in ``scalars.dtype``;
     ``limit`` is the refresh mode (``"one"``: gamma == 1, a square root; else through exp and log)."""
     sigma = exp_avg_sq * inv_bias2 + scalars[_EPS]
     power = torch.rsqrt(sigma) if limit == "one" else torch.exp(torch.log(sigma) * (scalars[_GAMMA] * -0.5))
@@ -169,14 +169,14 @@ def _refresh_graph(
 
 
 def _step_8bit_graph(params, grads, states, scalars, neg_step_sizes, inv_bias2s, modes: tuple, limit) -> None:
-    """``Anon8bit``'s step between refreshes, one pass per tensor: decode the 8-bit state with ``anon_hf._quant8``'s
+    """``Anon8bit``'s step between refreshes, one pass per tensor: decode the 8-bit state with ``anon_hf.storage.quant8``'s
     maps, Anon's update in ``scalars.dtype``, encode ``exp_avg`` and ``exp_avg_sq`` again; ``precond`` is only read.
     ``states[i]`` is tensor ``i``'s state dict (codes and side values, as ``Anon8bit`` stores them); without
     ``precond`` (gamma == 0) the preconditioner is all ones."""
     for i in range(len(params)):
         state = states[i]
         preconditioned = "precond" in state
-        decoded = {key: _quant8.dequantize(key, state) for key in _quant8.QUANTIZED_KEYS if key in state}
+        decoded = {key: quant8.dequantize(key, state) for key in quant8.QUANTIZED_KEYS if key in state}
         moments = ([params[i]], [grads[i]], [decoded["exp_avg"]], [decoded["exp_avg_sq"]] if preconditioned else [])
         param, exp_avg, exp_avg_sq = _moments(*moments, 0, scalars, modes, preconditioned)
         update = exp_avg
@@ -188,7 +188,7 @@ def _step_8bit_graph(params, grads, states, scalars, neg_step_sizes, inv_bias2s,
         params[i].copy_(_project(param * scalars[_DECAY] + update * neg_step_sizes[i], scalars, modes))
         for key, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             if value is not None:
-                for name, encoded in _quant8.quantize(key, value).items():
+                for name, encoded in quant8.quantize(key, value).items():
                     state[name].copy_(encoded)
 
 
@@ -269,7 +269,7 @@ def fused_unavailable_reason(params: list[Tensor] | None = None) -> str | None:
 
 
 class GraphCalls:
-    """One step of the compiled graphs over ``chunks`` (``(key, indices)`` from ``anon_hf._fused.plan``).
+    """One step of the compiled graphs over ``chunks`` (``(key, indices)`` from ``anon_hf.backends.fused.plan``).
 
     ``lists`` are the parallel tensor lists ``(params, grads, exp_avgs, exp_avg_sqs, preconds)``, the last two empty
     without a preconditioner; ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``, indexed like ``lists``;

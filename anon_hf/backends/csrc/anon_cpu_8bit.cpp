@@ -3,7 +3,7 @@
 // the refresh rule lives in one place); between refreshes the preconditioner is read-only. Per element the step reads
 // p (4 B), g (4 B), m, s, v (1 B each) and writes p, m, s: 17 bytes, against fused AdamW's 28.
 //
-// The 8-bit formats are those of anon_hf/_quant8.py (see its docstring), with the same float operations:
+// The 8-bit formats are those of anon_hf/storage/quant8.py (see its docstring), with the same float operations:
 //
 //   m: int8, sign + 4 exponent + 3 mantissa bits relative to the block's absmax
 //        code = ((bits(|m| * (1 / absmax)) + 2**19) >> 20) - 889, clamped to 127; below 1: nearer of 0 and 1
@@ -11,7 +11,7 @@
 //        code = ((bits(s * (1 / max)) + 2**19) >> 20) - 761, clamped to [1, 255]; 0 only for s == 0
 //   v: uint8, code 0 is 0, else v = exp2(lo + (code - 1) * ((hi - lo) * (1 / 254)))
 //
-// and the update of anon_hf/_cpu_kernel's kernel (anon_cpu.cpp), computed in fp32:
+// and the update of anon_hf/backends/cpu_kernel's kernel (anon_cpu.cpp), computed in fp32:
 //
 //   g = sign * g (+ l2 * p);  m = m + (g - m) * weight1;  s = s * beta2 + g * g * weight2
 //   with max_precond_ratio (gamma > 0), sigma = s * inv_bias2 + eps:
@@ -747,7 +747,7 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 
 
 // The codecs alone, for the refresh steps that take anon_hf's reference path (decode, anon(), encode): the same
-// formats and float operations as anon_hf/_quant8.py, per block of 256, ~50x faster than its torch ops.
+// formats and float operations as anon_hf/storage/quant8.py, per block of 256, ~50x faster than its torch ops.
 // kind 0: exp_avg (int8 codes, side0 = absmax); 1: exp_avg_sq (uint8, side0 = max); 2: precond (uint8, side0 = min
 // and side1 = max of log2 v).
 void decode_block(int64_t kind, const void* codes, const float* side0, const float* side1, float* out, int64_t n) {

@@ -9,7 +9,7 @@ For scripts the user cannot edit (a library's example, TRL's CLI, ...)::
 ``import anon_hf`` installs post-import hooks, so the target registers Anon the moment it imports transformers;
 then the target runs in this process with its own ``sys.argv``, as ``python`` would run it. There is no
 training logic here. Every Python interpreter the target starts registers too: ``run`` sets
-``ANON_HF_AUTO_REGISTER=1`` and puts anon-hf's ``sitecustomize`` first on ``PYTHONPATH`` (``anon_hf/_startup.py``),
+``ANON_HF_AUTO_REGISTER=1`` and puts anon-hf's ``sitecustomize`` first on ``PYTHONPATH`` (``anon_hf/launcher/startup.py``),
 so launchers and CLIs that re-spawn themselves work from outside::
 
     anon-hf run torchrun --nproc_per_node 2 train.py --optim anon ...
@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 
-from . import _startup
+from . import startup
 
 __all__ = ["main"]
 
@@ -101,14 +101,14 @@ def _close_process_group() -> None:
 
 
 def _register_children() -> None:
-    """Make every Python interpreter the target starts register Anon as well (see :mod:`anon_hf._startup`).
+    """Make every Python interpreter the target starts register Anon as well (see :mod:`anon_hf.launcher.startup`).
 
     ``ANON_HF_AUTO_REGISTER=0`` keeps the registration in this process only.
     """
-    if not _startup.wanted(default=True):
+    if not startup.wanted(default=True):
         return
-    os.environ[_startup.ENV_VAR] = "1"
-    site_dir, pythonpath = _startup.site_dir(), os.environ.get("PYTHONPATH", "")
+    os.environ[startup.ENV_VAR] = "1"
+    site_dir, pythonpath = startup.site_dir(), os.environ.get("PYTHONPATH", "")
     if site_dir not in pythonpath.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join([site_dir, pythonpath]) if pythonpath else site_dir
 
@@ -207,14 +207,14 @@ def toggle(command: str, argv: list[str]) -> int:
     """``anon-hf enable`` / ``anon-hf disable``: add or remove the start-up ``.pth`` in site-packages."""
     site_packages = _site_packages_option(argv)
     if command == "enable":
-        path = _startup.enable(site_packages)
+        path = startup.enable(site_packages)
         print(
             f"anon-hf: wrote {path}: every Python process of this environment now registers Anon when it imports "
-            f"transformers or deepspeed (--optim anon works with no launcher). {_startup.ENV_VAR}=0 turns it off "
+            f"transformers or deepspeed (--optim anon works with no launcher). {startup.ENV_VAR}=0 turns it off "
             "for one process; `anon-hf disable` removes it."
         )
         return 0
-    path = _startup.disable(site_packages)
+    path = startup.disable(site_packages)
     print(f"anon-hf: removed {path}" if path else "anon-hf: nothing to remove (not enabled)")
     return 0
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ._dtensor import is_dtensor
-from ._schedule import is_refresh_step
+from ..schedule import is_refresh_step
+from .dtensor import is_dtensor
 
 __all__ = ["RefreshOutOfSyncError", "RefreshSyncChecker", "upcoming_collective_refresh"]
 

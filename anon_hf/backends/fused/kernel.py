@@ -1,4 +1,4 @@
-"""The C++ kernel backend (``anon_hf._cpu_kernel``): a thin adapter with the same check-then-write shape as the
+"""The C++ kernel backend (``anon_hf.backends.cpu_kernel``): a thin adapter with the same check-then-write shape as the
 compiled graphs."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ __all__ = ["KernelCall", "kernel_supported"]
 def kernel_supported(params, grads, exp_avgs, exp_avg_sqs, preconds) -> tuple[list[bool], str | None]:
     """Per tensor, whether the C++ kernel steps it (CPU, contiguous, fp32/bf16/fp16), and why CPU tensors must take
     the eager path instead (the kernel's build failed) or ``None``. All False when the kernel cannot run."""
-    from .. import _cpu_kernel
+    from .. import cpu_kernel
 
-    if not any(p.device.type == "cpu" for p in params) or _cpu_kernel.kernel_unavailable_reason() is not None:
-        return [False] * len(params), _cpu_kernel.build_failure()
-    return list(_cpu_kernel.kernel().anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds)), None
+    if not any(p.device.type == "cpu" for p in params) or cpu_kernel.kernel_unavailable_reason() is not None:
+        return [False] * len(params), cpu_kernel.build_failure()
+    return list(cpu_kernel.kernel().anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds)), None
 
 
 class KernelCall:
@@ -27,7 +27,7 @@ class KernelCall:
     """
 
     def __init__(self, indices, lists, state_steps, scalar_values, per_tensor, modes: tuple, refresh, limit):
-        from .._cpu_kernel import kernel
+        from ..cpu_kernel import kernel
 
         self.kernel = kernel()
         self.indices = indices

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._refresh import limit_mode, refresh_mode
-from .._schedule import is_refresh_step, previous_refresh_step
+from ...refresh import limit_mode, refresh_mode
+from ...schedule import is_refresh_step, previous_refresh_step
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
 from .kernel import KernelCall, kernel_supported
@@ -54,7 +54,7 @@ def _fused_anon(
     A refresh with ``on_nonfinite="raise"`` that finds a non-finite accumulator or preconditioner raises before
     anything of this step is written (params, state and step counters are as before the call).
     """
-    from ..functional import _multi_tensor_anon
+    from ...functional import _multi_tensor_anon
 
     lists = (params, grads, exp_avgs, exp_avg_sqs, preconds)
 
@@ -121,7 +121,7 @@ def _check_all(kernel, graph, eager_indices, lists, step, hyper):
     """Every backend's verdict on this refresh before any writes: raise for the first non-finite tensor under
     ``on_nonfinite="raise"``. Returns ``(graph, eager_indices)``: a graph backend whose compiler failed is dropped
     and its tensors join the eager ones."""
-    from ..functional import NonFinitePreconditionerError, _refresh_verdicts
+    from ...functional import NonFinitePreconditionerError, _refresh_verdicts
 
     verdicts = kernel.check() if kernel is not None else {}
     if graph is not None:
