@@ -26,7 +26,8 @@ from ._docs import (
 )
 from .distributed.dtensor import local
 from .distributed.sync import RefreshSyncChecker, upcoming_collective_refresh
-from .functional import _NONFINITE_POLICIES, NonFinitePreconditionerError, anon
+from .functional import anon
+from .refresh import NONFINITE_POLICIES, NonFinitePreconditionerError
 from .schedule import RefreshSchedule, validate_refresh
 
 try:
@@ -128,7 +129,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
                 raise ValueError(f"Invalid bounds value: {name}={bound!r} (allowed: a real number or None)")
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"Invalid bounds value: lo={lo} > hi={hi} (allowed: None or (lo, hi) with lo <= hi)")
-    if group["on_nonfinite"] not in _NONFINITE_POLICIES:
+    if group["on_nonfinite"] not in NONFINITE_POLICIES:
         raise ValueError(f"Invalid on_nonfinite value: {group['on_nonfinite']!r} (allowed: 'raise', 'skip')")
     for flag in ("decoupled_weight_decay", "keep_unseen", "maximize"):
         if not isinstance(group[flag], bool):

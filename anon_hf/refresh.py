@@ -34,8 +34,13 @@ import math
 import torch
 from torch import Tensor
 
+from .distributed.dtensor import full
+from .schedule import RefreshSchedule, previous_refresh_step
+
 __all__ = [
+    "NONFINITE_POLICIES",
     "REFRESH_MODES",
+    "NonFinitePreconditionerError",
     "inverse_bias_correction",
     "limit_applies",
     "limit_mode",
@@ -147,3 +152,143 @@ def refreshed_preconditioner(
             u = mean if seen is None else torch.where(seen, mean, u)
         new = u.rsqrt_()
     return torch.where(accumulator == 0, previous, new) if keep_unseen else new
+
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFinitePreconditionerError(FloatingPointError):
+    """A refresh produced a preconditioner with ``nan`` or ``inf`` entries.
+
+    Raised before the bad preconditioner is stored (``on_nonfinite="raise"``, the default). ``group_index`` is
+    filled in by :class:`anon_hf.Anon`; ``tensor_index`` is the position of the tensor in its param group.
+    """
+
+    def __init__(self, step: int, tensor_index: int, shape: tuple, group_index: int | None = None):
+        self.step = step
+        self.tensor_index = tensor_index
+        self.shape = shape
+        self.group_index = group_index
+        super().__init__(step, tensor_index, shape, group_index)
+
+    def __str__(self) -> str:
+        group = "?" if self.group_index is None else self.group_index
+        return (
+            f"Anon: the preconditioner refreshed at step {self.step} for param group {group}, tensor "
+            f"{self.tensor_index} (shape {tuple(self.shape)}) is not finite: a gradient since the previous refresh "
+            "held nan or inf. Fix the gradients (gradient clipping, loss scaling, a lower lr), or pass "
+            "on_nonfinite='skip' to keep the previous preconditioner for such tensors."
+        )
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every element is finite. A sum is one vectorized pass with no temporary (on CPU ~25x faster than
+    ``isfinite().all()``) and is finite whenever every element is, unless it overflows; only then, or with a nan or
+    inf present, does the elementwise check decide."""
+    # On a DTensor a reduction is Partial: every rank must see the same verdict, so it is made whole.
+    if bool(torch.isfinite(full(tensor.sum()))):
+        return True
+    return bool(full(torch.isfinite(tensor).all()))
+
+
+def stored_refresh(
+    exp_avg_sq: Tensor,
+    precond: Tensor,
+    step: int,
+    *,
+    refresh: RefreshSchedule,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    beta3: float,
+    keep_unseen: bool,
+) -> Tensor:
+    """The preconditioner a refresh at ``step`` stores: :func:`refreshed_preconditioner` in ``precond``'s dtype."""
+    prev = previous_refresh_step(step, refresh)
+    return refreshed_preconditioner(
+        exp_avg_sq,
+        precond,
+        mode=refresh_mode(gamma, eps),
+        steps_since_refresh=step - prev,
+        first=prev == 0,
+        beta2=beta2,
+        gamma=gamma,
+        eps=eps,
+        beta3=beta3,
+        keep_unseen=keep_unseen,
+    ).to(precond.dtype)
+
+
+def refresh_tensors_(
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    indices: list[int],
+    step: int,
+    *,
+    on_nonfinite: str,
+    tensor_positions: list[int] | None = None,
+    **refresh_kwargs,
+) -> None:
+    """Refresh ``preconds[i]`` for ``i in indices`` (all at ``step``) and reset their accumulators.
+
+    ``refresh_kwargs``: the keyword arguments of :func:`stored_refresh`.
+    """
+    for i in indices:
+        new_precond = stored_refresh(exp_avg_sqs[i], preconds[i], step, **refresh_kwargs)
+        # A non-finite accumulator poisons the running mean for good even where the power maps it to a finite
+        # number (inf**-0.5 == 0), so both the input and the result, as it will be stored, are checked.
+        if not (all_finite(exp_avg_sqs[i]) and all_finite(new_precond)):
+            if on_nonfinite == "raise":
+                position = i if tensor_positions is None else tensor_positions[i]
+                raise NonFinitePreconditionerError(step, position, tuple(preconds[i].shape))
+        else:
+            preconds[i].copy_(new_precond)
+        exp_avg_sqs[i].zero_()
+
+
+def refresh_verdicts(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    indices: list[int],
+    step: int,
+    *,
+    refresh: RefreshSchedule,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    beta3: float,
+    keep_unseen: bool,
+    weight_decay: float,
+    l2: bool,
+    maximize: bool,
+) -> dict[int, bool]:
+    """Per tensor index, whether refreshing it at ``step`` with this step's gradient gives a finite accumulator and
+    preconditioner as stored; writes nothing. The fused path asks this of the tensors it hands to the eager path, so
+    that a raise leaves the whole step unwritten."""
+    verdicts = {}
+    for i in indices:
+        precond = torch.view_as_real(preconds[i]) if torch.is_complex(preconds[i]) else preconds[i]
+        compute = torch.promote_types(precond.dtype, torch.float32)
+        grad = torch.view_as_real(grads[i]) if torch.is_complex(grads[i]) else grads[i]
+        grad = grad.to(compute).neg() if maximize else grad.to(compute)
+        if l2 and weight_decay != 0:
+            param = torch.view_as_real(params[i]) if torch.is_complex(params[i]) else params[i]
+            grad = grad.add(param.to(compute), alpha=weight_decay)
+        exp_avg_sq = torch.view_as_real(exp_avg_sqs[i]) if torch.is_complex(exp_avg_sqs[i]) else exp_avg_sqs[i]
+        exp_avg_sq = exp_avg_sq.to(compute).mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        new_precond = stored_refresh(
+            exp_avg_sq,
+            precond,
+            step,
+            refresh=refresh,
+            beta2=beta2,
+            gamma=gamma,
+            eps=eps,
+            beta3=beta3,
+            keep_unseen=keep_unseen,
+        )
+        verdicts[i] = all_finite(exp_avg_sq) and all_finite(new_precond)
+    return verdicts

@@ -19,7 +19,7 @@ from reference import ReferenceAnon
 import anon_hf
 import anon_hf.backends.fused
 import anon_hf.refresh
-from anon_hf import Anon, NonFinitePreconditionerError, functional
+from anon_hf import Anon, NonFinitePreconditionerError
 
 
 @pytest.fixture(params=list(PATHS))
@@ -54,8 +54,9 @@ def test_every_path_takes_the_same_mode_and_agrees_with_the_reference(gamma, eps
         taken.append(decide(*args))
         return taken[-1]
 
-    # functional and the fused execution are the two callers; the kernel and the graphs receive their answer.
-    monkeypatch.setattr(functional, "refresh_mode", spy)
+    # The eager refresh (anon_hf.refresh.stored_refresh) and the fused execution are the two callers; the kernel and
+    # the graphs receive their answer.
+    monkeypatch.setattr(anon_hf.refresh, "refresh_mode", spy)
     monkeypatch.setattr(anon_hf.backends.fused, "refresh_mode", spy)
     generator = torch.Generator().manual_seed(3)
     init = torch.randn(40, generator=generator, dtype=torch.float64)
@@ -89,7 +90,7 @@ def test_the_direct_range_is_decided_in_one_place():
     hits = subprocess.run(
         ["grep", "-rln", "--include=*.py", "--include=*.cpp", "1e-30", str(package)], capture_output=True, text=True
     ).stdout.split()
-    assert [Path(hit).relative_to(package).as_posix() for hit in hits] == ["_refresh.py"]
+    assert [Path(hit).relative_to(package).as_posix() for hit in hits] == ["refresh.py"]
 
 
 # --- check before write, for every mix of backends -----------------------------------------------------------------

@@ -265,7 +265,7 @@ def test_wheel_install_registers_children_and_enables(tmp_path, parent_script):
     # After the install, or pip would find this environment's anon-hf there and install nothing.
     (Path(purelib) / "shared_packages.pth").write_text(sysconfig.get_path("purelib") + "\n")
     installed = Path(purelib) / "anon_hf"
-    assert (installed / "_startup_site" / "sitecustomize.py").is_file()
+    assert (installed / "launcher" / "_startup_site" / "sitecustomize.py").is_file()
 
     children = probe([str(env_dir / "bin" / "anon-hf"), "run", str(parent_script)], env=env)
     assert [child["parsed"] for child in children] == ["anon", "anon"]

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...refresh import limit_mode, refresh_mode
+from ...refresh import NonFinitePreconditionerError, limit_mode, refresh_mode, refresh_verdicts
 from ...schedule import is_refresh_step, previous_refresh_step
+from ..eager import _multi_tensor_anon
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
 from .kernel import KernelCall, kernel_supported
@@ -49,13 +50,11 @@ def _fused_anon(
     state_steps: list[Tensor],
     **hyper: Any,
 ) -> list[int]:
-    """Same signature and results as ``functional._multi_tensor_anon`` (``hyper``: its keyword arguments).
+    """Same signature and results as ``backends.eager._multi_tensor_anon`` (``hyper``: its keyword arguments).
 
     A refresh with ``on_nonfinite="raise"`` that finds a non-finite accumulator or preconditioner raises before
     anything of this step is written (params, state and step counters are as before the call).
     """
-    from ...functional import _multi_tensor_anon
-
     lists = (params, grads, exp_avgs, exp_avg_sqs, preconds)
 
     def eager(indices: list[int]) -> list[int]:
@@ -121,8 +120,6 @@ def _check_all(kernel, graph, eager_indices, lists, step, hyper):
     """Every backend's verdict on this refresh before any writes: raise for the first non-finite tensor under
     ``on_nonfinite="raise"``. Returns ``(graph, eager_indices)``: a graph backend whose compiler failed is dropped
     and its tensors join the eager ones."""
-    from ...functional import NonFinitePreconditionerError, _refresh_verdicts
-
     verdicts = kernel.check() if kernel is not None else {}
     if graph is not None:
         try:
@@ -137,7 +134,7 @@ def _check_all(kernel, graph, eager_indices, lists, step, hyper):
                 "l2": not hyper["decoupled_weight_decay"],
                 "maximize": hyper["maximize"],
             }
-            verdicts.update(_refresh_verdicts(*lists, eager_indices, step, **decay))
+            verdicts.update(refresh_verdicts(*lists, eager_indices, step, **decay))
         bad = sorted(i for i, ok in verdicts.items() if not ok)
         if bad:
             raise NonFinitePreconditionerError(step, bad[0], tuple(lists[4][bad[0]].shape))

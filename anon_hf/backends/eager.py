@@ -1,0 +1,276 @@
+"""The eager backends: :func:`_single_tensor_anon` (a per-tensor loop) and :func:`_multi_tensor_anon`
+(``torch._foreach_*`` kernels over tensors grouped by device and dtype), in the shape of ``torch.optim.adam``.
+
+Both share one signature and one refresh routine, :func:`anon_hf.refresh.refreshed_preconditioner`, so they differ
+only in how the per-step arithmetic is batched. :func:`anon_hf.functional.anon` dispatches to them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..refresh import limit_applies, limited_preconditioner, refresh_tensors_
+from ..schedule import RefreshSchedule, gradients_since_refresh, is_refresh_step
+
+__all__ = ["_multi_tensor_anon", "_single_tensor_anon"]
+
+
+def _single_tensor_anon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    refresh: RefreshSchedule,
+    beta3: float,
+    keep_unseen: bool,
+    max_precond_ratio: float | None,
+    bounds: tuple[float | None, float | None] | None,
+    maximize: bool,
+    on_nonfinite: str,
+) -> list[int]:
+    preconditioned = len(preconds) > 0
+    refreshed = []
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        exp_avg = exp_avgs[i]
+        step_t = state_steps[i]
+        if torch.is_complex(param):
+            param, grad, exp_avg = torch.view_as_real(param), torch.view_as_real(grad), torch.view_as_real(exp_avg)
+
+        step_t += 1
+        step = int(step_t.item())
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+
+        # State stored in another dtype than its param (precond_dtype / moments_dtype) is updated in `compute`
+        # and rounded once into its storage; `update` is the first moment in the dtype the param update uses.
+        compute = _compute_dtype(params[i], [exp_avgs[i]] + ([exp_avg_sqs[i], preconds[i]] if preconditioned else []))
+        if compute is None:
+            exp_avg.lerp_(grad, 1 - beta1)
+            update = exp_avg
+        else:
+            grad = grad.to(compute)
+            update = exp_avg.to(compute).lerp_(grad, 1 - beta1)
+            exp_avg.copy_(update)
+        step_size = lr / (1 - beta1**step)
+        if not preconditioned:
+            param.add_(update, alpha=-step_size)
+        else:
+            exp_avg_sq, precond = exp_avg_sqs[i], preconds[i]
+            if torch.is_complex(exp_avg_sq):
+                exp_avg_sq, precond = torch.view_as_real(exp_avg_sq), torch.view_as_real(precond)
+            if compute is None:
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            else:
+                exp_avg_sq.copy_(exp_avg_sq.to(compute).mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
+            if is_refresh_step(step, refresh):
+                refresh_tensors_(
+                    [exp_avg_sq],
+                    [precond],
+                    [0],
+                    step,
+                    refresh=refresh,
+                    beta2=beta2,
+                    gamma=gamma,
+                    eps=eps,
+                    beta3=beta3,
+                    keep_unseen=keep_unseen,
+                    on_nonfinite=on_nonfinite,
+                    tensor_positions=[i],
+                )
+                refreshed.append(step)
+            used = precond
+            if limit_applies(gamma, max_precond_ratio):
+                limit = dict(refresh=refresh, beta2=beta2, gamma=gamma, eps=eps, max_ratio=max_precond_ratio)
+                used = _limited_between_refreshes([exp_avg_sq], [precond], [step], **limit)[0]
+            param.addcmul_(update, used if compute is None else used.to(compute), value=-step_size)
+
+        if bounds is not None:
+            param.clamp_(min=bounds[0], max=bounds[1])
+    return sorted(set(refreshed))
+
+
+def _refresh_due_(
+    exp_avg_sqs: list[Tensor], preconds: list[Tensor], steps: list[int], positions: list[int], **refresh_kwargs
+) -> set[int]:
+    """Refresh the tensors whose step (``steps[i]``, already advanced) is a refresh step, those at one step together;
+    ``positions`` maps list indices to the caller's, for error messages. Returns the steps refreshed."""
+    refresh_at: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        if is_refresh_step(step, refresh_kwargs["refresh"]):
+            refresh_at.setdefault(step, []).append(i)
+    for step, indices in refresh_at.items():
+        refresh_tensors_(exp_avg_sqs, preconds, indices, step, tensor_positions=positions, **refresh_kwargs)
+    return set(refresh_at)
+
+
+def _limited_between_refreshes(
+    exp_avg_sqs: list[Tensor], preconds: list[Tensor], steps: list[int], *, refresh: RefreshSchedule, **limit_kwargs
+) -> list[Tensor]:
+    """``preconds`` with each tensor not refreshed at its step (``steps[i]``, already advanced) replaced by its
+    :func:`anon_hf.refresh.limited_preconditioner`; a refreshed one is used as stored (its accumulator was just
+    reset, and ``v`` was built from this interval's gradients)."""
+    used = list(preconds)
+    for i, step in enumerate(steps):
+        if not is_refresh_step(step, refresh):
+            used[i] = limited_preconditioner(
+                exp_avg_sqs[i],
+                preconds[i],
+                steps_since_refresh=gradients_since_refresh(step, refresh),
+                **limit_kwargs,
+            )
+    return used
+
+
+def _foreach_update_params_(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    preconds: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    bounds: tuple[float | None, float | None] | None,
+) -> None:
+    """``p -= lr * v * m / (1 - beta1**t)`` (``v = 1`` when ``preconds`` is empty), then the clamp to ``bounds``."""
+    if len(set(steps)) == 1:
+        step_size = lr / (1 - beta1 ** steps[0])
+        if preconds:
+            torch._foreach_addcmul_(params, exp_avgs, preconds, value=-step_size)
+        else:
+            torch._foreach_add_(params, exp_avgs, alpha=-step_size)
+    else:
+        # Tensors skipped on earlier steps (grad None) lag behind: each needs its own bias correction.
+        neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
+        updates = torch._foreach_mul(exp_avgs, preconds) if preconds else list(exp_avgs)
+        updates = torch._foreach_mul(updates, neg_step_sizes)
+        torch._foreach_add_(params, updates)
+    if bounds is not None:
+        if bounds[0] is not None:
+            torch._foreach_clamp_min_(params, bounds[0])
+        if bounds[1] is not None:
+            torch._foreach_clamp_max_(params, bounds[1])
+
+
+def _multi_tensor_anon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    refresh: RefreshSchedule,
+    beta3: float,
+    keep_unseen: bool,
+    max_precond_ratio: float | None,
+    bounds: tuple[float | None, float | None] | None,
+    maximize: bool,
+    on_nonfinite: str,
+) -> list[int]:
+    if len(params) == 0:
+        return []
+    preconditioned = len(preconds) > 0
+    tensor_lists = [params, grads, exp_avgs, state_steps]
+    if preconditioned:
+        tensor_lists += [exp_avg_sqs, preconds]
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)
+
+    refreshed: set[int] = set()
+    for device_lists, original_indices in grouped.values():
+        device_params, device_grads, device_exp_avgs, device_steps = device_lists[:4]
+        device_exp_avg_sqs, device_preconds = device_lists[4:] if preconditioned else ([], [])
+        compute = _compute_dtype(device_params[0], device_exp_avgs + device_exp_avg_sqs + device_preconds)
+        if any(torch.is_complex(p) for p in device_params):
+            views = [device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds]
+            device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds = (
+                [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors] for tensors in views
+            )
+
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+
+        torch._foreach_add_(device_steps, 1)
+        steps = [int(s.item()) for s in device_steps]
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            elif maximize:
+                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+            else:
+                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+
+        # State stored in another dtype than the params (precond_dtype / moments_dtype) is updated in `compute`
+        # and rounded once into its storage; the param update reads the `compute` copies.
+        if compute is not None:
+            device_grads = [g.to(compute) for g in device_grads]
+        exp_avgs_c = device_exp_avgs if compute is None else [m.to(compute) for m in device_exp_avgs]
+        torch._foreach_lerp_(exp_avgs_c, device_grads, 1 - beta1)
+        if compute is not None:
+            torch._foreach_copy_(device_exp_avgs, exp_avgs_c)
+
+        if preconditioned:
+            sqs_c = device_exp_avg_sqs if compute is None else [s.to(compute) for s in device_exp_avg_sqs]
+            torch._foreach_mul_(sqs_c, beta2)
+            torch._foreach_addcmul_(sqs_c, device_grads, device_grads, value=1 - beta2)
+            if compute is not None:
+                torch._foreach_copy_(device_exp_avg_sqs, sqs_c)
+            refreshed |= _refresh_due_(
+                device_exp_avg_sqs,
+                device_preconds,
+                steps,
+                original_indices,
+                refresh=refresh,
+                beta2=beta2,
+                gamma=gamma,
+                eps=eps,
+                beta3=beta3,
+                keep_unseen=keep_unseen,
+                on_nonfinite=on_nonfinite,
+            )
+        preconds_c = device_preconds if compute is None else [v.to(compute) for v in device_preconds]
+        if preconditioned and limit_applies(gamma, max_precond_ratio):
+            preconds_c = _limited_between_refreshes(
+                device_exp_avg_sqs,
+                preconds_c,
+                steps,
+                refresh=refresh,
+                beta2=beta2,
+                gamma=gamma,
+                eps=eps,
+                max_ratio=max_precond_ratio,
+            )
+        _foreach_update_params_(device_params, exp_avgs_c, preconds_c, steps, lr=lr, beta1=beta1, bounds=bounds)
+    return sorted(refreshed)
+
+
+def _compute_dtype(param: Tensor, state: list[Tensor]) -> torch.dtype | None:
+    """``None`` when ``param`` and all of ``state`` share a dtype of at least fp32 (update in place), else the dtype
+    to compute in: at least fp32, so 16-bit params and state are updated in fp32 and rounded once on store, as the
+    fused paths do."""
+    if all(tensor.dtype == param.dtype for tensor in state) and param.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return torch.promote_types(param.dtype, torch.float32)
