@@ -30,6 +30,7 @@ Nothing here imports anything but torch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,12 +42,14 @@ __all__ = [
     "NONFINITE_POLICIES",
     "REFRESH_MODES",
     "NonFinitePreconditionerError",
+    "StepRule",
     "inverse_bias_correction",
     "limit_applies",
     "limit_mode",
     "limited_preconditioner",
     "refresh_mode",
     "refreshed_preconditioner",
+    "step_rule",
 ]
 
 #: The ways to compute ``sigma**gamma``: ``"one"`` (gamma == 1: no power), ``"pow"`` (directly) and ``"log"`` (in log
@@ -82,6 +85,33 @@ def limit_applies(gamma: float, max_ratio: float | None) -> bool:
     large ``v`` for a large gradient to meet; the limit would instead stop the momentum of weights whose gradient
     paused."""
     return max_ratio is not None and gamma > 0.0
+
+
+class StepRule(NamedTuple):
+    """How a step between refreshes chooses, per element, the preconditioner it multiplies the first moment by.
+
+    With ``est = sigma_t**(-gamma / 2)``, ``sigma_t = s / (1 - beta2**n) + eps`` (``s`` the accumulator ``n >= 1``
+    gradients after its last reset, this step's included), an element uses:
+
+    * ``est`` where ``late_seen`` and ``v == 0`` and ``s > 0`` (a weight no refresh has seen a gradient of yet steps
+      from its first gradient, Adam-like; ``v`` itself still changes only at refreshes);
+    * ``0`` where ``late_seen`` and ``v == 0`` and ``s == 0`` (no gradient yet: no step, and no ``0 * inf``);
+    * ``min(v, max_ratio * est)`` elsewhere when ``limit``;
+    * ``v`` otherwise.
+    """
+
+    estimate_mode: str | None  # how est is computed (one of REFRESH_MODES), None when no element needs it
+    limit: bool
+    late_seen: bool
+
+
+def step_rule(gamma: float, eps: float, max_ratio: float | None, keep_unseen: bool) -> StepRule:
+    """The :class:`StepRule` of a group: the limit where :func:`limit_applies`, the late-seen rule with
+    ``keep_unseen`` (only then does ``v == 0`` mean "not seen yet"; the published rule, ``keep_unseen=False``, never
+    stores 0 after step 1), and the group's :func:`refresh_mode` for ``est`` when either needs it."""
+    limit = limit_applies(gamma, max_ratio)
+    late_seen = bool(keep_unseen)
+    return StepRule(refresh_mode(gamma, eps) if limit or late_seen else None, limit, late_seen)
 
 
 def limit_mode(gamma: float, eps: float, max_ratio: float | None) -> str | None:
