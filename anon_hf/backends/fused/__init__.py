@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...refresh import NonFinitePreconditionerError, limit_mode, refresh_mode, refresh_verdicts
+from ...refresh import NonFinitePreconditionerError, limit_mode, refresh_mode, refresh_verdicts, step_rule
 from ...schedule import is_refresh_step, previous_refresh_step
 from ..eager import _multi_tensor_anon
 from . import graphs
@@ -94,7 +94,9 @@ def _fused_anon(
     kernel = graph = None
     if plan.kernel:
         refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None
-        kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, per_tensor, modes, refresh, limit)
+        # The late-seen rule (keep_unseen) waits for the eager paths to have it (issue 21): the limit alone, as before.
+        rule = None if limit is None else step_rule(hyper["gamma"], hyper["eps"], hyper["max_precond_ratio"], False)
+        kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, per_tensor, modes, refresh, rule)
     if plan.chunks:
         refresh = (mode, hyper["beta3"] > 0.0, hyper["keep_unseen"]) if refreshing else None
         graph = GraphCalls(plan.chunks, lists, scalar_values, per_tensor, modes, refresh, limit)
