@@ -89,8 +89,9 @@ def _build(source: Path = _SOURCE, prefix: str = "anon_hf_cpu", extra_flags: tup
     return module
 
 
-def _check_interface(module: ModuleType) -> None:
-    """Refuse a kernel whose scalar layout or refresh modes differ, by name, from the Python side's."""
+def _check_interface(module: ModuleType) -> ModuleType:
+    """``module``, refused unless its scalar layout and refresh modes match the Python side's by name (both kernels
+    export them)."""
     from ..refresh import REFRESH_MODES
     from .fused.scalars import SCALAR_SLOTS
 
@@ -100,6 +101,7 @@ def _check_interface(module: ModuleType) -> None:
             f"the kernel's scalar slots {slots} and refresh modes {modes} differ from anon_hf's {SCALAR_SLOTS} and "
             f"{tuple(sorted(REFRESH_MODES))} (a stale build in TORCH_EXTENSIONS_DIR?)"
         )
+    return module
 
 
 def kernel_unavailable_reason() -> str | None:
@@ -148,7 +150,7 @@ def kernel8_unavailable_reason() -> str | None:
         return _failure8
     with _lock:
         if _module8 is None and _failure8 is None:
-            build = lambda: _build(_SOURCE_8BIT, "anon_hf_cpu8", _FLAGS_8BIT)  # noqa: E731
+            build = lambda: _check_interface(_build(_SOURCE_8BIT, "anon_hf_cpu8", _FLAGS_8BIT))  # noqa: E731
             _module8, _failure8 = _load(build, "Anon8bit's CPU tensors take the reference path instead")
     return _failure8
 
