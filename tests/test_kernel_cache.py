@@ -79,27 +79,31 @@ class FakeBuild:
 
 @pytest.fixture
 def fake_build(monkeypatch, tmp_path):
+    """The stand-in build, into a private cache, for ``.spec``: a kernel of its own source (never the real one's name,
+    so nothing it registers can be taken for the real kernel)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "csrc" / "anon_cpu.cpp"
+    source.parent.mkdir()
+    source.write_text("// a stand-in source for the tests of the cache\n")
+
     build = FakeBuild()
     monkeypatch.setattr("torch.utils.cpp_extension.load", build)
     imported = []
     monkeypatch.setattr(cpu_kernel, "_import", lambda d: imported.append(d) or SimpleNamespace(__name__=d.name))
     build.imported = imported
+    build.spec = dataclasses.replace(cpu_kernel.MAIN, sources=(source,), check=None)
     return build
-
-
-SPEC = dataclasses.replace(cpu_kernel.MAIN, check=None)
 
 
 def test_a_first_build_is_announced_before_it_starts_and_timed_after(fake_build, caplog):
     with caplog.at_level(logging.WARNING):
-        _, built = cpu_kernel._load_or_build(SPEC)
+        _, built = cpu_kernel._load_or_build(fake_build.spec)
     assert built and fake_build.calls == 1
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3
     announce, compiler, done = messages
     assert announce.startswith(BUILD_LINE) and compiler == "COMPILER STARTED" and done.startswith(BUILT_LINE)
-    directory = cpu_kernel.build_directory(SPEC)
+    directory = cpu_kernel.build_directory(fake_build.spec)
     assert str(directory) in announce and "1-3 minutes" in announce and "anon_cpu.cpp" in announce
     assert "anon-hf build-kernels" in announce
     assert directory.name in done and " s." in done
@@ -107,21 +111,21 @@ def test_a_first_build_is_announced_before_it_starts_and_timed_after(fake_build,
 
 
 def test_a_built_kernel_is_imported_without_building_again(fake_build, caplog):
-    cpu_kernel._load_or_build(SPEC)
+    cpu_kernel._load_or_build(fake_build.spec)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        _, built = cpu_kernel._load_or_build(SPEC)
+        _, built = cpu_kernel._load_or_build(fake_build.spec)
     assert not built and fake_build.calls == 1
-    assert fake_build.imported == [cpu_kernel.build_directory(SPEC)]
+    assert fake_build.imported == [cpu_kernel.build_directory(fake_build.spec)]
     assert not [r for r in caplog.records if BUILD_LINE in r.getMessage()]
 
 
 def test_a_build_that_never_finished_is_built_again(fake_build):
-    directory = cpu_kernel.build_directory(SPEC)
+    directory = cpu_kernel.build_directory(fake_build.spec)
     directory.mkdir(parents=True)
     cpu_kernel._library(directory).write_text("half a library: the process died while linking")
     (directory / "lock").write_text("")  # torch's own lock, left by that process: load() would wait on it forever
-    _, built = cpu_kernel._load_or_build(SPEC)
+    _, built = cpu_kernel._load_or_build(fake_build.spec)
     assert built and fake_build.calls == 1
     assert not (directory / "lock").exists()
 
@@ -130,7 +134,10 @@ def test_processes_that_need_the_same_build_at_once_build_it_once(fake_build):
     # Each thread opens the lock file itself, so the OS lock separates them as it separates the ranks of a node.
     fake_build.seconds = 0.5
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cpu_kernel._load_or_build(SPEC)[1])) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cpu_kernel._load_or_build(fake_build.spec)[1]))
+        for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -139,8 +146,13 @@ def test_processes_that_need_the_same_build_at_once_build_it_once(fake_build):
     assert sorted(results) == [False, False, True]
 
 
-def test_build_all_builds_every_kernel_once(fake_build, monkeypatch):
-    monkeypatch.setattr(cpu_kernel, "KERNELS", tuple(dataclasses.replace(k, check=None) for k in cpu_kernel.KERNELS))
+def test_build_all_builds_every_kernel_once(fake_build, monkeypatch, tmp_path):
+    kernels = []
+    for kernel in cpu_kernel.KERNELS:
+        source = tmp_path / "csrc" / kernel.sources[0].name
+        source.write_text(f"// a stand-in source for {kernel.title}\n")
+        kernels.append(dataclasses.replace(kernel, sources=(source,), check=None))
+    monkeypatch.setattr(cpu_kernel, "KERNELS", tuple(kernels))
     monkeypatch.setattr(cpu_kernel, "_results", {})
     first = cpu_kernel.build_all()
     again = cpu_kernel.build_all()
