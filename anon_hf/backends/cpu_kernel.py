@@ -149,7 +149,8 @@ def _flags(spec: Kernel) -> list[str]:
 
 
 def extension_name(spec: Kernel) -> str:
-    """``<prefix>_<isa>_<hash>``: the hash covers the sources' bytes, the flags, torch and the Python ABI."""
+    """``<prefix>_<isa>_<hash>``: the hash covers the sources' bytes, the flags (the ISA's among them), torch and the
+    Python ABI, not where the sources lie."""
     digest = hashlib.sha256()
     for source in spec.sources:
         digest.update(source.read_bytes())
