@@ -193,9 +193,11 @@ class Anon8bit(Anon):
         codec = _cpu_codec() if fused and state["exp_avg"].device.type == "cpu" else None
         decoded = _decoded(state) if codec is None else _decoded_by(codec, state)
         preconditioned = "precond" in decoded
+        # A DTensor param and grad: anon() steps their local shards, and agrees with the other ranks on a refresh's
+        # verdict (the 8-bit state is this rank's shard already).
         refreshed = anon(
-            [local(param)],
-            [local(param.grad)],
+            [param],
+            [param.grad],
             [decoded["exp_avg"]],
             [decoded["exp_avg_sq"]] if preconditioned else [],
             [decoded["precond"]] if preconditioned else [],
@@ -235,8 +237,8 @@ class Anon8bit(Anon):
             steps = [int(s["step"].item()) + 1 for s in states]
             neg_step_sizes, inv_bias2s = per_tensor_scalars(steps, kwargs)
             cpu_kernel.kernel8().anon8_step(
-                chosen,
-                [p.grad for p in chosen],
+                [local(p) for p in chosen],
+                [local(p.grad) for p in chosen],
                 *lists,
                 [s["step"] for s in states],
                 neg_step_sizes,
@@ -272,12 +274,12 @@ class Anon8bit(Anon):
 
     def _graph_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
         """Step with the compiled graphs (``anon_hf.backends.fused.graphs.step_8bit``) the tensors they take this step: no
-        refresh due, not DTensor, contiguous; on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
+        refresh due, contiguous (DTensors step their local shards); on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
         build failed). Returns them; a compiler failure leaves the rest to the reference path."""
         from .backends.fused import graphs
 
         picked = [p for p in params if _graphs_take(p, self.state[p], group["refresh"])]
-        if not picked or graphs.fused_unavailable_reason(picked) is not None:
+        if not picked or graphs.fused_unavailable_reason([local(p) for p in picked]) is not None:
             return set()
         scalar_values = step_scalars_from(kwargs, averaged=False)
         decoupled = kwargs["decoupled_weight_decay"] or kwargs["weight_decay"] == 0
@@ -289,7 +291,7 @@ class Anon8bit(Anon):
             per_tensor = per_tensor_scalars([int(state["step"].item()) + 1], kwargs)
             codes = {key: value for key, value in state.items() if key != "step"}
             try:
-                graphs.step_8bit([param], [param.grad], [codes], scalar_values, per_tensor, modes, limit)
+                graphs.step_8bit([local(param)], [local(param.grad)], [codes], scalar_values, per_tensor, modes, limit)
             except graphs.CompileFailed:
                 break
             state["step"] += 1
@@ -345,12 +347,12 @@ def _validate_min_8bit_size(value: object) -> None:
 
 
 def _graphs_take(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:
-    """Whether the compiled 8-bit graph can step ``param`` now: a dense floating tensor, 8-bit state, no refresh due."""
+    """Whether the compiled 8-bit graph can step ``param`` now: a floating tensor whose local shard (the tensor itself
+    unless a DTensor) is dense, 8-bit state, no refresh due."""
     return (
         param.is_floating_point()
-        and param.is_contiguous()
-        and param.grad.is_contiguous()
-        and not is_dtensor(param)
+        and local(param).is_contiguous()
+        and local(param.grad).is_contiguous()
         and "exp_avg_absmax" in state
         and not ("precond" in state and is_refresh_step(int(state["step"].item()) + 1, refresh))
     )
