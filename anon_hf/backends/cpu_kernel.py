@@ -54,6 +54,7 @@ __all__ = [
     "Kernel",
     "build_all",
     "cache_root",
+    "capability",
     "kernel",
     "kernel8",
     "kernel8_unavailable_reason",
@@ -124,11 +125,16 @@ _lock = threading.Lock()
 _results: dict[str, tuple[ModuleType | None, str | None]] = {}
 
 
-def _capability() -> str:
+def capability() -> str:
+    """The instruction set the kernels are built for: ATen's CPU capability (``AVX512``, ``AVX2``, ``DEFAULT``; the
+    ``ATEN_CPU_CAPABILITY`` environment variable lowers it)."""
     try:
         return torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         return "DEFAULT"
+
+
+_capability = capability
 
 
 def cache_root() -> Path:

@@ -233,7 +233,7 @@ def build_kernels(argv: list[str]) -> int:
     from anon_hf.backends import cpu_kernel
 
     root = cpu_kernel.cache_root()
-    print(f"anon-hf: building anon_hf's C++ kernels for {cpu_kernel._capability()} in {root} (about 1-3 minutes each)")
+    print(f"anon-hf: building anon_hf's C++ kernels for {cpu_kernel.capability()} in {root} (about 1-3 minutes each)")
     try:
         built = cpu_kernel.build_all()
     except Exception as err:  # the compiler's or ninja's message says what is missing
