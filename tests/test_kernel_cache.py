@@ -242,7 +242,8 @@ def test_build_kernels_then_two_sources_build_once_each_whichever_ninja(tmp_path
         output = _python(LOAD_BOTH, source_root=source_a, cache=cache, path=path)
         assert "LOADED" in output and BUILD_LINE not in output
     # Source B builds its own main kernel once, beside A's, with the other ninja; then each loads with either.
-    assert _python(LOAD_MAIN, source_root=source_b, cache=cache, path=real[1]).count(BUILD_LINE) == 1
+    with_compiler = os.pathsep.join([real[1], os.environ["PATH"]])  # that ninja first, then the compiler
+    assert _python(LOAD_MAIN, source_root=source_b, cache=cache, path=with_compiler).count(BUILD_LINE) == 1
     for root in (source_a, source_b, source_a, source_b):
         for path in (*real, ninjas["fake"]):
             assert BUILD_LINE not in _python(LOAD_MAIN, source_root=root, cache=cache, path=path)
