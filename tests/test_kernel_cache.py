@@ -198,7 +198,10 @@ def _ninja_folders(tmp_path: Path) -> dict[str, str]:
 def _python(code: str, *, source_root: Path, cache: Path, path: str, timeout: int = 900) -> str:
     env = dict(os.environ, PYTHONPATH=str(source_root), TORCH_EXTENSIONS_DIR=str(cache), PATH=path)
     env.pop("ANON_HF_CPU_KERNEL", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    # cwd: `python -c` puts the working folder first on sys.path, which must not hold another anon_hf.
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=source_root, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -234,7 +237,7 @@ def test_build_kernels_then_two_sources_build_once_each_whichever_ninja(tmp_path
     source_a, source_b = _copy_source(tmp_path, "env_a"), _copy_source(tmp_path, "env_b", "\n// env_b's edit\n")
     env = dict(os.environ, PYTHONPATH=str(source_a), PATH=os.pathsep.join([real[0], os.environ["PATH"]]))
     command = [sys.executable, "-m", "anon_hf", "build-kernels", "--dir", str(cache)]
-    cli = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    cli = subprocess.run(command, cwd=source_a, env=env, capture_output=True, text=True, timeout=1800)
     assert cli.returncode == 0, cli.stdout + cli.stderr[-3000:]
     assert f"export TORCH_EXTENSIONS_DIR={cache}" in cli.stdout and cli.stdout.count("built in") == 2
     # A run with no ninja at all, then with a ninja that fails: both load what build-kernels built.
