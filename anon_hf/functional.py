@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .backends.eager import _multi_tensor_anon, _single_tensor_anon
 from .distributed.dtensor import all_ranks_agree, device_meshes, local_shards
-from .refresh import NONFINITE_POLICIES, NonFinitePreconditionerError, refresh_verdicts
+from .hyper import NONFINITE_POLICIES
+from .refresh import NonFinitePreconditionerError, refresh_verdicts
 from .schedule import RefreshSchedule, is_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
