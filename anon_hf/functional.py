@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends.eager import _multi_tensor_anon, _single_tensor_anon
-from .distributed.dtensor import all_ranks_agree, device_meshes, local_shards
+from .distributed.dtensor import agreed_verdicts, device_meshes, local_shards, shards_of
 from .hyper import HYPERPARAMETERS, NONFINITE_POLICIES
 from .refresh import NonFinitePreconditionerError, refresh_verdicts
 from .schedule import is_refresh_step
@@ -62,15 +62,18 @@ def anon(
         raise ValueError(f"Invalid on_nonfinite value: {hyper['on_nonfinite']!r} (allowed: 'raise', 'skip')")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    lists = [params, grads, exp_avgs, exp_avg_sqs, preconds]
+    backend = _backend(params, foreach, fused)
     meshes = device_meshes(params)
-    if meshes:
-        # FSDP2 (DTensor) tensors step on their local shards: the update is elementwise, and only a refresh's
-        # verdict needs the other ranks, so that all of them raise together or none does.
-        lists = [local_shards(tensors) for tensors in lists]
-        if hyper["on_nonfinite"] == "raise":
-            _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, hyper)
-    return _backend(lists[0], foreach, fused)(*lists, state_steps, **hyper)
+    if not meshes:
+        return backend(params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps, **hyper)
+    # FSDP2 (DTensor) tensors step on their local shards: the update is elementwise, and only a refresh's verdict
+    # needs the other ranks, so that all of them raise together or none does. The fused path agrees on the verdicts
+    # it gathers before writing; the eager paths decide per tensor while writing, so they are asked first.
+    lists = [local_shards(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs, preconds)]
+    with shards_of(meshes):
+        if hyper["on_nonfinite"] == "raise" and not fused:
+            _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper)
+        return backend(*lists, state_steps, **hyper)
 
 
 def _with_defaults(hyper: dict[str, Any]) -> dict[str, Any]:
@@ -98,9 +101,10 @@ def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None):
     return _multi_tensor_anon if foreach else _single_tensor_anon
 
 
-def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, hyper) -> None:
+def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper) -> None:
     """At a refresh, raise :class:`NonFinitePreconditionerError` on every rank when any rank's shard of a tensor
-    would store a non-finite accumulator or preconditioner (one all-reduce per mesh dimension; nothing written).
+    would store a non-finite accumulator or preconditioner (one all-reduce per mesh dimension, within
+    :func:`~anon_hf.distributed.dtensor.shards_of`; nothing written).
 
     ``lists``: the local shards of params, grads, exp_avgs, exp_avg_sqs, preconds; ``params`` the DTensors."""
     preconds = lists[4]
@@ -115,9 +119,8 @@ def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, h
     verdicts: dict[int, bool] = {}
     for step, indices in due_at.items():
         verdicts.update(refresh_verdicts(*lists, indices, step, **decay))
-    order = sorted(verdicts)
-    agreed = all_ranks_agree([verdicts[i] for i in order], meshes, lists[0][0].device)
-    bad = [i for i, ok in zip(order, agreed, strict=True) if not ok]
+    verdicts = agreed_verdicts(verdicts, lists[0][0].device)
+    bad = sorted(i for i, ok in verdicts.items() if not ok)
     if bad:
         raise NonFinitePreconditionerError(int(state_steps[bad[0]].item()) + 1, bad[0], tuple(params[bad[0]].shape))
 
