@@ -7,7 +7,7 @@ and counts ``gc.get_objects()`` after ``gc.collect()`` on each rank at step 100 
 first-use cache) and every 50 steps to 300. ``OBJECT_GROWTH_BOUND``: a leak of one object per step grows the count by
 200 between steps 100 and 300 (a worker patched to leak two lists per step grew by 100 over 50 steps), one per
 tensor and step by ~4,000. Measured: growth 0 for all three optimizers on both ranks with DTensor params on the eager
-foreach path (444d5e3), and -1 to 0 with the local-shard kernels (c8b705a); the bound leaves room for a cache filled
+foreach path (444d5e3), and -1 to 0 with the local-shard kernels (c8b705a, 217fde5); the bound leaves room for a cache filled
 at a later refresh's first use (128, 256).
 Step time is measured by ``benchmarks/fsdp2_step.py --steps 1000``, not here.
 """
