@@ -531,3 +531,22 @@ def test_the_8bit_kernel_gives_the_same_bits_on_1_and_2_threads():
         assert torch.equal(a, b)
         for key, value in state_a.items():
             assert torch.equal(value, state_b[key]), key
+
+
+def test_the_8bit_kernel_refuses_a_mismatched_tensor_before_writing():
+    _kernel_or_skip()
+    from anon_hf.backends.fused.scalars import SCALAR_SLOTS
+
+    kernel = _cpu_kernel.kernel8()
+    param, state = torch.randn(300), _quant8.quantize("exp_avg", torch.randn(300))
+    original, step = param.clone(), torch.tensor(1.0)
+    lists = [[param], [torch.randn(300)], [state["exp_avg"]], [state["exp_avg_absmax"]], [], [], [], [], []]
+    scalars = [1.0] * len(SCALAR_SLOTS)
+    with pytest.raises(RuntimeError, match="tensor 0 is not supported"):
+        kernel.anon8_step(*lists[:2], [state["exp_avg"][:299]], *lists[3:], [step], [-0.1], [1.0], scalars,
+                          False, False, 0, False, False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="need an estimate mode"):
+        kernel.anon8_step(*lists, [step], [-0.1], [1.0], scalars, False, False, 0, True, False)
+    assert torch.equal(param, original) and step.item() == 1.0
+    kernel.anon8_step(*lists, [step], [-0.1], [1.0], scalars, False, False, 0, False, False)
+    assert step.item() == 2.0 and not torch.equal(param, original)

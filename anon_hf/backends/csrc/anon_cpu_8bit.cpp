@@ -40,6 +40,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -683,6 +684,27 @@ bool is_cpu_contiguous(const at::Tensor& t, c10::ScalarType type) {
          t.is_contiguous() && t.scalar_type() == type;
 }
 
+// Tensor i of anon8_step's lists, checked: params and grads contiguous fp32, codes of the param's size, side values
+// one per block. `precond`: s_codes, s_max, v_codes, v_lo and v_hi, null without a preconditioner.
+void check_tensor(size_t i, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                  const at::Tensor& m_absmax, const at::Tensor& step, const std::array<const at::Tensor*, 5>& precond) {
+  const int64_t numel = param.numel();
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  const auto codes_ok = [&](const at::Tensor& t, c10::ScalarType type) {
+    return is_cpu_contiguous(t, type) && t.numel() == numel;
+  };
+  const auto side_ok = [&](const at::Tensor& t) { return is_cpu_contiguous(t, at::kFloat) && t.numel() == blocks; };
+  bool ok = is_cpu_contiguous(param, at::kFloat) && codes_ok(grad, at::kFloat) && codes_ok(m_codes, at::kChar) &&
+            side_ok(m_absmax) && step.device().is_cpu() && step.numel() == 1 && step.scalar_type() == at::kFloat;
+  if (ok && precond[0] != nullptr) {
+    ok = codes_ok(*precond[0], at::kByte) && side_ok(*precond[1]) && codes_ok(*precond[2], at::kByte) &&
+         side_ok(*precond[3]) && side_ok(*precond[4]);
+  }
+  TORCH_CHECK(ok, "anon_hf 8-bit CPU kernel: tensor ", i, " is not supported: params and grads must be contiguous ",
+              "fp32 CPU tensors, codes int8/uint8 of the param's size, side values fp32 with one per block of ",
+              kBlock, ", step counters 1-element fp32 CPU tensors");
+}
+
 // Steps every tensor once (an ordinary step, never a refresh) and adds 1 to each step counter. Lists are parallel;
 // v_codes, v_lo, v_hi, s_codes and s_max are empty when no tensor has a preconditioner (gamma == 0). scalars: the
 // layout of SCALAR_SLOTS (anon_kernel.h); estimate, limit and late_seen: the step's StepRule. Everything is checked
@@ -706,22 +728,9 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                                   v_lo.size() == count && v_hi.size() == count),
               "anon_hf 8-bit CPU kernel: s_codes, s_max, v_codes, v_lo and v_hi must be empty or one per tensor");
   for (size_t i = 0; i < count; ++i) {
-    const int64_t numel = params[i].numel();
-    const int64_t blocks = (numel + kBlock - 1) / kBlock;
-    bool ok = is_cpu_contiguous(params[i], at::kFloat) && is_cpu_contiguous(grads[i], at::kFloat) &&
-              grads[i].numel() == numel && is_cpu_contiguous(m_codes[i], at::kChar) && m_codes[i].numel() == numel &&
-              is_cpu_contiguous(m_absmax[i], at::kFloat) && m_absmax[i].numel() == blocks &&
-              steps[i].device().is_cpu() && steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat;
-    if (ok && preconditioned) {
-      ok = is_cpu_contiguous(s_codes[i], at::kByte) && s_codes[i].numel() == numel &&
-           is_cpu_contiguous(s_max[i], at::kFloat) && s_max[i].numel() == blocks &&
-           is_cpu_contiguous(v_codes[i], at::kByte) && v_codes[i].numel() == numel &&
-           is_cpu_contiguous(v_lo[i], at::kFloat) && v_lo[i].numel() == blocks &&
-           is_cpu_contiguous(v_hi[i], at::kFloat) && v_hi[i].numel() == blocks;
-    }
-    TORCH_CHECK(ok, "anon_hf 8-bit CPU kernel: tensor ", i, " is not supported: params and grads must be contiguous ",
-                "fp32 CPU tensors, codes int8/uint8 of the param's size, side values fp32 with one per block of ",
-                kBlock, ", step counters 1-element fp32 CPU tensors");
+    check_tensor(i, params[i], grads[i], m_codes[i], m_absmax[i], steps[i],
+                 preconditioned ? std::array{&s_codes[i], &s_max[i], &v_codes[i], &v_lo[i], &v_hi[i]}
+                                : std::array<const at::Tensor*, 5>{});
   }
   Settings st;
   for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
