@@ -14,9 +14,10 @@
 // and the update of anon_hf/backends/cpu_kernel's kernel (anon_cpu.cpp), computed in fp32:
 //
 //   g = sign * g (+ l2 * p);  m = m + (g - m) * weight1;  s = s * beta2 + g * g * weight2
-//   with max_precond_ratio (gamma > 0), sigma = s * inv_bias2 + eps:
-//       v = min(v, max_ratio / sqrt(sigma))                            gamma == 1
-//       v = min(v, max_ratio * 2**(-gamma / 2 * log2(sigma)))          other gammas (exp2 and log2 as polynomials)
+//   v as the step's StepRule says (anon_kernel.h), with sigma = s * inv_bias2 + eps and
+//       est = 1 / sqrt(sigma)                                          gamma == 1
+//       est = 2**(-gamma / 2 * log2(sigma))                            other gammas (exp2 and log2 as polynomials)
+//     late_seen and v == 0: est where s > 0, else 0;  with max_precond_ratio's limit: min(v, max_ratio * est)
 //   p = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
 // v is decoded as the product of two 16-entry tables built per block, c - 1 = 16 a + b:
