@@ -22,6 +22,7 @@ if is_transformers_available():
     from transformers.training_args import OptimizerNames, TrainingArguments
 
     from anon_hf.integrations import _patches
+    from anon_hf.integrations import optim_args as optim_args_module
     from anon_hf.integrations import transformers as integration
     from anon_hf.integrations.trainer_callback import AnonCallback, find_anon, preconditioner_stats
 
@@ -233,11 +234,11 @@ def test_fused_is_an_optim_arg():
 
 def test_optim_args_are_parsed_once_per_run(tmp_path):
     """The check at argument parsing and the Trainer's handler share one parse (and one validation) of the text."""
-    integration._parse.cache_clear()
+    optim_args_module._parse.cache_clear()
     args = training_args(tmp_path, optim_args="gamma=0.75,refresh=8")
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert optimizer_cls is Anon and (kwargs["gamma"], kwargs["refresh"]) == (0.75, 8)
-    info = integration._parse.cache_info()
+    info = optim_args_module._parse.cache_info()
     assert (info.misses, info.hits) == (1, 1)
 
 
