@@ -91,9 +91,10 @@ def test_patch_with_its_attribute_missing_logs_once_and_fails_at_use(
         with pytest.raises(AttributeError, match="initialize"):
             use(patch, training_args)
         return
-    with pytest.raises(_patches.PatchError, match=rf"no attribute '{attribute}'.*pip install") as info:
+    with pytest.raises(_patches.PatchError, match=rf"no attribute '{attribute}'.*docs/troubleshooting.md") as info:
         use(patch, training_args)
     assert patch.feature in str(info.value)
+    assert "pip install" not in str(info.value)  # the user's framework may pin another release
 
 
 FINDER = """
@@ -219,11 +220,26 @@ def test_version_outside_the_range_warns_once_per_library(monkeypatch, caplog):
     monkeypatch.setattr(import_utils, "package_version", {"transformers": "4.57.6", "deepspeed": "0.19.8"}.get)
     with caplog.at_level(logging.WARNING, logger=import_utils.__name__):
         for name in ("transformers", "transformers.training_args", "transformers.trainer", "deepspeed"):
-            import_utils.warn_if_unsupported(type(sys)(name))
+            import_utils.warn_if_unsupported(type(sys)(name), "optim='anon' in TrainingArguments")
     (record,) = caplog.records
-    assert record.getMessage().startswith("anon_hf supports transformers>=5.0,<6")
-    assert "transformers 4.57.6 is installed" in record.getMessage()
-    assert "pip install 'transformers>=5.0,<6'" in record.getMessage()
+    message = record.getMessage()
+    assert message.startswith("anon_hf patches transformers, and transformers 4.57.6 is outside >=5.0,<6")
+    assert "the feature that needs it (optim='anon' in TrainingArguments) raises a PatchError" in message
+    assert "pip install" not in message  # advice that may contradict the user's framework pins
+
+
+def test_only_the_libraries_anon_hf_patches_have_a_version_check():
+    """A warning about a library anon-hf does not patch (TRL, PEFT) could not be acted on: there is none."""
+    assert set(SUPPORTED_VERSIONS) == {patch.module.partition(".")[0] for patch in _patches.PATCHES}
+
+
+@pytest.mark.parametrize("trl_version", ["0.24.0", "1.9.0"])  # LLaMA-Factory 0.9.5 pins trl<=0.24, axolotl 0.19 1.9.0
+def test_no_warning_for_the_trl_that_frameworks_pin(monkeypatch, caplog, trl_version):
+    monkeypatch.setattr(import_utils, "_warned", set())
+    monkeypatch.setattr(import_utils, "package_version", {"trl": trl_version}.get)
+    with caplog.at_level(logging.WARNING, logger=import_utils.__name__):
+        import_utils.warn_if_unsupported(type(sys)("trl.trainer.sft_trainer"))
+    assert caplog.records == []
 
 
 @pytest.mark.skipif(not package_version("accelerate"), reason="needs accelerate installed")
@@ -239,7 +255,9 @@ import accelerate, accelerate.accelerator  # two patched modules of the same lib
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("LOG WARNING")]
-    assert len(warnings) == 1 and "anon_hf supports accelerate>=99" in warnings[0], result.stderr[-3000:]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert "anon_hf patches accelerate, and accelerate" in warnings[0] and "outside >=99" in warnings[0]
+    assert "DeepSpeedCPUAdam" in warnings[0]  # the feature that may break is named
 
 
 def test_unreadable_version_is_reported_not_raised(monkeypatch, caplog):

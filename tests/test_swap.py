@@ -111,7 +111,9 @@ def test_the_other_anon_class_is_a_swap_too(tmp_path):
 
     model = tiny.tiny_llama()
     trainer = AnonInstead(model=model, args=args(tmp_path, optim="anon_8bit"), train_dataset=tiny.TokenDataset())
-    with pytest.raises(OptimizerReplacedError, match=r"asks for Anon8bit, but the optimizer that would train is Anon \("):
+    with pytest.raises(
+        OptimizerReplacedError, match=r"asks for Anon8bit, but the optimizer that would train is Anon \("
+    ):
         trainer.train()
     assert trainer.state.global_step == 0
 
@@ -121,7 +123,9 @@ def test_an_optimizer_replaced_after_the_trainer_was_built_is_reported(tmp_path)
     anon = Anon(model.parameters(), lr=1e-3)
     trainer = Trainer(model=model, args=args(tmp_path), train_dataset=tiny.TokenDataset(), optimizers=(anon, None))
     trainer.optimizer = CountingSGD(model.parameters(), lr=0.1)
-    with pytest.raises(OptimizerReplacedError, match=r"Trainer\(optimizers=...\) asks for Anon.*set trainer.optimizer"):
+    with pytest.raises(
+        OptimizerReplacedError, match=r"Trainer\(optimizers=...\) asks for Anon.*set trainer.optimizer"
+    ):
         trainer.train()
 
 

@@ -175,8 +175,8 @@ def _require_registered(use: str) -> None:
         raise PatchError(
             f"{use} needs optim='anon' registered with transformers, and this transformers has neither "
             "transformers.trainer_optimizer._OPTIMIZER_HANDLERS nor Trainer.get_optimizer_cls_and_kwargs (or was "
-            f"not imported yet). anon_hf supports transformers{SUPPORTED_TRANSFORMERS}: pip install "
-            f"'transformers{SUPPORTED_TRANSFORMERS}'.{_WAY_OUT}"
+            f"not imported yet). anon_hf supports transformers{SUPPORTED_TRANSFORMERS} (the releases its tests ran "
+            f"against).{_WAY_OUT}"
         )
 
 

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import Report, init_process_group, run_cases, tiny_llama  # noqa: E402
 from trainer_worker import TokenDataset, recipe, reset_accelerate_state, training_args  # noqa: E402
 
-from _common import Report, init_process_group, run_cases, tiny_llama  # noqa: E402
 from anon_hf.integrations.routes import find_anon  # noqa: E402
 
 
