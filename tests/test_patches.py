@@ -299,3 +299,41 @@ def test_a_new_hyperparameter_needs_no_edit_in_the_integration(monkeypatch):
         ValueError, match=r"toy='x' is not valid \(could not convert string to float: 'x'; allowed: float"
     ):
         parse_optim_args("toy=x", Toy, "toy")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trl_version", ["0.24.0", "1.9.0"])  # LLaMA-Factory 0.9.5's cap and axolotl 0.19's pin
+def test_no_version_warning_with_the_trl_a_framework_installs(tmp_path, trl_version):
+    """A venv on top of this one (a .pth file) with only TRL replaced, from the registry: importing anon_hf, TRL's
+    SFT trainer and TrainingArguments(optim="anon") logs no warning at all."""
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(purelib, "_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", f"trl=={trl_version}"], capture_output=True, text=True
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"trl {trl_version} could not be installed from the package index: {pip.stderr[-300:]}")
+    code = """
+import logging
+logging.basicConfig(format="LOG %(levelname)s %(name)s %(message)s")
+import anon_hf, trl
+from trl import SFTTrainer
+from transformers import TrainingArguments
+TrainingArguments("out", optim="anon", report_to="none", use_cpu=True)
+print("trl", trl.__version__)
+"""
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"trl {trl_version}" in result.stdout
+    assert [line for line in result.stderr.splitlines() if line.startswith("LOG WARNING")] == []
