@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 from .backends.eager import _multi_tensor_anon, _single_tensor_anon
-from .refresh import NONFINITE_POLICIES, NonFinitePreconditionerError
-from .schedule import RefreshSchedule
+from .distributed.dtensor import all_ranks_agree, device_meshes, local_shards
+from .hyper import NONFINITE_POLICIES
+from .refresh import NonFinitePreconditionerError, refresh_verdicts
+from .schedule import RefreshSchedule, is_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
 
@@ -62,23 +64,7 @@ def anon(
         raise ValueError(f"Invalid on_nonfinite value: {on_nonfinite!r} (allowed: 'raise', 'skip')")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if fused:
-        from .backends.fused import _fused_anon
-
-        func = _fused_anon
-    else:
-        if foreach is None:
-            foreach = _default_foreach(params)
-        if foreach and torch.jit.is_scripting():
-            raise RuntimeError("torch.jit.script not supported with foreach optimizers")
-        func = _multi_tensor_anon if foreach else _single_tensor_anon
-    return func(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        preconds,
-        state_steps,
+    hyper = dict(
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -94,6 +80,52 @@ def anon(
         maximize=maximize,
         on_nonfinite=on_nonfinite,
     )
+    lists = [params, grads, exp_avgs, exp_avg_sqs, preconds]
+    meshes = device_meshes(params)
+    if meshes:
+        # FSDP2 (DTensor) tensors step on their local shards: the update is elementwise, and only a refresh's
+        # verdict needs the other ranks, so that all of them raise together or none does.
+        lists = [local_shards(tensors) for tensors in lists]
+        if on_nonfinite == "raise":
+            _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, hyper)
+    return _backend(lists[0], foreach, fused)(*lists, state_steps, **hyper)
+
+
+def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None):
+    """The backend function for these flags: torch.optim's choice, with the fused path only when asked for."""
+    if fused:
+        from .backends.fused import _fused_anon
+
+        return _fused_anon
+    if foreach is None:
+        foreach = _default_foreach(params)
+    if foreach and torch.jit.is_scripting():
+        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    return _multi_tensor_anon if foreach else _single_tensor_anon
+
+
+def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, hyper) -> None:
+    """At a refresh, raise :class:`NonFinitePreconditionerError` on every rank when any rank's shard of a tensor
+    would store a non-finite accumulator or preconditioner (one all-reduce per mesh dimension; nothing written).
+
+    ``lists``: the local shards of params, grads, exp_avgs, exp_avg_sqs, preconds; ``params`` the DTensors."""
+    preconds = lists[4]
+    due_at: dict[int, list[int]] = {}
+    for i, step in enumerate(state_steps):
+        if preconds and is_refresh_step(int(step.item()) + 1, hyper["refresh"]):
+            due_at.setdefault(int(step.item()) + 1, []).append(i)
+    if not due_at:
+        return
+    keys = ("refresh", "beta2", "gamma", "eps", "beta3", "keep_unseen", "weight_decay", "maximize")
+    decay = {key: hyper[key] for key in keys} | {"l2": not hyper["decoupled_weight_decay"]}
+    verdicts: dict[int, bool] = {}
+    for step, indices in due_at.items():
+        verdicts.update(refresh_verdicts(*lists, indices, step, **decay))
+    order = sorted(verdicts)
+    agreed = all_ranks_agree([verdicts[i] for i in order], meshes, lists[0][0].device)
+    bad = [i for i, ok in zip(order, agreed, strict=True) if not ok]
+    if bad:
+        raise NonFinitePreconditionerError(int(state_steps[bad[0]].item()) + 1, bad[0], tuple(params[bad[0]].shape))
 
 
 def _default_foreach(params: list[Tensor]) -> bool:
