@@ -102,8 +102,8 @@ def _why(trainer: Any, args: Any, inner: Any) -> str:
     block = (config or {}).get("optimizer")
     if isinstance(block, dict) and anon_name_for_config_type(block.get("type")) is None:
         return (
-            f'The DeepSpeed config\'s optimizer block ("type": {block.get("type")!r}) builds it. Remove that block, or '
-            'set "type": "Anon" in it.'
+            f'The DeepSpeed config\'s optimizer block ("type": {block.get("type")!r}) builds it. Remove that block, '
+            'or set "type": "Anon" in it.'
         )
     options = [
         text for holder, flag, text in _FRAMEWORK_OPTIONS if getattr(getattr(trainer, holder, None), flag, False)
@@ -123,7 +123,7 @@ def _why(trainer: Any, args: Any, inner: Any) -> str:
 
 
 def check_optimizer_that_trains(requested: RequestedAnon, optimizer: Any, trainer: Any = None, args: Any = None):
-    """Raise :class:`OptimizerReplacedError` unless ``optimizer`` (as wrapped for training) holds ``requested``'s class.
+    """Raise :class:`OptimizerReplacedError` unless ``optimizer`` (as wrapped for training) holds the class asked for.
 
     Args:
         requested: what the Trainer was asked for (:func:`requested_anon`).

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import optimizer as _optimizer
+from .. import hyper
 from .. import optimizer8bit as _optimizer8bit
 from ..optimizer import Anon
 from ..optimizer8bit import Anon8bit
@@ -250,9 +250,9 @@ def _validate(group: dict[str, Any], optimizer_cls: type) -> None:
     # throwaway optimizer instead would draw an id from the cross-rank refresh check's counter on this rank only.
     group = {
         **group,
-        **{name: _optimizer._state_dtype(group.get(name)) for name in ("precond_dtype", "moments_dtype")},
+        **{name: hyper.state_dtype(group.get(name)) for name in ("precond_dtype", "moments_dtype")},
     }
-    _optimizer._validate_hyperparameters(group)
+    hyper.validate(group)
     if issubclass(optimizer_cls, Anon8bit):
         _optimizer8bit._validate_min_8bit_size(group.get("min_8bit_size", 1))
 
@@ -298,8 +298,8 @@ def parse_optim_args(
     """Turn ``optim_args`` into keyword arguments for ``optimizer_cls``, checked by Anon's own validator.
 
     Keys and types come from ``optimizer_cls.__init__``'s signature (:func:`optim_args_spec`); the ranges are
-    checked by the validator the constructor runs (``anon_hf.optimizer._validate_hyperparameters``). The result of one text is kept, so the check at argument parsing and the Trainer's
-    handler parse it once per process.
+    checked by the validator the constructor runs (``anon_hf.hyper.validate``). The result of one text is kept,
+    so the check at argument parsing and the Trainer's handler parse it once per process.
 
     Args:
         optim_args: the ``"key=value,key=value"`` string of ``TrainingArguments.optim_args``, or the dict of

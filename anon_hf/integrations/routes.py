@@ -163,8 +163,8 @@ def reconcile_deepspeed_block(block: Any, args: Any) -> None:
         if named is not None:
             raise ValueError(
                 f'--optim {named.optim}, but the DeepSpeed config\'s optimizer block has "type": '
-                f"{block.get('type')!r}: transformers builds the config's optimizer and ignores --optim. Either remove "
-                'the "optimizer" block from the DeepSpeed config (the Trainer then builds '
+                f"{block.get('type')!r}: transformers builds the config's optimizer and ignores --optim. Either "
+                'remove the "optimizer" block from the DeepSpeed config (the Trainer then builds '
                 f'{named.optimizer_cls.__name__} with its decay/no-decay groups), or set "type": '
                 f'"{named.config_type}" in it, or drop --optim {named.optim}.'
             )
