@@ -147,6 +147,47 @@ def test_without_anon_a_custom_optimizer_is_left_alone(tmp_path):
     assert CountingSGD.steps == 2
 
 
+# --- what the check finds inside wrappers, and the reasons it gives (no training) ---------------------------------
+
+
+def requested(name="anon"):
+    from anon_hf.integrations.final_optimizer import RequestedAnon
+    from anon_hf.integrations.optim_args import anon_name_for_optim
+
+    return RequestedAnon(anon_name_for_optim(name), f"optim={name!r}")
+
+
+def check(optimizer, trainer=None, args=None):
+    from anon_hf.integrations.final_optimizer import check_optimizer_that_trains
+
+    check_optimizer_that_trains(requested(), optimizer, trainer, args)
+
+
+def test_anon_inside_accelerate_deepspeed_and_badam_style_wrappers_passes():
+    anon = Anon([torch.zeros(2, requires_grad=True)], lr=1e-3)
+    zero = types.SimpleNamespace(optimizer=anon)  # DeepSpeed's ZeRO optimizer keeps the inner one in .optimizer
+    check(types.SimpleNamespace(optimizer=zero))  # accelerate's wrapper around it
+    check(types.SimpleNamespace(base_optimizer=anon, optimizer=None))  # BAdam's BlockOptimizer
+
+
+def deepspeed_args(config):
+    return types.SimpleNamespace(hf_deepspeed_config=types.SimpleNamespace(config=config))
+
+
+def test_accelerates_offload_swap_is_named_with_its_setting():
+    DeepSpeedCPUAdam = type("DeepSpeedCPUAdam", (), {})
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(OptimizerReplacedError, match=r"is DeepSpeedCPUAdam .*zero_force_ds_cpu_optimizer\" at true"):
+        check(types.SimpleNamespace(optimizer=DeepSpeedCPUAdam()), args=deepspeed_args(config))
+
+
+def test_a_deepspeed_block_of_another_type_is_named():
+    config = {"optimizer": {"type": "AdamW", "params": {}}}
+    inner = torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(OptimizerReplacedError, match=r"optimizer block \(\"type\": 'AdamW'\) builds it"):
+        check(types.SimpleNamespace(optimizer=inner), args=deepspeed_args(config))
+
+
 # --- DeepSpeed: ZeRO-2 on 2 gloo ranks ------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .optim_args import AnonName, anon_name_for_class, anon_name_for_config_type, anon_name_for_optim
-from .routes import _MAX_WRAPPERS, _deepspeed_config, find_anon
+from .routes import _MAX_WRAPPERS, _deepspeed_config, find_anon, wrapped
 
 __all__ = ["OptimizerReplacedError", "RequestedAnon", "check_optimizer_that_trains", "requested_anon"]
 
@@ -33,7 +33,6 @@ _FRAMEWORK_OPTIONS = (
     ("finetuning_args", "use_adam_mini", "LLaMA-Factory's use_adam_mini: true"),
     ("finetuning_args", "use_galore", "LLaMA-Factory's use_galore: true"),
     ("finetuning_args", "use_apollo", "LLaMA-Factory's use_apollo: true"),
-    ("finetuning_args", "use_badam", "LLaMA-Factory's use_badam: true"),
 )
 
 
@@ -70,7 +69,7 @@ def requested_anon(trainer: Any) -> RequestedAnon | None:
 
 def _innermost(optimizer: Any) -> Any:
     for _ in range(_MAX_WRAPPERS):
-        inner = getattr(optimizer, "optimizer", None)
+        inner = wrapped(optimizer)
         if inner is None:
             return optimizer
         optimizer = inner

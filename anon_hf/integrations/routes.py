@@ -199,16 +199,25 @@ def reconcile_deepspeed_block(block: Any, args: Any) -> None:
 _MAX_WRAPPERS = 8
 
 
-def find_anon(optimizer: Any) -> Anon | None:
-    """The :class:`~anon_hf.Anon` inside ``optimizer``, following ``.optimizer`` through wrappers.
+def wrapped(optimizer: Any) -> Any:
+    """The optimizer ``optimizer`` wraps, else None.
 
-    accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO optimizers keep the optimizer they wrap in
-    ``.optimizer``. Returns None when there is no Anon within a few levels.
+    accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO optimizers keep it in ``.optimizer``; BAdam's
+    ``BlockOptimizer`` (LLaMA-Factory's ``use_badam``) in ``.base_optimizer``.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if inner is not None else getattr(optimizer, "base_optimizer", None)
+
+
+def find_anon(optimizer: Any) -> Anon | None:
+    """The :class:`~anon_hf.Anon` inside ``optimizer``, following :func:`wrapped` through wrappers.
+
+    Returns None when there is no Anon within a few levels.
     """
     for _ in range(_MAX_WRAPPERS):
         if optimizer is None or isinstance(optimizer, Anon):
             return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
+        optimizer = wrapped(optimizer)
     return None
 
 
