@@ -274,21 +274,21 @@ def test_unreadable_version_is_reported_not_raised(monkeypatch, caplog):
 @pytest.mark.skipif(not package_version("transformers"), reason="needs transformers (the optim_args parser's home)")
 def test_a_new_hyperparameter_needs_no_edit_in_the_integration(monkeypatch):
     """The core's side of a new keyword (signature, validator) is all optim_args needs."""
-    from anon_hf import optimizer
-    from anon_hf.integrations.transformers import optim_args_spec, parse_optim_args
+    from anon_hf import hyper
+    from anon_hf.integrations.optim_args import optim_args_spec, parse_optim_args
 
     class Toy(Anon):
         def __init__(self, params, lr: float = 1e-3, *, toy: float = 0.5, mode: str = "a", **kwargs):
             super().__init__(params, lr=lr, **kwargs)
 
-    validate = optimizer._validate_hyperparameters
+    validate = hyper.validate
 
     def validate_with_toy(group):
         if not 0.0 <= group["toy"] <= 1.0:
             raise ValueError(f"Invalid toy value: {group['toy']!r} (allowed: [0, 1])")
         validate(group)
 
-    monkeypatch.setattr(optimizer, "_validate_hyperparameters", validate_with_toy)
+    monkeypatch.setattr(hyper, "validate", validate_with_toy)  # the one validator (anon_hf/hyper.py)
     assert optim_args_spec(Toy)["toy"][1] == "float (default 0.5)"
     assert parse_optim_args("toy=0.25,mode=b", Toy, "toy") == {"toy": 0.25, "mode": "b"}
     with pytest.raises(

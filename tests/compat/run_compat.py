@@ -62,7 +62,8 @@ TORCH_TESTS = [
 KERNEL_PROBE = (
     "from anon_hf.backends import cpu_kernel as k; import torch; "
     "reasons = [k.kernel_unavailable_reason(), k.kernel8_unavailable_reason()]; "
-    "print('torch', torch.__version__, 'kernels:', reasons); raise SystemExit(any(reasons))"
+    "print('torch', torch.__version__ + ':', 'both C++ kernels built' if not any(reasons) else reasons); "
+    "raise SystemExit(any(reasons))"
 )
 
 
