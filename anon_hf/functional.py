@@ -8,16 +8,21 @@ Nothing here imports anything but torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .backends.eager import _multi_tensor_anon, _single_tensor_anon
-from .distributed.dtensor import all_ranks_agree, device_meshes, local_shards
-from .hyper import NONFINITE_POLICIES
+from .distributed.dtensor import agreed_verdicts, device_meshes, local_shards, shards_of
+from .hyper import HYPERPARAMETERS, NONFINITE_POLICIES
 from .refresh import NonFinitePreconditionerError, refresh_verdicts
-from .schedule import RefreshSchedule, is_refresh_step
+from .schedule import is_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
+
+# The hyperparameters the update reads besides lr, beta1 and beta2, with Anon's defaults.
+_UPDATE_DEFAULTS = {row.name: row.default for row in HYPERPARAMETERS if row.functional}
 
 
 def anon(
@@ -30,20 +35,7 @@ def anon(
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    gamma: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool = True,
-    refresh: RefreshSchedule = "pow2",
-    beta3: float = 0.5,
-    keep_unseen: bool = True,
-    max_precond_ratio: float | None = 10.0,
-    bounds: tuple[float | None, float | None] | None = None,
-    maximize: bool = False,
-    on_nonfinite: str = "raise",
+    **hyper: Any,
 ) -> list[int]:
     r"""Functional API that performs the Anon computation; see :class:`anon_hf.Anon` for the math.
 
@@ -52,43 +44,48 @@ def anon(
     ``state_steps`` holds one 0-d CPU tensor per parameter and is incremented in place; refreshes follow each
     tensor's own step. Returns the sorted distinct steps at which a refresh happened in this call.
 
-    ``fused=True`` updates each tensor in one pass (``anon_hf.backends.fused``: a C++ kernel on CPU, ``torch.compile``'d
-    graphs elsewhere), falling back to foreach where it cannot; ``None`` never builds or compiles anything (see
-    :class:`anon_hf.Anon`).
+    ``hyper``: ``lr``, ``beta1`` and ``beta2`` (required, floats), and any hyperparameter of
+    :data:`anon_hf.hyper.HYPERPARAMETERS` that the update reads (``gamma``, ``eps``, ``weight_decay``,
+    ``decoupled_weight_decay``, ``refresh``, ``beta3``, ``bounds``, ``keep_unseen``, ``max_precond_ratio``,
+    ``maximize``, ``on_nonfinite``), each defaulting as in :class:`anon_hf.Anon`; the ranges are the class's to check.
+
+    ``fused=True`` updates each tensor in one pass (``anon_hf.backends.fused``: a C++ kernel on CPU,
+    ``torch.compile``'d graphs elsewhere), falling back to foreach where it cannot; ``None`` never builds or compiles
+    anything (see :class:`anon_hf.Anon`). DTensor (FSDP2) tensors step on their local shards.
     """
+    hyper = _with_defaults(hyper)
     if preconds and len(preconds) != len(params):
         raise ValueError(
             f"preconds must be empty or have one tensor per param: got {len(preconds)} for {len(params)} params"
         )
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid on_nonfinite value: {on_nonfinite!r} (allowed: 'raise', 'skip')")
+    if hyper["on_nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid on_nonfinite value: {hyper['on_nonfinite']!r} (allowed: 'raise', 'skip')")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    hyper = dict(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        gamma=gamma,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        refresh=refresh,
-        beta3=beta3,
-        keep_unseen=keep_unseen,
-        max_precond_ratio=max_precond_ratio,
-        bounds=bounds,
-        maximize=maximize,
-        on_nonfinite=on_nonfinite,
-    )
-    lists = [params, grads, exp_avgs, exp_avg_sqs, preconds]
+    backend = _backend(params, foreach, fused)
     meshes = device_meshes(params)
-    if meshes:
-        # FSDP2 (DTensor) tensors step on their local shards: the update is elementwise, and only a refresh's
-        # verdict needs the other ranks, so that all of them raise together or none does.
-        lists = [local_shards(tensors) for tensors in lists]
-        if on_nonfinite == "raise":
-            _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, hyper)
-    return _backend(lists[0], foreach, fused)(*lists, state_steps, **hyper)
+    if not meshes:
+        return backend(params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps, **hyper)
+    # FSDP2 (DTensor) tensors step on their local shards: the update is elementwise, and only a refresh's verdict
+    # needs the other ranks, so that all of them raise together or none does. The fused path agrees on the verdicts
+    # it gathers before writing; the eager paths decide per tensor while writing, so they are asked first.
+    lists = [local_shards(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs, preconds)]
+    with shards_of(meshes):
+        if hyper["on_nonfinite"] == "raise" and not fused:
+            _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper)
+        return backend(*lists, state_steps, **hyper)
+
+
+def _with_defaults(hyper: dict[str, Any]) -> dict[str, Any]:
+    """``hyper`` completed with the table's defaults; a missing ``lr``/``beta1``/``beta2`` or an unknown keyword raises
+    ``TypeError`` as a Python signature would."""
+    missing = [name for name in ("lr", "beta1", "beta2") if name not in hyper]
+    if missing:
+        raise TypeError(f"anon() missing required keyword argument {missing[0]!r}")
+    unknown = sorted(set(hyper) - {"lr", "beta1", "beta2"} - set(_UPDATE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"anon() got an unexpected keyword argument {unknown[0]!r}")
+    return {**_UPDATE_DEFAULTS, **hyper}
 
 
 def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None):
@@ -104,9 +101,10 @@ def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None):
     return _multi_tensor_anon if foreach else _single_tensor_anon
 
 
-def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, hyper) -> None:
+def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper) -> None:
     """At a refresh, raise :class:`NonFinitePreconditionerError` on every rank when any rank's shard of a tensor
-    would store a non-finite accumulator or preconditioner (one all-reduce per mesh dimension; nothing written).
+    would store a non-finite accumulator or preconditioner (one all-reduce per mesh dimension, within
+    :func:`~anon_hf.distributed.dtensor.shards_of`; nothing written).
 
     ``lists``: the local shards of params, grads, exp_avgs, exp_avg_sqs, preconds; ``params`` the DTensors."""
     preconds = lists[4]
@@ -121,9 +119,8 @@ def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, meshes, h
     verdicts: dict[int, bool] = {}
     for step, indices in due_at.items():
         verdicts.update(refresh_verdicts(*lists, indices, step, **decay))
-    order = sorted(verdicts)
-    agreed = all_ranks_agree([verdicts[i] for i in order], meshes, lists[0][0].device)
-    bad = [i for i, ok in zip(order, agreed, strict=True) if not ok]
+    verdicts = agreed_verdicts(verdicts, lists[0][0].device)
+    bad = sorted(i for i, ok in verdicts.items() if not ok)
     if bad:
         raise NonFinitePreconditionerError(int(state_steps[bad[0]].item()) + 1, bad[0], tuple(params[bad[0]].shape))
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_ranks_agree", "device_meshes", "full", "is_dtensor", "local", "local_shards"]
+__all__ = [
+    "agreed_verdicts",
+    "all_ranks_agree",
+    "device_meshes",
+    "full",
+    "is_dtensor",
+    "local",
+    "local_shards",
+    "shards_of",
+]
 
 
 @functools.cache
@@ -66,3 +78,28 @@ def all_ranks_agree(flags: list[bool], meshes: list, device: torch.device) -> li
         for dim in range(mesh.ndim):
             dist.all_reduce(reduced, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
     return [bool(flag) for flag in reduced.tolist()]
+
+
+# The meshes whose ranks hold the other shards of the tensors being stepped (set by anon_hf.functional.anon around a
+# backend call on local shards; empty otherwise).
+_MESHES: contextvars.ContextVar[tuple] = contextvars.ContextVar("anon_hf_shard_meshes", default=())
+
+
+@contextlib.contextmanager
+def shards_of(meshes: list) -> Iterator[None]:
+    """While active, :func:`agreed_verdicts` AND-s a refresh's verdicts over the ranks of ``meshes``."""
+    token = _MESHES.set(tuple(meshes))
+    try:
+        yield
+    finally:
+        _MESHES.reset(token)
+
+
+def agreed_verdicts(verdicts: dict[int, bool], device: torch.device) -> dict[int, bool]:
+    """``verdicts`` (tensor index -> finite) as every rank of the active :func:`shards_of` meshes sees them: one
+    all-reduce per mesh dimension, which every rank reaches with the same indices; unchanged outside them."""
+    meshes = _MESHES.get()
+    if not meshes or not verdicts:
+        return verdicts
+    order = sorted(verdicts)
+    return dict(zip(order, all_ranks_agree([verdicts[i] for i in order], list(meshes), device), strict=True))
