@@ -80,7 +80,7 @@ FRAMEWORKS = {
             stubs=("torchaudio",),
         ),
         Framework("axolotl", "axolotl", ("axolotl==0.19.0",), "axolotl", remove=("torchvision", "torchaudio")),
-        Framework("torchtune", "torchtune", ("torchtune==0.6.1", "torchao==0.18.0"), "tune"),
+        Framework("torchtune", "torchtune", ("torchtune==0.6.1", "torchao==0.13.0"), "tune"),
     )
 }
 

@@ -10,7 +10,8 @@ checked:
   after epoch 1 equal the uninterrupted run's bit for bit (torchtune saves the optimizer only between epochs, so
   the final optimizer state cannot be compared; the weights after 4 more Anon steps depend on all of it);
 * the FSDP2 distributed recipe (``tune run --nproc_per_node 2 full_finetune_distributed``, gloo on CPU): Anon
-  steps DTensor shards, and the saved state is Anon's;
+  steps DTensor shards, and the saved state is Anon's. The recipe runs from a ``tune cp`` copy with two CUDA-only
+  calls made conditional (``CPU_FIXES``): as released it raises on CPU before the first step;
 * LoRA, one process: Anon's state for the adapter weights only.
 """
 
@@ -110,6 +111,9 @@ def test_full_finetune_and_bitwise_resume(assets, tmp_path):
     shutil.copytree(full / "epoch_0", resumed / "epoch_0")
     shutil.copytree(full / "recipe_state", resumed / "recipe_state")
     again = tiny_config("torchtune_full_finetune.yaml", assets, resumed, resume_from_checkpoint=True)
+    # torchtune 0.6.1 resumes a full fine-tune from the weights named relative to output_dir.
+    (weights,) = (resumed / "epoch_0").glob("model-*.safetensors")
+    again["checkpointer"]["checkpoint_files"] = [str(weights.relative_to(resumed))]
     tune(resumed, again, ["full_finetune_single_device"])
     expected = final_weights(full, 1)
     harness.assert_bitwise_equal(expected, final_weights(resumed, 1), "epoch_1 weights")
@@ -117,9 +121,38 @@ def test_full_finetune_and_bitwise_resume(assets, tmp_path):
     assert any(not start[name].equal(expected[name]) for name in expected)
 
 
+# torchtune 0.6.1's distributed recipe calls two CUDA-only helpers whatever the device, and both raise on CPU: the
+# memory stats at set-up, and empty_cache (which torch.cpu lacks) before training.
+CPU_FIXES = (
+    (
+        "        if self._is_rank_zero:\n            memory_stats = training.get_memory_stats(",
+        '        if self._is_rank_zero and self._device.type == "cuda":\n            memory_stats = training.get_memory_stats(',
+    ),
+    (
+        "        training.cleanup_before_training()\n",
+        '        if self._device.type == "cuda":\n            training.cleanup_before_training()\n',
+    ),
+)
+
+
+def cpu_recipe(tmp_path, name: str):
+    """``tune cp`` the recipe, as torchtune suggests for changing one, with its CUDA-only calls made conditional."""
+    recipe = tmp_path / f"{name}_cpu.py"
+    env = harness.environment(FRAMEWORK, tmp_path)
+    harness.run(FRAMEWORK, ["tune", "cp", name, str(recipe)], env, tmp_path)
+    source = recipe.read_text()
+    for old, new in CPU_FIXES:
+        assert source.count(old) == 1, f"the recipe changed: {old!r}"
+        source = source.replace(old, new)
+    recipe.write_text(source)
+    return recipe
+
+
 def test_fsdp2_two_ranks(assets, tmp_path):
     config = tiny_config("torchtune_full_finetune.yaml", assets, tmp_path / "out")
-    tune(tmp_path, config, ["--nproc_per_node", "2", "full_finetune_distributed"])
+    recipe = cpu_recipe(tmp_path, "full_finetune_distributed")
+    # By its file name: `tune run` turns a path into a module name, which must not start with a dot.
+    tune(tmp_path, config, ["--nproc_per_node", "2", recipe.name])
     harness.assert_anon_state(recipe_optimizer_state(tmp_path / "out"))
 
 
