@@ -141,6 +141,8 @@ def environment(framework: Framework, home: Path, **extra: str) -> dict[str, str
         HF_HOME=str(home / "hf-home"),
         TOKENIZERS_PARALLELISM="false",
         WANDB_MODE="disabled",
+        DO_NOT_TRACK="1",  # axolotl's telemetry would retry an unreachable host
+        AXOLOTL_DO_NOT_TRACK="1",
         DS_ACCELERATOR="cpu",
         TORCH_EXTENSIONS_DIR=str(VENVS / "torch_extensions"),
     )
