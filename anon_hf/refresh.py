@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .distributed.dtensor import full
+from .hyper import NONFINITE_POLICIES
 from .schedule import RefreshSchedule, previous_refresh_step
 
 __all__ = [
@@ -182,9 +183,6 @@ def refreshed_preconditioner(
             u = mean if seen is None else torch.where(seen, mean, u)
         new = u.rsqrt_()
     return torch.where(accumulator == 0, previous, new) if keep_unseen else new
-
-
-NONFINITE_POLICIES = ("raise", "skip")
 
 
 class NonFinitePreconditionerError(FloatingPointError):
