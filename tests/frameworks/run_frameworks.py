@@ -2,8 +2,8 @@
 
 For each framework of ``harness.FRAMEWORKS`` (or those named by ``--frameworks``) this builds its venv under
 ``.frameworks/<name>`` once (``harness.setup``: on top of the environment running this script, torch reused), then
-runs ``tests/frameworks/test_<name>.py`` with the opt-in variable set. The docs-snippet checks
-(``test_snippets.py``) run first. One framework at a time, to spare the cores.
+runs ``tests/frameworks/test_<name>.py`` with the opt-in variable set. The quick checks (the docs' YAML blocks,
+the axolotl config check) run first. One framework at a time, to spare the cores.
 
 Results go to ``.frameworks/results.json`` and, as a Markdown table, to stdout. Exit status 1 if any failed.
 Usage: ``python tests/frameworks/run_frameworks.py [--frameworks llamafactory axolotl torchtune]``.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import harness
 
-PYTEST_ARGS = ["-m", "frameworks", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rs"]
+PYTEST_ARGS = ["-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rs"]
 # The versions shown in the results: the framework and what it pins that anon-hf touches.
 REPORTED = ("transformers", "accelerate", "trl", "peft", "datasets", "torch")
 
@@ -42,11 +42,11 @@ def installed_versions(framework: harness.Framework) -> dict[str, str]:
     return json.loads(result.stdout)
 
 
-def run_tests(paths: list[Path]) -> tuple[bool, str, str]:
+def run_tests(paths: list[Path], marker: list[str]) -> tuple[bool, str, str]:
     """pytest on ``paths`` in this interpreter; (passed, summary line, tail of the output)."""
     env = dict(os.environ, **{harness.OPT_IN: "1"})
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", *map(str, paths), *PYTEST_ARGS],
+        [sys.executable, "-m", "pytest", *map(str, paths), *marker, *PYTEST_ARGS],
         capture_output=True,
         text=True,
         env=env,
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     harness.VENVS.mkdir(exist_ok=True)
     here = Path(__file__).parent
-    ok, summary, _ = run_tests([here / "test_snippets.py"])
+    ok, summary, _ = run_tests([here / "test_snippets.py", here / "test_axolotl_check.py"], [])
     results = {"snippets": {"passed": ok, "summary": summary}}
     for name in args.frameworks:
         framework = harness.FRAMEWORKS[name]
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{framework.title}: setting up {framework.venv} ...", flush=True)
         harness.setup(framework)
         setup_seconds = round(time.monotonic() - start)
-        ok, summary, tail = run_tests([here / f"test_{name}.py"])
+        ok, summary, tail = run_tests([here / f"test_{name}.py"], ["-m", "frameworks"])
         results[name] = {
             "passed": ok,
             "summary": summary,
