@@ -74,14 +74,6 @@ class Hyperparameter:
     functional: bool = True
 
 
-def _in_range(name: str, valid: Callable[[Any], bool], allowed: str, label: str | None = None):
-    def check(value: Any) -> None:
-        if not valid(value):
-            raise ValueError(f"Invalid {label or name} value: {value!r} (allowed: {allowed})")
-
-    return check
-
-
 def _check_lr(lr: Any) -> None:
     value = lr
     if isinstance(lr, Tensor):
@@ -113,77 +105,81 @@ def _check_bounds(bounds: Any) -> None:
         raise ValueError(f"Invalid bounds value: lo={lo} > hi={hi} (allowed: None or (lo, hi) with lo <= hi)")
 
 
-def _flag(name: str, default: bool | None, allowed: tuple = (True, False)) -> Hyperparameter:
-    """A flag: ``bool`` (checked by identity, so 1 is refused), or with ``None`` in ``allowed`` tri-state ``None``
-    (auto) / True / False, passed to the backends' dispatch rather than to their arithmetic."""
-    if None in allowed:
-        return Hyperparameter(
-            name, default, _in_range(name, lambda v: v in allowed, "None, True or False"), False, False
+def _check_gamma(gamma: Any) -> None:
+    if not is_real_number(gamma) or not math.isfinite(gamma):
+        raise ValueError(f"Invalid gamma value: {gamma!r} (allowed: any finite real number, e.g. -0.1, 0, 1, 1.1)")
+
+
+def _check_eps(eps: Any) -> None:
+    if not is_real_number(eps) or not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"Invalid epsilon value: {eps!r} (allowed: a finite float > 0, e.g. 1e-16)")
+
+
+def _check_weight_decay(weight_decay: Any) -> None:
+    if not is_real_number(weight_decay) or not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (allowed: a finite float >= 0)")
+
+
+def _check_beta3(beta3: Any) -> None:
+    if not is_real_number(beta3) or not 0.0 <= beta3 < 1.0:
+        raise ValueError(f"Invalid beta3 value: {beta3!r} (allowed: [0, 1); 0.5 is the paper's mean)")
+
+
+def _check_max_precond_ratio(ratio: Any) -> None:
+    if ratio is not None and (not is_real_number(ratio) or not ratio >= 1.0):
+        raise ValueError(
+            f"Invalid max_precond_ratio value: {ratio!r} (allowed: None to turn the limit off, or a float >= 1, "
+            "inf included; 10 is the default)"
         )
-    return Hyperparameter(name, default, _in_range(name, lambda v: v is True or v is False, "True or False"))
+
+
+def _check_on_nonfinite(policy: Any) -> None:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid on_nonfinite value: {policy!r} (allowed: 'raise', 'skip')")
 
 
 def _dtype_row(name: str) -> Hyperparameter:
-    allowed = (
-        "None for the param dtype, torch.float32, torch.bfloat16 or torch.float64, or their names 'float32', 'bf16', "
-        "'bfloat16', 'float64'"
-    )
-    return Hyperparameter(name, None, _in_range(name, lambda value: value in STATE_DTYPES, allowed), functional=False)
+    def check(value: Any) -> None:
+        if value not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid {name} value: {value!r} (allowed: None for the param dtype, torch.float32, torch.bfloat16 or "
+                "torch.float64, or their names 'float32', 'bf16', 'bfloat16', 'float64')"
+            )
+
+    return Hyperparameter(name, None, check, functional=False)
 
 
-def _real(valid: Callable[[float], bool]) -> Callable[[Any], bool]:
-    return lambda value: is_real_number(value) and valid(value)
+def _flag(name: str, default: bool | None, tri_state: bool = False) -> Hyperparameter:
+    """A flag: ``bool`` (checked by type, so 1 is refused), or tri-state ``None`` (auto) / True / False, which goes to
+    the backends' dispatch rather than to their arithmetic."""
+
+    def check(value: Any) -> None:
+        if tri_state and value not in (None, True, False):
+            raise ValueError(f"Invalid {name} value: {value!r} (allowed: None, True or False)")
+        if not tri_state and not isinstance(value, bool):
+            raise ValueError(f"Invalid {name} value: {value!r} (allowed: True or False)")
+
+    return Hyperparameter(name, default, check, functional=not tri_state)
 
 
 HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("lr", 1e-3, _check_lr, number=True, functional=False),
     Hyperparameter("betas", (0.9, 0.999), _check_betas, functional=False),
-    Hyperparameter(
-        "gamma",
-        1.0,
-        _in_range("gamma", _real(math.isfinite), "any finite real number, e.g. -0.1, 0, 1, 1.1"),
-        number=True,
-    ),
-    Hyperparameter(
-        "eps",
-        1e-16,
-        _in_range("eps", _real(lambda v: v > 0.0 and math.isfinite(v)), "a finite float > 0, e.g. 1e-16", "epsilon"),
-        number=True,
-    ),
-    Hyperparameter(
-        "weight_decay",
-        0.0,
-        _in_range("weight_decay", _real(lambda v: v >= 0.0 and math.isfinite(v)), "a finite float >= 0"),
-        number=True,
-    ),
+    Hyperparameter("gamma", 1.0, _check_gamma, number=True),
+    Hyperparameter("eps", 1e-16, _check_eps, number=True),
+    Hyperparameter("weight_decay", 0.0, _check_weight_decay, number=True),
     _flag("decoupled_weight_decay", True),
     Hyperparameter("refresh", "pow2", validate_refresh),
-    Hyperparameter(
-        "beta3",
-        0.5,
-        _in_range("beta3", _real(lambda v: 0.0 <= v < 1.0), "[0, 1); 0.5 is the paper's mean"),
-        number=True,
-    ),
+    Hyperparameter("beta3", 0.5, _check_beta3, number=True),
     Hyperparameter("bounds", None, _check_bounds),
     _flag("keep_unseen", True),
-    Hyperparameter(
-        "max_precond_ratio",
-        10.0,
-        _in_range(
-            "max_precond_ratio",
-            lambda v: v is None or (is_real_number(v) and v >= 1.0),
-            "None to turn the limit off, or a float >= 1, inf included; 10 is the default",
-        ),
-        number=True,
-    ),
+    Hyperparameter("max_precond_ratio", 10.0, _check_max_precond_ratio, number=True),
     _flag("maximize", False),
-    _flag("foreach", None, (None, True, False)),
-    _flag("fused", None, (None, True, False)),
+    _flag("foreach", None, tri_state=True),
+    _flag("fused", None, tri_state=True),
     _dtype_row("precond_dtype"),
     _dtype_row("moments_dtype"),
-    Hyperparameter(
-        "on_nonfinite", "raise", _in_range("on_nonfinite", lambda v: v in NONFINITE_POLICIES, "'raise', 'skip'")
-    ),
+    Hyperparameter("on_nonfinite", "raise", _check_on_nonfinite),
 )
 #: Each hyperparameter's default, by name.
 DEFAULTS: dict[str, Any] = {row.name: row.default for row in HYPERPARAMETERS}
