@@ -113,6 +113,13 @@ PATCHES: tuple[Patch, ...] = (
         ("DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",),
         "loading Anon's precond from a ZeRO-3 universal checkpoint",
     ),
+    Patch(
+        "axolotl.utils.config",
+        "axolotl",
+        "on_axolotl_config_imported",
+        ("validate_config",),
+        "the check of optimizer: anon's optim_args when axolotl validates its config, before the model loads",
+    ),
 )
 
 _MISSING = object()
