@@ -27,7 +27,7 @@ from .optimizer import (
     _update_kwargs,
     _validate_tensor_state,
 )
-from .refresh import limit_mode
+from .refresh import limit_mode, step_rule
 from .schedule import RefreshSchedule, is_refresh_step
 from .storage import quant8, shard8
 
@@ -282,14 +282,15 @@ class Anon8bit(Anon):
         scalar_values = step_scalars_from(kwargs, averaged=False)
         decoupled = kwargs["decoupled_weight_decay"] or kwargs["weight_decay"] == 0
         modes = (not decoupled, kwargs["bounds"] is not None)
-        limit = limit_mode(kwargs["gamma"], kwargs["eps"], kwargs["max_precond_ratio"])
+        rule = step_rule(kwargs["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], kwargs["keep_unseen"])
+        rule = None if rule.estimate_mode is None else rule
         done: set[Tensor] = set()
         for param in picked:
             state = self.state[param]
             per_tensor = per_tensor_scalars([int(state["step"].item()) + 1], kwargs)
             codes = {key: value for key, value in state.items() if key != "step"}
             try:
-                graphs.step_8bit([param], [param.grad], [codes], scalar_values, per_tensor, modes, limit)
+                graphs.step_8bit([param], [param.grad], [codes], scalar_values, per_tensor, modes, rule)
             except graphs.CompileFailed:
                 break
             state["step"] += 1
