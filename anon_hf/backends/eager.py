@@ -162,6 +162,27 @@ def _between_refreshes(
     return used
 
 
+# Elements per chunk of the param update when a step computes preconditioners: the temporaries of one chunk are
+# freed before the next is computed, so the allocator hands the same memory back instead of mapping fresh pages.
+_CHUNK_NUMEL = 1 << 21
+
+
+def _chunks(params: list[Tensor], estimate_mode: str | None) -> list[list[int]]:
+    """Indices of ``params`` in consecutive runs of at most :data:`_CHUNK_NUMEL` elements (a larger tensor alone),
+    or all in one run when the step computes no estimate (no temporaries)."""
+    if estimate_mode is None:
+        return [list(range(len(params)))]
+    chunks: list[list[int]] = [[]]
+    numel = 0
+    for i, param in enumerate(params):
+        if chunks[-1] and numel + param.numel() > _CHUNK_NUMEL:
+            chunks.append([])
+            numel = 0
+        chunks[-1].append(i)
+        numel += param.numel()
+    return chunks
+
+
 def _foreach_update_params_(
     params: list[Tensor],
     exp_avgs: list[Tensor],
@@ -276,21 +297,24 @@ def _multi_tensor_anon(
                 keep_unseen=keep_unseen,
                 on_nonfinite=on_nonfinite,
             )
-        preconds_c = device_preconds if compute is None else [v.to(compute) for v in device_preconds]
-        if preconditioned:
-            preconds_c = _between_refreshes(
-                sqs_c,
+        rule = dict(beta2=beta2, gamma=gamma, eps=eps, keep_unseen=keep_unseen, max_ratio=max_precond_ratio)
+        mode = step_rule(gamma, eps, max_precond_ratio, keep_unseen).estimate_mode if preconditioned else None
+        for chunk in _chunks(device_params, mode):
+            preconds_c = []
+            if preconditioned:
+                preconds_c = [device_preconds[i] if compute is None else device_preconds[i].to(compute) for i in chunk]
+                sqs_chunk, stored = [sqs_c[i] for i in chunk], [device_preconds[i] for i in chunk]
+                steps_chunk = [steps[i] for i in chunk]
+                preconds_c = _between_refreshes(sqs_chunk, preconds_c, stored, steps_chunk, refresh=refresh, **rule)
+            _foreach_update_params_(
+                [device_params[i] for i in chunk],
+                [exp_avgs_c[i] for i in chunk],
                 preconds_c,
-                device_preconds,
-                steps,
-                refresh=refresh,
-                beta2=beta2,
-                gamma=gamma,
-                eps=eps,
-                keep_unseen=keep_unseen,
-                max_ratio=max_precond_ratio,
+                [steps[i] for i in chunk],
+                lr=lr,
+                beta1=beta1,
+                bounds=bounds,
             )
-        _foreach_update_params_(device_params, exp_avgs_c, preconds_c, steps, lr=lr, beta1=beta1, bounds=bounds)
     return sorted(refreshed)
 
 
