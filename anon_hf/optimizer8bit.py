@@ -27,7 +27,7 @@ from .optimizer import (
     _update_kwargs,
     _validate_tensor_state,
 )
-from .refresh import limit_mode, step_rule
+from .refresh import step_rule
 from .schedule import RefreshSchedule, is_refresh_step
 from .storage import quant8, shard8
 
@@ -217,10 +217,11 @@ class Anon8bit(Anon):
         """Step with the C++ kernel the tensors it takes this step (no refresh due); returns them."""
         from .backends import cpu_kernel
 
-        limit = _KERNEL8_LIMITS[limit_mode(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"])]
         picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
         if not picked or cpu_kernel.kernel8_unavailable_reason() is not None:
             return set()
+        rule = step_rule(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], kwargs["keep_unseen"])
+        estimate = 0 if rule.estimate_mode is None else cpu_kernel.kernel8().ESTIMATE_MODES[rule.estimate_mode]
         weight_decay, decoupled = kwargs["weight_decay"], kwargs["decoupled_weight_decay"]
         values = step_scalars_from(kwargs, averaged=False)
         scalars = [values[SLOT[name]] for name in _KERNEL8_SLOTS]
@@ -244,7 +245,7 @@ class Anon8bit(Anon):
                 scalars,
                 not decoupled and weight_decay != 0,
                 kwargs["bounds"] is not None,
-                limit if preconditioned else 0,
+                *((estimate, rule.limit, rule.late_seen) if preconditioned else (0, False, False)),
             )
             stats["kernel"] += 1
         return set(picked)
@@ -371,9 +372,6 @@ _CODEC_KINDS = {"exp_avg": 0, "exp_avg_sq": 1, "precond": 2}
 
 # The scalars of the 8-bit kernel (csrc/anon_cpu_8bit.cpp's Slot), in its order, by their names in step_scalars.
 _KERNEL8_SLOTS = ("decay", "weight1", "beta2", "weight2", "sign", "l2", "lo", "hi", "eps", "max_ratio", "gamma")
-# The 8-bit kernel's limit modes (its Limit) for limit_mode's answers: gamma == 1 takes a square root, other gammas
-# exp2 and log2 (their log-space form, "log", is what the kernel computes anyway).
-_KERNEL8_LIMITS = {None: 0, "one": 1, "pow": 2, "log": 2}
 
 
 def _cpu_codec():

@@ -420,3 +420,90 @@ def test_cpu_codecs_match_the_torch_codecs(numel):
         first, last = _quant8.QUANTIZED_KEYS[key][0], _quant8.QUANTIZED_KEYS[key][-1]
         codec.decode(kind, expected[key], expected[first], expected[last], decoded)
         torch.testing.assert_close(decoded, _quant8.dequantize(key, expected), rtol=2e-6, atol=0)
+
+
+# The step rule between refreshes (anon_hf.refresh.StepRule) in the 8-bit kernel, called directly: 4,096 + 77
+# elements (16 whole blocks and a tail), v == 0 (code 0) on every 7th element of the first 600 and of the tail, and of
+# those every other one with neither an accumulator nor a gradient.
+def _rule_state8(seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    numel = 4096 + 77
+    draw = lambda scale=1.0: torch.randn(numel, generator=generator) * scale  # noqa: E731
+    param, grad, exp_avg, exp_avg_sq = draw(), draw(0.1), draw(0.1), draw(0.1).square()
+    precond = (draw(0.5).exp() * 3.0).clamp(min=0.1)
+    unseen = torch.zeros(numel, dtype=torch.bool)
+    unseen[:600:7] = unseen[4096::7] = True
+    never = torch.zeros(numel, dtype=torch.bool)
+    never[:600:14] = never[4096::14] = True
+    precond[unseen] = 0.0
+    exp_avg_sq[never], grad[never], exp_avg[never] = 0.0, 0.0, 0.0
+    state = {}
+    for key, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("precond", precond)):
+        state.update(_quant8.quantize(key, value))
+    return param, grad, state, unseen & ~never, never
+
+
+@pytest.mark.parametrize("late_seen", [True, False], ids=["late_seen", "no_late_seen"])
+@pytest.mark.parametrize("limit", [True, False], ids=["limit", "no_limit"])
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 3.0, -0.5], ids=["one", "pow", "log", "negative"])
+def test_the_8bit_kernel_step_rule_matches_a_plain_evaluation(gamma, limit, late_seen):
+    from anon_hf.backends.fused.scalars import SLOT, step_scalars
+    from anon_hf.optimizer8bit import _KERNEL8_SLOTS
+    from anon_hf.refresh import refresh_mode
+
+    _kernel_or_skip()
+    if limit and gamma <= 0:
+        pytest.skip("the limit applies only with gamma > 0 (refresh.limit_applies)")
+    lr, beta1, beta2, eps, ratio, neg_step_size, inv_bias2 = 0.01, 0.9, 0.99, 1e-8, 2.0, -0.02, 30.0
+    param, grad, state, late, never = _rule_state8()
+    # By hand, in float64, from the decoded state and the StepRule docstring.
+    m, s, v = (_quant8.dequantize(key, state).double() for key in ("exp_avg", "exp_avg_sq", "precond"))
+    g = grad.double()
+    m = m + (g - m) * (1 - beta1)
+    s = s * beta2 + g * g * (1 - beta2)
+    est = (s * inv_bias2 + eps) ** (-gamma / 2)
+    used = torch.minimum(v, ratio * est) if limit else v
+    if late_seen:
+        used = torch.where(v == 0, torch.where(s > 0, est, torch.zeros_like(est)), used)
+    expected = param.double() + m * used * neg_step_size
+
+    kernel = _cpu_kernel.kernel8()
+    values = step_scalars(lr=lr, beta1=beta1, beta2=beta2, gamma=gamma, eps=eps, weight_decay=0.0,
+                          decoupled_weight_decay=True, beta3=0.9, bounds=None, maximize=False,
+                          max_precond_ratio=ratio, averaged=False)  # fmt: skip
+    mode = refresh_mode(gamma, eps) if limit or late_seen else None
+    estimate = 0 if mode is None else kernel.ESTIMATE_MODES[mode]
+    keys = ["exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_max", "precond", "precond_log2_min"]
+    step = torch.tensor(5.0)
+    kernel.anon8_step(
+        [param], [grad], *[[state[key]] for key in keys + ["precond_log2_max"]], [step], [neg_step_size],
+        [inv_bias2], [values[SLOT[name]] for name in _KERNEL8_SLOTS], False, False, estimate, limit, late_seen,
+    )  # fmt: skip
+    torch.testing.assert_close(param.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_quant8.dequantize("exp_avg_sq", state).double(), s, rtol=7e-2, atol=0.0)
+    if late_seen:  # unseen weights with a gradient step; those without one stand still
+        assert ((param.double() - _rule_state8()[0].double()).abs()[late] > 1e-5).all()
+        assert torch.equal(param[never], _rule_state8()[0][never])
+
+
+@pytest.mark.skipif(
+    _cpu_kernel._capability() != "AVX512",
+    reason="this CPU's kernel builds have no AVX-512 version: the step rule tests above already run what it builds",
+)
+def test_the_avx2_builds_step_rule_matches_a_plain_evaluation_too(tmp_path):
+    # Both kernels built for AVX2 (torch reports AVX2 under ATEN_CPU_CAPABILITY): the fp32 kernel's at::vec on 8
+    # lanes, the 8-bit kernel's AVX2 whole blocks and plain-loop tails.
+    _kernel_or_skip()
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "step_rule_matches"]
+    command += [str(tests / "test_anon8bit.py"), str(tests / "test_cpu_kernel.py")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"^42 passed, 6 skipped", result.stdout, re.MULTILINE), result.stdout[-2000:]
+    check = (
+        "from anon_hf.backends import cpu_kernel as k; k.kernel8_unavailable_reason(); print(k.kernel8().AVX2_STEP)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True).stdout.strip() == "True"
+    )

@@ -205,7 +205,8 @@ def test_the_kernel_refuses_mismatched_lists_before_writing():
     param, grad, exp_avg = torch.randn(5), torch.randn(5), torch.zeros(5)
     original = param.clone()
     scalars = [1.0, 0.1, 0.999, 0.001, 1.0, 0.0, -1e30, 1e30] + [0.0] * 5
-    flags = (False, False, 0, False, False, 0, False, [])  # l2, bounds, refresh, has_prev, keep_unseen, limit, ...
+    # l2, bounds, refresh, has_prev, keep_unseen, estimate, limit, late_seen, check_only, keep
+    flags = (False, False, 0, False, False, 0, False, False, False, [])
     with pytest.raises(RuntimeError, match="one entry per tensor"):
         module.anon_step([param], [grad], [exp_avg], [], [], [], [-0.1, -0.1], [1.0, 1.0], scalars, *flags)
     with pytest.raises(RuntimeError, match="one entry per tensor"):
@@ -257,3 +258,74 @@ def test_preconditioners_outside_the_checks_shortcut_range_match_foreach(gamma):
     for fused, foreach in zip(*results, strict=True):
         assert torch.isfinite(fused).all()
         torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)
+
+
+# The step rule between refreshes (anon_hf.refresh.StepRule), called through the kernel's adapter: 1,037 elements
+# (32 whole blocks and a tail), v == 0 on every 7th element of the first 300 (so some blocks have such a lane and the
+# rest do not), and of those, every other one with neither an accumulator nor a gradient (s stays 0).
+RULE_NUMEL = 1037
+
+
+def _rule_inputs(dtype, seed=6):
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda scale=1.0: torch.randn(RULE_NUMEL, generator=generator, dtype=torch.float64) * scale  # noqa: E731
+    param, grad, exp_avg = draw(), draw(0.1), draw(0.1)
+    exp_avg_sq = draw(0.1).square()
+    precond = (draw(0.5).exp() * 3.0).clamp(min=0.1)
+    unseen = torch.zeros(RULE_NUMEL, dtype=torch.bool)
+    unseen[:300:7] = True
+    never = torch.zeros(RULE_NUMEL, dtype=torch.bool)
+    never[:300:14] = True
+    precond[unseen] = 0.0
+    exp_avg_sq[never], grad[never], exp_avg[never] = 0.0, 0.0, 0.0
+    return [t.to(dtype) for t in (param, grad, exp_avg, exp_avg_sq, precond)]
+
+
+def _rule_by_hand(tensors, hyper, rule, neg_step_size, inv_bias2):
+    """The step of one tensor under ``rule``, written out in float64 from the StepRule docstring."""
+    param, grad, exp_avg, exp_avg_sq, precond = (t.double() for t in tensors)
+    beta1, beta2, gamma, eps = hyper["beta1"], hyper["beta2"], hyper["gamma"], hyper["eps"]
+    exp_avg = exp_avg + (grad - exp_avg) * (1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    est = (exp_avg_sq * inv_bias2 + eps) ** (-gamma / 2)
+    used = torch.minimum(precond, hyper["max_precond_ratio"] * est) if rule.limit else precond
+    if rule.late_seen:
+        late = torch.where(exp_avg_sq > 0, est, torch.zeros_like(est))
+        used = torch.where(precond == 0, late, used)
+    param = param * (1 - hyper["lr"] * hyper["weight_decay"]) + exp_avg * used * neg_step_size
+    return param, exp_avg, exp_avg_sq
+
+
+@pytest.mark.parametrize("late_seen", [True, False], ids=["late_seen", "no_late_seen"])
+@pytest.mark.parametrize("limit", [True, False], ids=["limit", "no_limit"])
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 2.0, -0.5], ids=["one", "pow", "log", "negative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_kernel_step_rule_matches_a_plain_evaluation(dtype, gamma, limit, late_seen):
+    from anon_hf.backends.fused.kernel import KernelCall
+    from anon_hf.backends.fused.scalars import step_scalars
+    from anon_hf.refresh import StepRule, refresh_mode
+
+    if limit and gamma <= 0:
+        pytest.skip("the limit applies only with gamma > 0 (refresh.limit_applies)")
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.99, gamma=gamma, eps=1e-8, weight_decay=0.1, max_precond_ratio=2.0)
+    rule = StepRule(refresh_mode(gamma, hyper["eps"]) if limit or late_seen else None, limit, late_seen)
+    tensors = _rule_inputs(dtype)
+    expected = _rule_by_hand(tensors, hyper, rule, neg_step_size=-0.02, inv_bias2=30.0)
+    scalars = step_scalars(
+        **{k: hyper[k] for k in ("lr", "beta1", "beta2", "gamma", "eps", "weight_decay", "max_precond_ratio")},
+        decoupled_weight_decay=True,
+        beta3=0.9,
+        bounds=None,
+        maximize=False,
+        averaged=False,
+    )
+    step = torch.tensor(5.0)
+    lists = [[t] for t in tensors]
+    KernelCall([0], lists, [step], scalars, ([-0.02], [30.0]), (False, False), None, rule).write()
+    tolerance = FP32 if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for name, index, value in (("param", 0, expected[0]), ("exp_avg", 2, expected[1]), ("exp_avg_sq", 3, expected[2])):
+        torch.testing.assert_close(tensors[index].double(), value.to(dtype).double(), **tolerance, msg=name)
+    assert step.item() == 6.0
+    if late_seen and dtype == torch.float32:  # unseen weights with a gradient step; those without one only decay
+        update = (tensors[0].double() - _rule_inputs(dtype)[0].double() * (1 - 0.01 * 0.1)).abs()
+        assert (update[7:300:14] > 1e-5).all() and (update[:300:14] < 1e-7).all()

@@ -11,7 +11,9 @@
 //   sigma = s * inv_bias2 + eps                     inv_bias2 = 1 / (1 - beta2**n), per tensor
 //   refresh:  u = w_new * sigma**gamma + w_prev * v**-2   where a previous v is averaged in, else sigma**gamma
 //             v = u**-0.5 (keep_unseen: the old v where s == 0),   s = 0
-//   else, with a limit:  v = min(v, max_ratio * sigma**(-gamma / 2))   (v itself is not written)
+//   else, per anon_hf.refresh.StepRule, with est = sigma**(-gamma / 2) (v itself is not written):
+//             late_seen and v == 0:  v = est where s > 0, else 0
+//             otherwise, with a limit:  v = min(v, max_ratio * est)
 //   p  = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
 // The refresh rule and how sigma**gamma is computed (directly or in log space) are anon_hf/refresh.py's: the mode
@@ -69,7 +71,11 @@ struct Settings {
   Refresh refresh;
   bool has_prev;     // a previous preconditioner is averaged in (beta3 > 0, not the first refresh)
   bool keep_unseen;  // elements with s == 0 keep v; those with v == 0 start the mean afresh
-  Refresh limit;     // an ordinary step: kNone (no limit) or how sigma**(-gamma / 2) is computed (kLog as kPower)
+  // An ordinary step's StepRule: how est = sigma**(-gamma / 2) is computed (kNone: not needed; kLog as kPower),
+  // whether v is limited to max_ratio * est, and whether v == 0 means "not seen yet" (then est is used).
+  Refresh estimate;
+  bool limit;
+  bool late_seen;
   float limit_cutoff;  // kPower/kLog: 2 * log2(max_ratio) less the shortcut's margin (see limit_precond)
 };
 
@@ -144,7 +150,7 @@ inline void limit_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, 
   const FloatVec sigma0 = at::vec::fmadd(s0, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
   const FloatVec sigma1 = at::vec::fmadd(s1, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
   const FloatVec ratio(st.s[kMaxRatio]);
-  if (st.limit == Refresh::kOne) {
+  if (st.estimate == Refresh::kOne) {
     const FloatVec ratio2 = ratio * ratio;
     const FloatVec over = ((v0 * v0 * sigma0) > ratio2) | ((v1 * v1 * sigma1) > ratio2);
     if (over.zero_mask() == (1 << FloatVec::size()) - 1) return;  // zero_mask: a bit per lane that is 0
@@ -159,6 +165,35 @@ inline void limit_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, 
   const FloatVec exponent(-0.5f * st.s[kGamma]);
   v0 = at::vec::minimum(v0, (sigma0.log() * exponent).exp_u20() * ratio);
   v1 = at::vec::minimum(v1, (sigma1.log() * exponent).exp_u20() * ratio);
+}
+
+// est = sigma**(-gamma / 2) in the rule's mode: a reciprocal square root for gamma == 1, else exp and log.
+inline FloatVec estimate(const FloatVec& sigma, const Settings& st) {
+  if (st.estimate == Refresh::kOne) return sigma.rsqrt();
+  return (sigma.log() * FloatVec(-0.5f * st.s[kGamma])).exp_u20();
+}
+
+// StepRule for a vector with a lane whose v is 0 ("not seen yet"): est where s > 0, 0 where s == 0, and the limit's
+// min(v, max_ratio * est) (with a limit) or v on the other lanes.
+inline FloatVec with_late_seen(const FloatVec& exp_avg_sq, const FloatVec& precond, const Settings& st) {
+  const FloatVec zero(0.0f);
+  const FloatVec est = estimate(at::vec::fmadd(exp_avg_sq, FloatVec(st.inv_bias2), FloatVec(st.s[kEps])), st);
+  const FloatVec seen = st.limit ? at::vec::minimum(precond, est * FloatVec(st.s[kMaxRatio])) : precond;
+  return FloatVec::blendv(seen, FloatVec::blendv(zero, est, exp_avg_sq > zero), precond == zero);
+}
+
+// The preconditioner an ordinary step multiplies m by (anon_hf.refresh.StepRule). Only blocks with a lane whose v is
+// 0 compute est for the late-seen rule (one compare per block otherwise); the others take limit_precond's shortcut.
+inline void step_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, FloatVec& v1, const Settings& st) {
+  if (st.late_seen) {
+    const FloatVec zero(0.0f);
+    if (((v0 == zero) | (v1 == zero)).zero_mask() != (1 << FloatVec::size()) - 1) {
+      v0 = with_late_seen(s0, v0, st);
+      v1 = with_late_seen(s1, v1, st);
+      return;
+    }
+  }
+  if (st.limit) limit_precond(s0, s1, v0, v1, st);
 }
 
 // The value as a V stores it, back in fp32: the refresh check judges what will be stored.
@@ -241,8 +276,8 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
     }
     s0 = FloatVec(0.0f);
     s1 = FloatVec(0.0f);
-  } else if (st.limit != Refresh::kNone) {
-    limit_precond(s0, s1, v0, v1, st);
+  } else if (st.estimate != Refresh::kNone) {
+    step_precond(s0, s1, v0, v1, st);
   }
   if (Check) return;
   store2(s + i, s0, s1);
@@ -455,7 +490,8 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
                             const std::vector<at::Tensor>& preconds, const std::vector<at::Tensor>& steps,
                             const std::vector<double>& neg_step_sizes, const std::vector<double>& inv_bias2s,
                             const std::vector<double>& scalars, bool l2, bool bounds, int64_t refresh, bool has_prev,
-                            bool keep_unseen, int64_t limit, bool check_only, const std::vector<bool>& keep) {
+                            bool keep_unseen, int64_t estimate, bool limit, bool late_seen, bool check_only,
+                            const std::vector<bool>& keep) {
   const size_t count = params.size();
   const bool preconditioned = !preconds.empty();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && neg_step_sizes.size() == count &&
@@ -466,9 +502,13 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
               "anon_hf CPU kernel: exp_avg_sqs and preconds must be empty or have one tensor per param");
   TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf CPU kernel: expected ", kSlotCount, " scalars");
   TORCH_CHECK(refresh >= 0 && refresh <= 3, "anon_hf CPU kernel: refresh mode must be 0 (none) or one of REFRESH_MODES");
-  TORCH_CHECK(limit >= 0 && limit <= 3, "anon_hf CPU kernel: limit mode must be 0 (none) or one of REFRESH_MODES");
-  TORCH_CHECK(limit == 0 || (refresh == 0 && preconditioned && scalars[kGamma] > 0.0),
-              "anon_hf CPU kernel: a limit applies to ordinary steps with a preconditioner and gamma > 0");
+  TORCH_CHECK(estimate >= 0 && estimate <= 3,
+              "anon_hf CPU kernel: estimate mode must be 0 (none) or one of REFRESH_MODES");
+  TORCH_CHECK(estimate == 0 || (refresh == 0 && preconditioned),
+              "anon_hf CPU kernel: a step rule applies to ordinary steps with a preconditioner");
+  TORCH_CHECK((!limit && !late_seen) || estimate != 0, "anon_hf CPU kernel: the limit and the late-seen rule need an ",
+              "estimate mode");
+  TORCH_CHECK(!limit || scalars[kGamma] > 0.0, "anon_hf CPU kernel: a limit applies with gamma > 0");
   TORCH_CHECK(refresh == 0 || preconditioned, "anon_hf CPU kernel: a refresh needs exp_avg_sqs and preconds");
   TORCH_CHECK(keep.empty() || keep.size() == count, "anon_hf CPU kernel: keep must be empty or one flag per tensor");
   TORCH_CHECK(!check_only || refresh != 0, "anon_hf CPU kernel: check_only needs a refresh mode");
@@ -482,7 +522,9 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
   st.refresh = static_cast<Refresh>(refresh);
   st.has_prev = has_prev;
   st.keep_unseen = keep_unseen;
-  st.limit = static_cast<Refresh>(limit);
+  st.estimate = static_cast<Refresh>(estimate);
+  st.limit = limit;
+  st.late_seen = late_seen;
   // The bits' log2 lies at most 0.0861 (+1e-5) below the true one for v and sigma: 2 + gamma of them in the sum.
   st.limit_cutoff = static_cast<float>(2.0 * std::log2(scalars[kMaxRatio]) - 0.0862 * (2.0 + scalars[kGamma]) - 1e-3);
 

@@ -56,13 +56,16 @@ constexpr float kVLevels = 254.0f;
 constexpr int64_t kGrainBlocks = 128;
 
 enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kEps, kMaxRatio, kGamma, kSlotCount };
-// max_precond_ratio's limit between refreshes: none, gamma == 1 (a square root), or any other gamma > 0.
-enum Limit : int64_t { kNoLimit, kLimitOne, kLimitPower };
+// How a step computes est = sigma**(-gamma / 2) for its StepRule (anon_hf.refresh): not at all (no limit, no
+// late-seen rule), gamma == 1 (a square root), or any other gamma (exp2 and log2).
+enum Estimate : int64_t { kNoEstimate, kEstimateOne, kEstimatePower };
 
 struct Settings {
   float s[kSlotCount];
   float inv_bias2;  // this tensor's 1 / (1 - beta2**n), n the gradients since its last refresh, this one included
-  float power_cutoff;  // kLimitPower: 2 log2(max_ratio) less the margin of the intrinsics versions' shortcut
+  float power_cutoff;  // kEstimatePower: 2 log2(max_ratio) less the margin of the intrinsics versions' shortcut
+  bool limit;          // v is limited to max_ratio * est
+  bool late_seen;      // v == 0 means "not seen yet": such an element uses est where s > 0, else 0
 };
 
 inline float as_float(int32_t bits) { return __builtin_bit_cast(float, bits); }
@@ -189,9 +192,9 @@ inline void encode_exp_avg_sq(const float* __restrict__ values, float top, uint8
 }
 
 // One block of n <= kBlock elements in three passes the compiler vectorizes: decode and update (tracking the new absmax
-// of m and max of s), encode m, encode s. kPrecond = false: gamma == 0, no s and v (v = 1). kLimit: max_precond_ratio's
+// of m and max of s), encode m, encode s. kPrecond = false: gamma == 0, no s and v (v = 1). kEstimate: max_precond_ratio's
 // limit on v (gamma == 1).
-template <bool kPrecond, Limit kLimit>
+template <bool kPrecond, Estimate kEstimate>
 void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc, float* __restrict__ m_absmax,
                uint8_t* __restrict__ sc, float* __restrict__ s_max, const uint8_t* __restrict__ vc,
                const float* __restrict__ v_lo, const float* __restrict__ v_hi, int64_t n, float neg_step_size,
@@ -218,12 +221,13 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
     const float mj = std::fma(gj - m_old, weight1, m_old);
     const float sj = std::fma(s_old, beta2, gj * gj * weight2);
     float v = v_stored;
-    if constexpr (kLimit == kLimitOne) {
-      const float limit = max_ratio / std::sqrt(std::fma(sj, inv_bias2, eps));
-      v = v < limit ? v : limit;
-    } else if constexpr (kLimit == kLimitPower) {
-      const float limit = power_limit(std::fma(sj, inv_bias2, eps), neg_half_gamma, max_ratio);
-      v = v < limit ? v : limit;
+    if constexpr (kEstimate != kNoEstimate) {
+      const float sigma = std::fma(sj, inv_bias2, eps);
+      const float root = kEstimate == kEstimateOne ? std::sqrt(sigma) : 1.0f;
+      const float est = kEstimate == kEstimateOne ? 1.0f / root : power_limit(sigma, neg_half_gamma, 1.0f);
+      const float limit = kEstimate == kEstimateOne ? max_ratio / root : max_ratio * est;
+      if (st.limit) v = v < limit ? v : limit;
+      if (st.late_seen && vc[j] == 0) v = sj > 0.0f ? est : 0.0f;
     }
     const float updated = std::fma(pj, decay, mj * v * neg_step_size);
     p[j] = updated < lo ? lo : (updated > hi ? hi : updated);  // (-inf, inf) without bounds
@@ -320,9 +324,9 @@ inline __m512 log2_from_bits16(__m512 x) {
   return fma16(_mm512_cvtepi32_ps(_mm512_castps_si512(x)), 1.0f / (1 << 23), -127.0f);
 }
 
-// run_block<true, kLimit> for a whole block, 16 lanes at a time: the same operations in the same order, with l2 decay
+// run_block<true, kEstimate> for a whole block, 16 lanes at a time: the same operations in the same order, with l2 decay
 // and bounds compiled in only where they are set.
-template <Limit kLimit, bool kL2, bool kBounds>
+template <Estimate kEstimate, bool kL2, bool kBounds>
 void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc,
                       float* __restrict__ m_absmax, uint8_t* __restrict__ sc, float* __restrict__ s_max,
                       const uint8_t* __restrict__ vc, const float* __restrict__ v_lo, const float* __restrict__ v_hi,
@@ -360,8 +364,8 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
     const __m512 s_old = _mm512_maskz_mul_ps(_mm512_test_epi32_mask(cs, cs), _mm512_castsi512_ps(s_bits), s_scale);
     const __m512i cv = load_codes(vc + j);
     const __m512i index = _mm512_sub_epi32(cv, one);  // permutexvar reads the low 4 bits: (c - 1) & 15
-    __m512 v = _mm512_maskz_mul_ps(_mm512_test_epi32_mask(cv, cv),
-                                   _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), v_high),
+    const __mmask16 seen = _mm512_test_epi32_mask(cv, cv);
+    __m512 v = _mm512_maskz_mul_ps(seen, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), v_high),
                                    _mm512_permutexvar_ps(index, v_low));
     // Update.
     const __m512 pj = _mm512_loadu_ps(p + j);
@@ -369,12 +373,23 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
                           : _mm512_mul_ps(_mm512_loadu_ps(g + j), sign);
     const __m512 mj = _mm512_fmadd_ps(_mm512_sub_ps(gj, m_old), weight1, m_old);
     const __m512 sj = _mm512_fmadd_ps(s_old, beta2, _mm512_mul_ps(_mm512_mul_ps(gj, gj), weight2));
-    // The limit is computed only in the vectors where a lane may bind, rare where gradients are stationary.
-    if constexpr (kLimit == kLimitOne) {  // v > r / sqrt(sigma) <=> v * v * sigma > r * r (v >= 0): exact
+    // The late-seen rule is computed only in the vectors with a code 0, the limit only in those where a lane may
+    // bind, rare where gradients are stationary.
+    const __mmask16 unseen = st.late_seen ? static_cast<__mmask16>(~seen) : 0;
+    if (kEstimate != kNoEstimate && unseen) {
+      const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
+      const __m512 root = _mm512_sqrt_ps(sigma);
+      const __m512 est = kEstimate == kEstimateOne ? _mm512_div_ps(_mm512_set1_ps(1.0f), root)
+                                                   : exp2_poly16(_mm512_mul_ps(neg_half_gamma, log2_poly16(sigma)));
+      const __m512 limit = kEstimate == kEstimateOne ? _mm512_div_ps(max_ratio, root) : _mm512_mul_ps(max_ratio, est);
+      if (st.limit) v = _mm512_min_ps(v, limit);
+      const __m512 fresh = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sj, _mm512_setzero_ps(), _CMP_GT_OQ), est);
+      v = _mm512_mask_mov_ps(v, unseen, fresh);
+    } else if (kEstimate == kEstimateOne && st.limit) {  // v > r / sqrt(sigma) <=> v * v * sigma > r * r: exact
       const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
       const __mmask16 binds = _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_mul_ps(v, v), sigma), max_ratio_sq, _CMP_GT_OQ);
       if (binds) v = _mm512_min_ps(v, _mm512_div_ps(max_ratio, _mm512_sqrt_ps(sigma)));
-    } else if constexpr (kLimit == kLimitPower) {
+    } else if (kEstimate == kEstimatePower && st.limit) {
       // 2 log2(v) + gamma log2(sigma) > 2 log2(r), log2 read from the bits: each term errs low by at most 0.0861,
       // which power_cutoff allows for, so a vector skipped has no binding lane.
       const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
@@ -421,8 +436,8 @@ void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t
   *s_max = s_top_value;
 }
 
-template <Limit kLimit, bool kL2, bool kBounds>
-constexpr WholeBlock kWholeBlock = run_block_avx512<kLimit, kL2, kBounds>;
+template <Estimate kEstimate, bool kL2, bool kBounds>
+constexpr WholeBlock kWholeBlock = run_block_avx512<kEstimate, kL2, kBounds>;
 #endif  // AVX-512
 
 #if !defined(ANON_HF_AVX512) && defined(__AVX2__) && defined(__FMA__)
@@ -525,7 +540,7 @@ inline __m256 log2_from_bits8(__m256 x) {
 }
 
 // run_block_avx512 on 8 lanes: the same operations in the same order.
-template <Limit kLimit, bool kL2, bool kBounds>
+template <Estimate kEstimate, bool kL2, bool kBounds>
 void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc,
                     float* __restrict__ m_absmax, uint8_t* __restrict__ sc, float* __restrict__ s_max,
                     const uint8_t* __restrict__ vc, const float* __restrict__ v_lo, const float* __restrict__ v_hi,
@@ -537,7 +552,7 @@ void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* 
   const __m256 v_high0 = _mm256_load_ps(tables.high), v_high1 = _mm256_load_ps(tables.high + 8);
   const __m256 v_low0 = _mm256_load_ps(tables.low), v_low1 = _mm256_load_ps(tables.low + 8);
   const __m256i one = _mm256_set1_epi32(1), m_base = _mm256_set1_epi32(kMBase), s_base = _mm256_set1_epi32(kSBase);
-  const __m256i sign_bit = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+  const __m256i sign_bit = _mm256_set1_epi32(std::numeric_limits<int32_t>::min()), zero_codes = _mm256_setzero_si256();
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(std::numeric_limits<int32_t>::max()));
   const __m256 decay = _mm256_set1_ps(st.s[kDecay]), weight1 = _mm256_set1_ps(st.s[kWeight1]);
   // Slot::kL2: the template parameter kL2 (a bool, 1) hides the slot's name here.
@@ -565,6 +580,7 @@ void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* 
     const __m256 s_old = where_nonzero(cs, _mm256_mul_ps(_mm256_castsi256_ps(s_bits), s_scale));
     const __m256i cv = load_codes8(vc + j);
     const __m256i index = _mm256_sub_epi32(cv, one);  // (c - 1) >> 4 and (c - 1) & 15 by lookup16
+    const int unseen = st.late_seen ? _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(cv, zero_codes))) : 0;
     __m256 v = where_nonzero(
         cv, _mm256_mul_ps(lookup16(v_high0, v_high1, _mm256_srli_epi32(index, 4), _mm256_slli_epi32(index, 24)),
                           lookup16(v_low0, v_low1, index, _mm256_slli_epi32(index, 28))));
@@ -574,11 +590,20 @@ void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* 
                           : _mm256_mul_ps(_mm256_loadu_ps(g + j), sign);
     const __m256 mj = _mm256_fmadd_ps(_mm256_sub_ps(gj, m_old), weight1, m_old);
     const __m256 sj = _mm256_fmadd_ps(s_old, beta2, _mm256_mul_ps(_mm256_mul_ps(gj, gj), weight2));
-    if constexpr (kLimit == kLimitOne) {  // as run_block_avx512
+    if (kEstimate != kNoEstimate && unseen) {  // as run_block_avx512
+      const __m256 sigma = _mm256_fmadd_ps(sj, inv_bias2, eps);
+      const __m256 root = _mm256_sqrt_ps(sigma);
+      const __m256 est = kEstimate == kEstimateOne ? _mm256_div_ps(_mm256_set1_ps(1.0f), root)
+                                                   : exp2_poly8(_mm256_mul_ps(neg_half_gamma, log2_poly8(sigma)));
+      const __m256 limit = kEstimate == kEstimateOne ? _mm256_div_ps(max_ratio, root) : _mm256_mul_ps(max_ratio, est);
+      if (st.limit) v = _mm256_min_ps(v, limit);
+      const __m256 fresh = _mm256_and_ps(_mm256_cmp_ps(sj, _mm256_setzero_ps(), _CMP_GT_OQ), est);
+      v = _mm256_blendv_ps(v, fresh, _mm256_castsi256_ps(_mm256_cmpeq_epi32(cv, zero_codes)));
+    } else if (kEstimate == kEstimateOne && st.limit) {
       const __m256 sigma = _mm256_fmadd_ps(sj, inv_bias2, eps);
       const __m256 binds = _mm256_cmp_ps(_mm256_mul_ps(_mm256_mul_ps(v, v), sigma), max_ratio_sq, _CMP_GT_OQ);
       if (_mm256_movemask_ps(binds)) v = _mm256_min_ps(v, _mm256_div_ps(max_ratio, _mm256_sqrt_ps(sigma)));
-    } else if constexpr (kLimit == kLimitPower) {
+    } else if (kEstimate == kEstimatePower && st.limit) {
       const __m256 sigma = _mm256_fmadd_ps(sj, inv_bias2, eps);
       const __m256 guess =
           _mm256_fmadd_ps(log2_from_bits8(sigma), gamma, _mm256_add_ps(log2_from_bits8(v), log2_from_bits8(v)));
@@ -633,22 +658,22 @@ void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* 
   *s_max = s_top_value;
 }
 
-template <Limit kLimit, bool kL2, bool kBounds>
-constexpr WholeBlock kWholeBlock = run_block_avx2<kLimit, kL2, kBounds>;
+template <Estimate kEstimate, bool kL2, bool kBounds>
+constexpr WholeBlock kWholeBlock = run_block_avx2<kEstimate, kL2, kBounds>;
 #endif  // AVX2
 
 #if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
 // The build's whole-block step (kWholeBlock, AVX-512 or AVX2) compiled for this limit, L2 decay and bounds.
-template <Limit kLimit>
+template <Estimate kEstimate>
 WholeBlock whole_block_for(bool l2, bool bounds) {
-  if (l2) return bounds ? kWholeBlock<kLimit, true, true> : kWholeBlock<kLimit, true, false>;
-  return bounds ? kWholeBlock<kLimit, false, true> : kWholeBlock<kLimit, false, false>;
+  if (l2) return bounds ? kWholeBlock<kEstimate, true, true> : kWholeBlock<kEstimate, true, false>;
+  return bounds ? kWholeBlock<kEstimate, false, true> : kWholeBlock<kEstimate, false, false>;
 }
 
-WholeBlock whole_block_for(Limit limit, bool l2, bool bounds) {
-  if (limit == kLimitOne) return whole_block_for<kLimitOne>(l2, bounds);
-  if (limit == kLimitPower) return whole_block_for<kLimitPower>(l2, bounds);
-  return whole_block_for<kNoLimit>(l2, bounds);
+WholeBlock whole_block_for(Estimate limit, bool l2, bool bounds) {
+  if (limit == kEstimateOne) return whole_block_for<kEstimateOne>(l2, bounds);
+  if (limit == kEstimatePower) return whole_block_for<kEstimatePower>(l2, bounds);
+  return whole_block_for<kNoEstimate>(l2, bounds);
 }
 #endif
 
@@ -666,7 +691,8 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<at::Tensor>& v_codes, const std::vector<at::Tensor>& v_lo,
                 const std::vector<at::Tensor>& v_hi, const std::vector<at::Tensor>& steps,
                 const std::vector<double>& neg_step_sizes, const std::vector<double>& inv_bias2s,
-                const std::vector<double>& scalars, bool l2, bool bounds, int64_t limit) {
+                const std::vector<double>& scalars, bool l2, bool bounds, int64_t estimate, bool limit,
+                bool late_seen) {
   const size_t count = params.size();
   const bool preconditioned = !v_codes.empty();
   TORCH_CHECK(grads.size() == count && m_codes.size() == count && m_absmax.size() == count &&
@@ -674,9 +700,12 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
               "anon_hf 8-bit CPU kernel: params, grads, m_codes, m_absmax, steps, neg_step_sizes and inv_bias2s must ",
               "have one entry per tensor");
   TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf 8-bit CPU kernel: expected ", kSlotCount, " scalars");
-  TORCH_CHECK(limit >= kNoLimit && limit <= kLimitPower, "anon_hf 8-bit CPU kernel: limit must be 0, 1 or 2");
-  TORCH_CHECK(limit == kNoLimit || (preconditioned && scalars[kGamma] > 0.0),
-              "anon_hf 8-bit CPU kernel: a limit needs a preconditioner and gamma > 0");
+  TORCH_CHECK(estimate >= kNoEstimate && estimate <= kEstimatePower,
+              "anon_hf 8-bit CPU kernel: estimate must be 0, 1 or 2");
+  TORCH_CHECK(estimate == kNoEstimate || preconditioned, "anon_hf 8-bit CPU kernel: a step rule needs a preconditioner");
+  TORCH_CHECK((!limit && !late_seen) || estimate != kNoEstimate,
+              "anon_hf 8-bit CPU kernel: the limit and the late-seen rule need an estimate mode");
+  TORCH_CHECK(!limit || scalars[kGamma] > 0.0, "anon_hf 8-bit CPU kernel: a limit needs gamma > 0");
   TORCH_CHECK(!preconditioned || (s_codes.size() == count && s_max.size() == count && v_codes.size() == count &&
                                   v_lo.size() == count && v_hi.size() == count),
               "anon_hf 8-bit CPU kernel: s_codes, s_max, v_codes, v_lo and v_hi must be empty or one per tensor");
@@ -701,6 +730,8 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   Settings st;
   for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
   st.power_cutoff = static_cast<float>(2.0 * std::log2(scalars[kMaxRatio]) - 0.0862 * (2.0 + scalars[kGamma]) - 1e-3);
+  st.limit = limit;
+  st.late_seen = late_seen;
 
   for (size_t i = 0; i < count; ++i) {
     const int64_t numel = params[i].numel();
@@ -717,12 +748,12 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const float neg_step_size = static_cast<float>(neg_step_sizes[i]);
     Settings tensor_st = st;
     tensor_st.inv_bias2 = static_cast<float>(inv_bias2s[i]);
-    const auto block = !preconditioned          ? run_block<false, kNoLimit>
-                       : limit == kLimitOne    ? run_block<true, kLimitOne>
-                       : limit == kLimitPower  ? run_block<true, kLimitPower>
-                                               : run_block<true, kNoLimit>;
+    const auto block = !preconditioned          ? run_block<false, kNoEstimate>
+                       : estimate == kEstimateOne    ? run_block<true, kEstimateOne>
+                       : estimate == kEstimatePower  ? run_block<true, kEstimatePower>
+                                               : run_block<true, kNoEstimate>;
 #if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
-    const WholeBlock whole_block = preconditioned ? whole_block_for(static_cast<Limit>(limit), l2, bounds) : nullptr;
+    const WholeBlock whole_block = preconditioned ? whole_block_for(static_cast<Estimate>(estimate), l2, bounds) : nullptr;
 #endif
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
     at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
@@ -867,4 +898,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("AVX2_STEP") = false;
 #endif
   module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
+  // anon_hf.refresh.REFRESH_MODES -> Estimate: "log" is computed as "pow" is (exp2 and log2 keep it in range).
+  pybind11::dict modes;
+  modes["one"] = static_cast<int64_t>(kEstimateOne);
+  modes["pow"] = static_cast<int64_t>(kEstimatePower);
+  modes["log"] = static_cast<int64_t>(kEstimatePower);
+  module.attr("ESTIMATE_MODES") = modes;
 }

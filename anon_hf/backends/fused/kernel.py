@@ -3,6 +3,11 @@ compiled graphs."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ...refresh import StepRule
+
 __all__ = ["KernelCall", "kernel_supported"]
 
 
@@ -22,11 +27,12 @@ class KernelCall:
 
     ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``, one entry per tensor of ``lists``. ``refresh`` is
     ``(mode, averaged, keep_unseen)`` on a refresh step (``averaged``: a previous preconditioner is averaged in), else
-    ``None``; ``limit`` the mode in which an ordinary step computes ``max_precond_ratio``'s limit, or ``None``.
+    ``None``; ``rule`` the :class:`~anon_hf.refresh.StepRule` of an ordinary step (``None`` on a refresh step, and
+    ignored without a preconditioner: every element then multiplies by 1).
     :meth:`check` returns a refresh's verdicts and writes nothing; :meth:`write` steps and advances the step counters.
     """
 
-    def __init__(self, indices, lists, state_steps, scalar_values, per_tensor, modes: tuple, refresh, limit):
+    def __init__(self, indices, lists, state_steps, scalar_values, per_tensor, modes: tuple, refresh, rule):
         from ..cpu_kernel import kernel
 
         self.kernel = kernel()
@@ -38,9 +44,15 @@ class KernelCall:
         code = 0 if refresh is None else self.kernel.REFRESH_MODES[refresh[0]]
         averaged, keep_unseen = (False, False) if refresh is None else refresh[1:]
         sizes, inv_bias2s = ([values[i] for i in indices] for values in per_tensor)
-        limit_code = 0 if limit is None else self.kernel.REFRESH_MODES[limit]
-        self.args = (sizes, inv_bias2s, scalar_values, modes[0], modes[1], code, averaged, keep_unseen, limit_code)
+        self.args = (sizes, inv_bias2s, scalar_values, modes[0], modes[1], code, averaged, keep_unseen)
+        self.args += self._rule_args(rule if preconditioned else None)
         self.keep: list[bool] = []
+
+    def _rule_args(self, rule: StepRule | None) -> tuple[int, bool, bool]:
+        """The kernel's ``(estimate, limit, late_seen)`` arguments for ``rule``: its mode's code (0: none)."""
+        if rule is None or rule.estimate_mode is None:
+            return 0, False, False
+        return self.kernel.REFRESH_MODES[rule.estimate_mode], rule.limit, rule.late_seen
 
     def check(self) -> dict[int, bool]:
         self.keep = self.kernel.anon_step(*self.tensors, *self.args, True, [])
