@@ -54,7 +54,6 @@ __all__ = [
     "StepRule",
     "inverse_bias_correction",
     "limit_applies",
-    "limit_mode",
     "refresh_mode",
     "refreshed_preconditioner",
     "step_preconditioners",
@@ -127,12 +126,6 @@ def step_rule(gamma: float, eps: float, max_ratio: float | None, keep_unseen: bo
     limit = limit_applies(gamma, max_ratio)
     late_seen = bool(keep_unseen)
     return StepRule(refresh_mode(gamma, eps) if limit or late_seen else None, limit, late_seen)
-
-
-def limit_mode(gamma: float, eps: float, max_ratio: float | None) -> str | None:
-    """How the fused paths compute the limit's ``sigma**(-gamma / 2)`` between refreshes: the group's
-    :func:`refresh_mode` where :func:`limit_applies`, else None (no limit)."""
-    return refresh_mode(gamma, eps) if limit_applies(gamma, max_ratio) else None
 
 
 def step_preconditioners(
