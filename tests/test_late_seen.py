@@ -238,3 +238,88 @@ def test_an_expert_first_routed_to_at_step_300_moves_at_once(path, monkeypatch):
     assert first_step <= 10.0
     _, _, adamw = _moe_run(lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.0))
     assert 0.1 <= travelled / adamw <= 10.0, (travelled, adamw)
+
+
+# --- rows added by resize_token_embeddings in the middle of a Trainer run -------------------------------------------
+
+
+def _grow_state(optimizer, param: torch.Tensor) -> None:
+    """Extend ``param``'s state to its new, larger first dimension, with the new rows' state all zero: for Anon
+    ``v = 0``, "not seen yet". What any optimizer with per-element state needs after ``resize_token_embeddings``."""
+    state = optimizer.state[param]
+    for key in ("exp_avg", "exp_avg_sq", "precond"):
+        old = state[key]
+        grown = torch.zeros(param.shape, dtype=old.dtype)
+        grown[: old.shape[0]] = old
+        state[key] = grown
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["forloop", "fused"])
+def test_rows_added_by_resize_token_embeddings_mid_run_move_at_their_first_gradient(tmp_path, fused):
+    transformers = pytest.importorskip("transformers", reason="the Trainer test needs transformers")
+    import tiny
+
+    old_vocab, new_vocab, resize_at = 256, 264, 20
+
+    class Tokens(tiny.TokenDataset):
+        """Token ids in [0, 256); once ``new_tokens`` is set, every sequence also holds the new ids."""
+
+        new_tokens = False
+
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            if self.new_tokens:
+                ids = item["input_ids"].clone()
+                ids[::2] = torch.arange(old_vocab, new_vocab)
+                item = {"input_ids": ids, "labels": ids}
+            return item
+
+    class Resize(transformers.TrainerCallback):
+        """Resizes the embeddings after step ``resize_at``, then records when the new rows first get a gradient and
+        first move, and their first step in units of lr."""
+
+        first_grad = first_move = first_step = None
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step == resize_at:
+                model.resize_token_embeddings(new_vocab)
+                _grow_state(getattr(optimizer, "optimizer", optimizer), model.get_input_embeddings().weight)
+                dataset.new_tokens = True
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            weight = model.get_input_embeddings().weight
+            self.before = weight.detach()[old_vocab:].clone() if weight.shape[0] == new_vocab else None
+            if self.before is not None and self.first_grad is None and weight.grad[old_vocab:].abs().max() > 0:
+                self.first_grad = state.global_step + 1
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.before is None or self.first_move is not None:
+                return
+            moved = (model.get_input_embeddings().weight.detach()[old_vocab:] - self.before).abs().max().item()
+            if moved > 0:
+                self.first_move, self.first_step = state.global_step + 1, moved / args.learning_rate
+
+    dataset = Tokens()
+    callback = Resize()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        optim="anon",
+        optim_args=f"fused={str(fused).lower()}",
+        max_steps=40,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = transformers.Trainer(model=tiny.tiny_llama(), args=args, train_dataset=dataset, callbacks=[callback])
+    trainer.train()
+    # Embeddings are tied: the new rows get a gradient through the output layer at the first step after the resize,
+    # 11 steps before the next refresh (step 32).
+    assert callback.first_grad == resize_at + 1
+    assert callback.first_move == callback.first_grad
+    assert 0.0 < callback.first_step <= 10.0
