@@ -110,8 +110,7 @@ def _cases():
     for path in FP32_PATHS + EIGHT_BIT_PATHS:
         for first_seen in (3, 37, 1000, 5000):
             for gamma in (1.0, 0.5, 1.5, -0.5):
-                slow = first_seen == 5000 and path in EIGHT_BIT_PATHS
-                marks = [pytest.mark.slow] if slow else []
+                marks = [pytest.mark.slow] if first_seen >= 1000 else []
                 yield pytest.param(path, first_seen, gamma, id=f"{path}-first{first_seen}-gamma{gamma:g}", marks=marks)
 
 
@@ -167,7 +166,7 @@ def _adamw_travel(first_seen: int, dtype: torch.dtype) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("first_seen", [37, 1100])
+@pytest.mark.parametrize("first_seen", [37, pytest.param(1100, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("path", FP32_PATHS + EIGHT_BIT_PATHS)
 def test_at_the_defaults_a_row_first_seen_late_moves_at_once_within_10_lr_and_travels_as_adamw(
     path, first_seen, dtype, monkeypatch
