@@ -1,6 +1,6 @@
 # One command per job; each sets up .venv first when needed.
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-dist test-slow test-compat quality style bench docs clean
+.PHONY: help install demo test test-fast test-dist test-slow test-compat quality style bench gpu-check docs clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -55,6 +55,14 @@ test-compat: install  ## integration tests against the oldest and newest release
 
 bench: install  ## step time vs AdamW and SGD (~3 min on 2 cores), then Trainer end to end; JSON in benchmarks/results/
 	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py $(BENCH_ARGS) && OMP_NUM_THREADS=1 $(PY) benchmarks/trainer_e2e.py
+
+# No `install` prerequisite: in a fresh clone it would put the CPU torch pin into .venv. It runs .venv's python if
+# there is one, else $(PYTHON): an environment with a CUDA torch (and transformers, for the Trainer row). Exit status
+# 0 when every row passed (and without CUDA, where it prints one "SKIPPED" line), 1 when a row failed.
+# GPU_CHECK_ARGS="--json benchmarks/results/gpu_check_cuda.json" keeps the rows.
+GPU_CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:  ## on one CUDA GPU (<8 min): parity of the compiled graphs, step time and memory vs fused AdamW, a Trainer run
+	$(GPU_CHECK_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 quality: install  ## lint and format check
 	$(VENV)/bin/ruff check anon_hf tests benchmarks recipes

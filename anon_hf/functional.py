@@ -8,14 +8,21 @@ Nothing here imports anything but torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .backends.eager import _multi_tensor_anon, _single_tensor_anon
-from .refresh import NONFINITE_POLICIES, NonFinitePreconditionerError
-from .schedule import RefreshSchedule
+from .distributed.dtensor import agreed_verdicts, device_meshes, local_shards, shards_of
+from .hyper import HYPERPARAMETERS, NONFINITE_POLICIES
+from .refresh import NonFinitePreconditionerError, refresh_verdicts
+from .schedule import is_refresh_step
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
+
+# The hyperparameters the update reads besides lr, beta1 and beta2, with Anon's defaults.
+_UPDATE_DEFAULTS = {row.name: row.default for row in HYPERPARAMETERS if row.functional}
 
 
 def anon(
@@ -28,20 +35,7 @@ def anon(
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    gamma: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool = True,
-    refresh: RefreshSchedule = "pow2",
-    beta3: float = 0.5,
-    keep_unseen: bool = True,
-    max_precond_ratio: float | None = 10.0,
-    bounds: tuple[float | None, float | None] | None = None,
-    maximize: bool = False,
-    on_nonfinite: str = "raise",
+    **hyper: Any,
 ) -> list[int]:
     r"""Functional API that performs the Anon computation; see :class:`anon_hf.Anon` for the math.
 
@@ -50,50 +44,85 @@ def anon(
     ``state_steps`` holds one 0-d CPU tensor per parameter and is incremented in place; refreshes follow each
     tensor's own step. Returns the sorted distinct steps at which a refresh happened in this call.
 
-    ``fused=True`` updates each tensor in one pass (``anon_hf.backends.fused``: a C++ kernel on CPU, ``torch.compile``'d
-    graphs elsewhere), falling back to foreach where it cannot; ``None`` never builds or compiles anything (see
-    :class:`anon_hf.Anon`).
+    ``hyper``: ``lr``, ``beta1`` and ``beta2`` (required, floats), and any hyperparameter of
+    :data:`anon_hf.hyper.HYPERPARAMETERS` that the update reads (``gamma``, ``eps``, ``weight_decay``,
+    ``decoupled_weight_decay``, ``refresh``, ``beta3``, ``bounds``, ``keep_unseen``, ``max_precond_ratio``,
+    ``maximize``, ``on_nonfinite``), each defaulting as in :class:`anon_hf.Anon`; the ranges are the class's to check.
+
+    ``fused=True`` updates each tensor in one pass (``anon_hf.backends.fused``: a C++ kernel on CPU,
+    ``torch.compile``'d graphs elsewhere), falling back to foreach where it cannot; ``None`` never builds or compiles
+    anything (see :class:`anon_hf.Anon`). DTensor (FSDP2) tensors step on their local shards.
     """
+    hyper = _with_defaults(hyper)
     if preconds and len(preconds) != len(params):
         raise ValueError(
             f"preconds must be empty or have one tensor per param: got {len(preconds)} for {len(params)} params"
         )
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid on_nonfinite value: {on_nonfinite!r} (allowed: 'raise', 'skip')")
+    if hyper["on_nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid on_nonfinite value: {hyper['on_nonfinite']!r} (allowed: 'raise', 'skip')")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    backend = _backend(params, foreach, fused)
+    meshes = device_meshes(params)
+    if not meshes:
+        return backend(params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps, **hyper)
+    # FSDP2 (DTensor) tensors step on their local shards: the update is elementwise, and only a refresh's verdict
+    # needs the other ranks, so that all of them raise together or none does. The fused path agrees on the verdicts
+    # it gathers before writing; the eager paths decide per tensor while writing, so they are asked first.
+    lists = [local_shards(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs, preconds)]
+    with shards_of(meshes):
+        if hyper["on_nonfinite"] == "raise" and not fused:
+            _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper)
+        return backend(*lists, state_steps, **hyper)
+
+
+def _with_defaults(hyper: dict[str, Any]) -> dict[str, Any]:
+    """``hyper`` completed with the table's defaults; a missing ``lr``/``beta1``/``beta2`` or an unknown keyword raises
+    ``TypeError`` as a Python signature would."""
+    missing = [name for name in ("lr", "beta1", "beta2") if name not in hyper]
+    if missing:
+        raise TypeError(f"anon() missing required keyword argument {missing[0]!r}")
+    unknown = sorted(set(hyper) - {"lr", "beta1", "beta2"} - set(_UPDATE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"anon() got an unexpected keyword argument {unknown[0]!r}")
+    return {**_UPDATE_DEFAULTS, **hyper}
+
+
+def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None):
+    """The backend function for these flags: torch.optim's choice, with the fused path only when asked for."""
     if fused:
         from .backends.fused import _fused_anon
 
-        func = _fused_anon
-    else:
-        if foreach is None:
-            foreach = _default_foreach(params)
-        if foreach and torch.jit.is_scripting():
-            raise RuntimeError("torch.jit.script not supported with foreach optimizers")
-        func = _multi_tensor_anon if foreach else _single_tensor_anon
-    return func(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        preconds,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        gamma=gamma,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        refresh=refresh,
-        beta3=beta3,
-        keep_unseen=keep_unseen,
-        max_precond_ratio=max_precond_ratio,
-        bounds=bounds,
-        maximize=maximize,
-        on_nonfinite=on_nonfinite,
-    )
+        return _fused_anon
+    if foreach is None:
+        foreach = _default_foreach(params)
+    if foreach and torch.jit.is_scripting():
+        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    return _multi_tensor_anon if foreach else _single_tensor_anon
+
+
+def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper) -> None:
+    """At a refresh, raise :class:`NonFinitePreconditionerError` on every rank when any rank's shard of a tensor
+    would store a non-finite accumulator or preconditioner (one all-reduce per mesh dimension, within
+    :func:`~anon_hf.distributed.dtensor.shards_of`; nothing written).
+
+    ``lists``: the local shards of params, grads, exp_avgs, exp_avg_sqs, preconds; ``params`` the DTensors."""
+    preconds = lists[4]
+    due_at: dict[int, list[int]] = {}
+    for i, step in enumerate(state_steps):
+        if preconds and is_refresh_step(int(step.item()) + 1, hyper["refresh"]):
+            due_at.setdefault(int(step.item()) + 1, []).append(i)
+    if not due_at:
+        return
+    keys = ("refresh", "beta2", "gamma", "eps", "beta3", "keep_unseen", "weight_decay", "maximize")
+    decay = {key: hyper[key] for key in keys} | {"l2": not hyper["decoupled_weight_decay"]}
+    verdicts: dict[int, bool] = {}
+    for step, indices in due_at.items():
+        verdicts.update(refresh_verdicts(*lists, indices, step, **decay))
+    verdicts = agreed_verdicts(verdicts, lists[0][0].device)
+    bad = sorted(i for i, ok in verdicts.items() if not ok)
+    if bad:
+        raise NonFinitePreconditionerError(int(state_steps[bad[0]].item()) + 1, bad[0], tuple(params[bad[0]].shape))
 
 
 def _default_foreach(params: list[Tensor]) -> bool:

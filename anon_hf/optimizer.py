@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,8 +26,11 @@ from ._docs import (
 from .distributed.dtensor import local
 from .distributed.sync import RefreshSyncChecker, upcoming_collective_refresh
 from .functional import anon
-from .refresh import NONFINITE_POLICIES, NonFinitePreconditionerError
-from .schedule import RefreshSchedule, validate_refresh
+from .hyper import DEFAULTS, HYPERPARAMETERS, as_python_numbers, is_real_number, update_kwargs
+from .hyper import state_dtype as _state_dtype
+from .hyper import validate as _validate_hyperparameters
+from .refresh import NonFinitePreconditionerError
+from .schedule import RefreshSchedule
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype, _use_grad_for_differentiable
@@ -56,105 +58,10 @@ Bounds = tuple[float | None, float | None] | None
 STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "precond"})
 # Per-block side values of anon_hf.Anon8bit's 8-bit state (see _quant8.QUANTIZED_KEYS).
 _QUANTIZED_SIDE_KEYS = frozenset({"exp_avg_absmax", "exp_avg_sq_max", "precond_log2_min", "precond_log2_max"})
-# Storage dtypes `precond_dtype` / `moments_dtype` accept (None: the param's dtype). float16 cannot hold squared
-# gradients (they underflow) nor preconditioners above 65504, so it is refused.
-_STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
-_STATE_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
-
-
-def _state_dtype(value: object) -> object:
-    """Map a dtype name (``"bf16"``, ``"bfloat16"``, ...) to its torch.dtype; anything else is returned as is."""
-    return _STATE_DTYPE_NAMES.get(value.removeprefix("torch."), value) if isinstance(value, str) else value
-
-
 # Devices fused=True runs on: the C++ kernel or compiled graphs on CPU, compiled graphs (inductor) on the others.
 FUSED_DEVICES = ("cpu", "cuda", "xpu")
 # Group keys that tell Anon's state dicts from other optimizers' (AdamW has lr/betas/eps/weight_decay too).
 _ANON_GROUP_KEYS = ("gamma", "refresh", "beta3")
-
-
-def _is_real_number(value: object) -> bool:
-    # numbers.Real admits numpy scalars (a gamma from np.linspace); bool is an int but never a hyperparameter.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first hyperparameter of ``group`` outside its allowed range."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")  # torch.optim's wording, which generic tooling matches
-        lr = lr.item()
-    if not _is_real_number(lr) or not lr >= 0.0:
-        raise ValueError(f"Invalid lr value: {group['lr']!r} (allowed: a float or 1-element tensor >= 0)")
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas value: {betas!r} (allowed: a pair (beta1, beta2), each in [0, 1))")
-    for index, beta in enumerate(betas):
-        if not _is_real_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} (allowed: [0, 1))")
-    gamma = group["gamma"]
-    if not _is_real_number(gamma) or not math.isfinite(gamma):
-        raise ValueError(f"Invalid gamma value: {gamma!r} (allowed: any finite real number, e.g. -0.1, 0, 1, 1.1)")
-    beta3 = group["beta3"]
-    if not _is_real_number(beta3) or not 0.0 <= beta3 < 1.0:
-        raise ValueError(f"Invalid beta3 value: {beta3!r} (allowed: [0, 1); 0.5 is the paper's mean)")
-    eps = group["eps"]
-    if not _is_real_number(eps) or not (eps > 0.0 and math.isfinite(eps)):
-        raise ValueError(f"Invalid epsilon value: {eps!r} (allowed: a finite float > 0, e.g. 1e-16)")
-    weight_decay = group["weight_decay"]
-    if not _is_real_number(weight_decay) or not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (allowed: a finite float >= 0)")
-    ratio = group["max_precond_ratio"]
-    if ratio is not None and (not _is_real_number(ratio) or not ratio >= 1.0):
-        raise ValueError(
-            f"Invalid max_precond_ratio value: {ratio!r} (allowed: None to turn the limit off, or a float >= 1, "
-            "inf included; 10 is the default)"
-        )
-    validate_refresh(group["refresh"])
-    bounds = group["bounds"]
-    if bounds is not None:
-        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-            raise ValueError(f"Invalid bounds value: {bounds!r} (allowed: None or a pair (lo, hi) with lo <= hi)")
-        lo, hi = bounds
-        for name, bound in (("lo", lo), ("hi", hi)):
-            if bound is not None and (not _is_real_number(bound) or math.isnan(bound)):
-                raise ValueError(f"Invalid bounds value: {name}={bound!r} (allowed: a real number or None)")
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"Invalid bounds value: lo={lo} > hi={hi} (allowed: None or (lo, hi) with lo <= hi)")
-    if group["on_nonfinite"] not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid on_nonfinite value: {group['on_nonfinite']!r} (allowed: 'raise', 'skip')")
-    for flag in ("decoupled_weight_decay", "keep_unseen", "maximize"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"Invalid {flag} value: {group[flag]!r} (allowed: True or False)")
-    if group["foreach"] not in (None, True, False):
-        raise ValueError(f"Invalid foreach value: {group['foreach']!r} (allowed: None, True or False)")
-    if group.get("fused") not in (None, True, False):
-        raise ValueError(f"Invalid fused value: {group['fused']!r} (allowed: None, True or False)")
-    if group.get("fused") and group["foreach"]:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    for name in ("precond_dtype", "moments_dtype"):
-        if group.get(name) not in _STATE_DTYPES:
-            raise ValueError(
-                f"Invalid {name} value: {group[name]!r} (allowed: None for the param dtype, torch.float32, "
-                "torch.bfloat16 or torch.float64, or their names 'float32', 'bf16', 'bfloat16', 'float64')"
-            )
-
-
-def _as_python_numbers(group: dict[str, Any]) -> None:
-    """Store numpy scalars as Python floats, so state dicts load with ``torch.load(weights_only=True)``."""
-    for key in ("lr", "gamma", "eps", "weight_decay", "beta3", "max_precond_ratio"):
-        if key in group and _is_real_number(group[key]) and type(group[key]) is not float:
-            group[key] = float(group[key])
-    if isinstance(group.get("betas"), (tuple, list)):
-        group["betas"] = tuple(float(b) if _is_real_number(b) else b for b in group["betas"])
 
 
 class Anon(torch.optim.Optimizer):
@@ -282,48 +189,31 @@ class Anon(torch.optim.Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        gamma: float = 1.0,
-        eps: float = 1e-16,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = True,
-        refresh: RefreshSchedule = "pow2",
-        beta3: float = 0.5,
-        bounds: Bounds = None,
-        keep_unseen: bool = True,
-        max_precond_ratio: float | None = 10.0,
+        lr: float | Tensor = DEFAULTS["lr"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        gamma: float = DEFAULTS["gamma"],
+        eps: float = DEFAULTS["eps"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        decoupled_weight_decay: bool = DEFAULTS["decoupled_weight_decay"],
+        refresh: RefreshSchedule = DEFAULTS["refresh"],
+        beta3: float = DEFAULTS["beta3"],
+        bounds: Bounds = DEFAULTS["bounds"],
+        keep_unseen: bool = DEFAULTS["keep_unseen"],
+        max_precond_ratio: float | None = DEFAULTS["max_precond_ratio"],
         *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        precond_dtype: torch.dtype | str | None = None,
-        moments_dtype: torch.dtype | str | None = None,
-        on_nonfinite: str = "raise",
+        maximize: bool = DEFAULTS["maximize"],
+        foreach: bool | None = DEFAULTS["foreach"],
+        fused: bool | None = DEFAULTS["fused"],
+        precond_dtype: torch.dtype | str | None = DEFAULTS["precond_dtype"],
+        moments_dtype: torch.dtype | str | None = DEFAULTS["moments_dtype"],
+        on_nonfinite: str = DEFAULTS["on_nonfinite"],
         verify_sync: bool = True,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
-            gamma=gamma,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            refresh=refresh,
-            beta3=beta3,
-            bounds=tuple(bounds) if isinstance(bounds, list) else bounds,
-            keep_unseen=keep_unseen,
-            max_precond_ratio=max_precond_ratio,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            precond_dtype=_state_dtype(precond_dtype),
-            moments_dtype=_state_dtype(moments_dtype),
-            on_nonfinite=on_nonfinite,
-            differentiable=False,  # read by torch's step decorator; Anon's step always runs under no_grad
-        )
+        arguments = locals()
+        defaults = {row.name: _as_stored(row.name, arguments[row.name]) for row in HYPERPARAMETERS}
+        defaults["differentiable"] = False  # read by torch's step decorator; Anon's step always runs under no_grad
         _validate_hyperparameters(defaults)
-        _as_python_numbers(defaults)
+        as_python_numbers(defaults)
         if not isinstance(verify_sync, bool):
             raise ValueError(f"Invalid verify_sync value: {verify_sync!r} (allowed: True or False)")
         super().__init__(params, defaults)
@@ -339,22 +229,15 @@ class Anon(torch.optim.Optimizer):
                     param_group[name] = _state_dtype(param_group[name])
             overrides = {key: value for key, value in param_group.items() if key != "params"}
             _validate_hyperparameters({**self.defaults, **overrides})
-            _as_python_numbers(param_group)
+            as_python_numbers(param_group)
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Keys added after a state dict was written get their defaults, as torch.optim does.
         for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-            group.setdefault("precond_dtype", None)
-            group.setdefault("moments_dtype", None)
-            group.setdefault("bounds", None)
-            group.setdefault("keep_unseen", True)
-            group.setdefault("max_precond_ratio", 10.0)
-            group.setdefault("on_nonfinite", "raise")
+            for row in HYPERPARAMETERS:
+                group.setdefault(row.name, row.default)
             group.setdefault("differentiable", False)
         # A step saved as a plain number (hand-made or older state dicts) becomes the tensor step() expects.
         for tensor_state in self.state.values():
@@ -506,7 +389,7 @@ class Anon(torch.optim.Optimizer):
             state_steps,
             foreach=group["foreach"],
             fused=group["fused"],
-            **_update_kwargs(group),
+            **update_kwargs(group),
         )
 
     @_use_grad_for_differentiable
@@ -548,33 +431,19 @@ class Anon(torch.optim.Optimizer):
         return loss
 
 
+def _as_stored(name: str, value: Any) -> Any:
+    """A constructor argument as the param group stores it: lists as tuples, dtype names as torch dtypes."""
+    if name in ("betas", "bounds") and isinstance(value, list):
+        return tuple(value)
+    return _state_dtype(value) if name in ("precond_dtype", "moments_dtype") else value
+
+
 def _storage_dtypes(group: dict[str, Any], param: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """The dtypes ``(moments, precond)`` that ``param``'s state is stored in: the group's ``moments_dtype`` and
     ``precond_dtype``, where ``None`` means the param's dtype, except float32 for float16 params (float16 cannot hold
     ``(1 - beta2) * g**2`` for ``|g| < 8e-3``, nor a preconditioner above 65504)."""
     default = torch.float32 if param.dtype == torch.float16 else param.dtype
     return group.get("moments_dtype") or default, group.get("precond_dtype") or default
-
-
-def _update_kwargs(group: dict[str, Any]) -> dict[str, Any]:
-    """The hyperparameters of ``group`` as :func:`anon_hf.functional.anon` takes them (``lr`` as a float)."""
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        gamma=group["gamma"],
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        decoupled_weight_decay=group["decoupled_weight_decay"],
-        refresh=group["refresh"],
-        beta3=group["beta3"],
-        bounds=group["bounds"],
-        keep_unseen=group["keep_unseen"],
-        max_precond_ratio=group["max_precond_ratio"],
-        maximize=group["maximize"],
-        on_nonfinite=group["on_nonfinite"],
-    )
 
 
 def _cast_state(tensor_state: dict[str, Any], group: dict[str, Any], param: Tensor) -> None:
@@ -620,7 +489,7 @@ def _validate_tensor_state(tensor_state: dict[str, Any], param: Tensor, saved_id
     step = tensor_state["step"]
     if isinstance(step, Tensor):
         step = local(step).item() if step.numel() == 1 else None
-    if not _is_real_number(step) or not (math.isfinite(step) and step >= 0 and step == int(step)):
+    if not is_real_number(step) or not (math.isfinite(step) and step >= 0 and step == int(step)):
         raise ValueError(
             f"State 'step' of param {saved_id} is {tensor_state['step']!r} (allowed: a whole number >= 0, as a "
             "0-d tensor or a number): the state dict is corrupted or was not written by Anon."

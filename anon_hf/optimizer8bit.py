@@ -9,6 +9,8 @@ same in one pass per block (``csrc/anon_cpu_8bit.cpp``); refresh steps, O(log T)
 from __future__ import annotations
 
 import collections
+import inspect
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,13 +20,12 @@ from torch import Tensor
 from .backends.fused.scalars import SLOT, per_tensor_scalars, step_scalars_from
 from .distributed.dtensor import is_dtensor, local
 from .functional import NonFinitePreconditionerError, anon
+from .hyper import update_kwargs
 from .optimizer import (
     STATE_KEYS,
     Anon,
-    Bounds,
     ParamsT,
     _cast_state,
-    _update_kwargs,
     _validate_tensor_state,
 )
 from .refresh import step_rule
@@ -83,58 +84,22 @@ class Anon8bit(Anon):
         >>> optimizer = anon_hf.Anon8bit(model.parameters(), lr=1e-3, gamma=1.0, fused=True)
     """
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        gamma: float = 1.0,
-        eps: float = 1e-16,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = True,
-        refresh: RefreshSchedule = "pow2",
-        beta3: float = 0.5,
-        bounds: Bounds = None,
-        max_precond_ratio: float | None = 10.0,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        on_nonfinite: str = "raise",
-        verify_sync: bool = True,
-        min_8bit_size: int = quant8.MIN_NUMEL,
-    ):
+    def __init__(self, params: ParamsT, *args: Any, **kwargs: Any):
+        # Positions follow Anon8bit's own signature (Anon's less FULL_PRECISION_ONLY), so that max_precond_ratio is the
+        # 11th argument here as it has always been; every keyword goes on to Anon by name.
+        refused = {name: kwargs.pop(name) for name in FULL_PRECISION_ONLY if name in kwargs}
+        _refuse_full_precision_options(refused)
+        arguments = _SIGNATURE.bind(params, *args, **kwargs).arguments
+        min_8bit_size = arguments.pop("min_8bit_size", quant8.MIN_NUMEL)
         _validate_min_8bit_size(min_8bit_size)
         self._min_8bit_size = min_8bit_size  # read by add_param_group while Anon.__init__ adds the groups
-        super().__init__(
-            params,
-            lr,
-            betas,
-            gamma,
-            eps,
-            weight_decay,
-            decoupled_weight_decay,
-            refresh,
-            beta3,
-            bounds,
-            max_precond_ratio=max_precond_ratio,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            on_nonfinite=on_nonfinite,
-            verify_sync=verify_sync,
-        )
+        super().__init__(**arguments)
         self.defaults["min_8bit_size"] = min_8bit_size
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, validated as :class:`Anon`'s plus ``min_8bit_size``; 8-bit storage is fixed."""
         if isinstance(param_group, dict):
-            for name in ("precond_dtype", "moments_dtype"):
-                if param_group.get(name) is not None:
-                    raise ValueError(
-                        f"Invalid {name} value: {param_group[name]!r} (allowed: None; Anon8bit stores its state in "
-                        "8 bits, use anon_hf.Anon for fp32/bf16 state)"
-                    )
+            _refuse_full_precision_options({**self.defaults, **param_group})
             param_group.setdefault("min_8bit_size", self._min_8bit_size)
             _validate_min_8bit_size(param_group["min_8bit_size"])
         super().add_param_group(param_group)
@@ -162,7 +127,7 @@ class Anon8bit(Anon):
             return refreshed
         for param in large:
             self._ensure_state(param, group)
-        kwargs = _update_kwargs(group)
+        kwargs = update_kwargs(group)
         fused = set()
         if group["fused"]:
             fused = self._kernel_step(group, large, kwargs)
@@ -193,9 +158,11 @@ class Anon8bit(Anon):
         codec = _cpu_codec() if fused and state["exp_avg"].device.type == "cpu" else None
         decoded = _decoded(state) if codec is None else _decoded_by(codec, state)
         preconditioned = "precond" in decoded
+        # A DTensor param and grad: anon() steps their local shards, and agrees with the other ranks on a refresh's
+        # verdict (the 8-bit state is this rank's shard already).
         refreshed = anon(
-            [local(param)],
-            [local(param.grad)],
+            [param],
+            [param.grad],
             [decoded["exp_avg"]],
             [decoded["exp_avg_sq"]] if preconditioned else [],
             [decoded["precond"]] if preconditioned else [],
@@ -236,8 +203,8 @@ class Anon8bit(Anon):
             steps = [int(s["step"].item()) + 1 for s in states]
             neg_step_sizes, inv_bias2s = per_tensor_scalars(steps, kwargs)
             cpu_kernel.kernel8().anon8_step(
-                chosen,
-                [p.grad for p in chosen],
+                [local(p) for p in chosen],
+                [local(p.grad) for p in chosen],
                 *lists,
                 [s["step"] for s in states],
                 neg_step_sizes,
@@ -273,12 +240,12 @@ class Anon8bit(Anon):
 
     def _graph_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
         """Step with the compiled graphs (``anon_hf.backends.fused.graphs.step_8bit``) the tensors they take this step: no
-        refresh due, not DTensor, contiguous; on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
+        refresh due, contiguous (DTensors step their local shards); on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
         build failed). Returns them; a compiler failure leaves the rest to the reference path."""
         from .backends.fused import graphs
 
         picked = [p for p in params if _graphs_take(p, self.state[p], group["refresh"])]
-        if not picked or graphs.fused_unavailable_reason(picked) is not None:
+        if not picked or graphs.fused_unavailable_reason([local(p) for p in picked]) is not None:
             return set()
         scalar_values = step_scalars_from(kwargs, averaged=False)
         decoupled = kwargs["decoupled_weight_decay"] or kwargs["weight_decay"] == 0
@@ -291,7 +258,7 @@ class Anon8bit(Anon):
             per_tensor = per_tensor_scalars([int(state["step"].item()) + 1], kwargs)
             codes = {key: value for key, value in state.items() if key != "step"}
             try:
-                graphs.step_8bit([param], [param.grad], [codes], scalar_values, per_tensor, modes, rule)
+                graphs.step_8bit([local(param)], [local(param.grad)], [codes], scalar_values, per_tensor, modes, rule)
             except graphs.CompileFailed:
                 break
             state["step"] += 1
@@ -341,18 +308,33 @@ class Anon8bit(Anon):
                 _cast_state(state, group, param)
 
 
+def _refuse_full_precision_options(group: dict[str, Any]) -> None:
+    """Anon's options that only full-precision state has, refused for a group (constructor keywords included)."""
+    for name in ("precond_dtype", "moments_dtype"):
+        if group.get(name) is not None:
+            raise ValueError(
+                f"Invalid {name} value: {group[name]!r} (allowed: None; Anon8bit stores its state in 8 bits, use "
+                "anon_hf.Anon for fp32/bf16 state)"
+            )
+    if group.get("keep_unseen") is False:
+        raise ValueError(
+            "Invalid keep_unseen value: False (allowed: True; Anon8bit keeps the preconditioner of elements no refresh "
+            "has seen at 0; use anon_hf.Anon for the published rule)"
+        )
+
+
 def _validate_min_8bit_size(value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"Invalid min_8bit_size value: {value!r} (allowed: an integer >= 1; default 4096)")
 
 
 def _graphs_take(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:
-    """Whether the compiled 8-bit graph can step ``param`` now: a dense floating tensor, 8-bit state, no refresh due."""
+    """Whether the compiled 8-bit graph can step ``param`` now: a floating tensor whose local shard (the tensor itself
+    unless a DTensor) is dense, 8-bit state, no refresh due."""
     return (
         param.is_floating_point()
-        and param.is_contiguous()
-        and param.grad.is_contiguous()
-        and not is_dtensor(param)
+        and local(param).is_contiguous()
+        and local(param.grad).is_contiguous()
         and "exp_avg_absmax" in state
         and not ("precond" in state and is_refresh_step(int(state["step"].item()) + 1, refresh))
     )
@@ -487,3 +469,29 @@ def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     state = {key: _decoded(value) if isinstance(value, dict) else value for key, value in state_dict["state"].items()}
     groups = [{k: v for k, v in group.items() if k != "min_8bit_size"} for group in state_dict["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+# Anon's keywords that only full-precision state has: refused when given (_refuse_full_precision_options) and left
+# out of the signature that tools read.
+FULL_PRECISION_ONLY = ("keep_unseen", "precond_dtype", "moments_dtype")
+
+
+def _forwarded_signature() -> inspect.Signature:
+    """Anon's signature less :data:`FULL_PRECISION_ONLY`, plus ``min_8bit_size``: Anon8bit forwards every keyword to
+    Anon, and tools that read a signature (``optim_args``, DeepSpeed's ``optimizer.params``, ``help()``) see them."""
+    anon = inspect.signature(Anon.__init__)
+    kept = [p for name, p in anon.parameters.items() if name not in FULL_PRECISION_ONLY + ("self",)]
+    extra = inspect.Parameter(
+        "min_8bit_size", inspect.Parameter.KEYWORD_ONLY, default=quant8.MIN_NUMEL, annotation=int
+    )
+    return anon.replace(parameters=[*kept, extra])
+
+
+_SIGNATURE = _forwarded_signature()
+Anon8bit.__init__.__signature__ = _SIGNATURE.replace(
+    parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *_SIGNATURE.parameters.values()]
+)
+# Resolved from Anon (its annotations name types of anon_hf.optimizer), for typing.get_type_hints(Anon8bit.__init__).
+Anon8bit.__init__.__annotations__ = {
+    name: hint for name, hint in typing.get_type_hints(Anon.__init__).items() if name not in FULL_PRECISION_ONLY
+} | {"min_8bit_size": int}

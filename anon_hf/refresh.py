@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .distributed.dtensor import full, local
+from .hyper import NONFINITE_POLICIES
 from .schedule import RefreshSchedule, previous_refresh_step
 
 __all__ = [
@@ -89,7 +90,7 @@ def inverse_bias_correction(beta2: float, steps_since_refresh: int) -> float:
 
 
 def limit_applies(gamma: float, max_ratio: float | None) -> bool:
-    """Whether steps between refreshes use :func:`limited_preconditioner`: a ratio is set and ``gamma > 0``. For
+    """Whether steps between refreshes take the limit of :class:`StepRule`: a ratio is set and ``gamma > 0``. For
     ``gamma <= 0`` the preconditioner does not grow as gradients shrink (``v = sigma**(-gamma/2)``), so there is no
     large ``v`` for a large gradient to meet; the limit would instead stop the momentum of weights whose gradient
     paused."""
@@ -277,9 +278,6 @@ def refreshed_preconditioner(
             u = mean if seen is None else torch.where(seen, mean, u)
         new = u.rsqrt_()
     return torch.where(accumulator == 0, previous, new) if keep_unseen else new
-
-
-NONFINITE_POLICIES = ("raise", "skip")
 
 
 class NonFinitePreconditionerError(FloatingPointError):

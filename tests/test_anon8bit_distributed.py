@@ -45,6 +45,27 @@ def test_anon8bit_two_ranks_match_one_process_and_resume_bitwise(eightbit, engin
             assert result["kernel_calls"] == 15, rank
 
 
+@pytest.fixture(scope="module")
+def eightbit_one_rank(tmp_path_factory):
+    return _launch(tmp_path_factory, "eightbit_worker.py", "eightbit", "fsdp2_fused", nproc=1)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_fsdp2_shards_take_the_8bit_kernel_and_match_one_process(eightbit, eightbit_one_rank):
+    # Between refreshes the 8-bit kernel steps each DTensor's local shard (15 ordinary steps of 20). On one rank the
+    # route is bitwise the single-process Anon8bit(fused=True); on two, within the 8-bit noise bound above.
+    (alone,) = _section(eightbit_one_rank, "fsdp2_fused")
+    assert alone["kernel_calls"] >= 15, alone
+    assert alone["parity_8bit_fused"]["compared"] == 20
+    assert alone["parity_8bit_fused"]["max_abs_diff"] == 0.0, alone
+    for rank, result in enumerate(_section(eightbit, "fsdp2_fused")):
+        assert result["kernel_calls"] == alone["kernel_calls"], rank
+        assert result["parity_8bit_fused"]["max_abs_diff"] <= PARITY_ATOL, (rank, result)
+        assert result["refresh_history"] == [1, 2, 4, 8, 16]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @requires_stack

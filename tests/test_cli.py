@@ -294,3 +294,43 @@ def test_the_launcher_accepts_optim_anon_8bit(tmp_path):
     launched = run([sys.executable, "-m", "anon_hf", "run", *argv, "--optim_args", "gamma=0.5"])
     assert launched.returncode == 0, launched.stderr
     assert json.loads(launched.stdout.splitlines()[-1])["optim"] == "anon_8bit"
+
+
+# --- build-kernels ---------------------------------------------------------------------------------------------
+
+
+def test_build_kernels_rejects_unknown_arguments(capsys):
+    assert cli.main(["build-kernels", "--out", "DIR"]) == 2
+    assert "unexpected arguments ['--out', 'DIR'] (allowed: --dir DIR)" in capsys.readouterr().err
+
+
+def test_build_kernels_says_where_the_kernels_are_and_how_to_use_them(tmp_path, monkeypatch, capsys):
+    # The builds themselves are replaced here (tests/test_kernel_cache.py builds for real, marked slow).
+    from anon_hf.backends import cpu_kernel
+
+    def build_all():
+        root = cpu_kernel.cache_root()
+        return [
+            cpu_kernel.BuiltKernel(k, root / f"{k.prefix}_x", s)
+            for k, s in zip(cpu_kernel.KERNELS, (97.0, None), strict=True)
+        ]
+
+    monkeypatch.setattr(cpu_kernel, "build_all", build_all)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "elsewhere"))  # restored after: --dir exports it
+    assert cli.main(["build-kernels", "--dir", str(tmp_path / "kernels")]) == 0
+    out = capsys.readouterr().out
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "kernels")
+    assert f"Anon's fused=True step: built in 97 s: {tmp_path / 'kernels' / 'anon_hf_cpu_x'}" in out
+    assert f"Anon8bit's step: already built: {tmp_path / 'kernels' / 'anon_hf_cpu8_x'}" in out
+    assert f"export TORCH_EXTENSIONS_DIR={tmp_path / 'kernels'}" in out
+
+
+def test_build_kernels_reports_a_failed_build(monkeypatch, capsys):
+    from anon_hf.backends import cpu_kernel
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernel, "build_all", no_compiler)
+    assert cli.main(["build-kernels"]) == 1
+    assert "a kernel could not be built: RuntimeError: Ninja is required" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 What ``tests/test_fused.py`` covers for both backends (the reference grid, groups, skipped grads, state dicts, the
 non-finite policies) is not repeated here. These tests cover what only the kernel has: its vector blocks and their
-tails, threads, 16-bit storage, the build and its fallback.
+tails, threads, 16-bit storage, the build's fallback (the cache and the build itself: ``tests/test_kernel_cache.py``).
 """
 
 from __future__ import annotations
@@ -167,14 +167,17 @@ def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
     assert _fused.stats["compiled"] > before[1]
 
 
-def test_a_failed_build_falls_back_to_foreach_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(_cpu_kernel, "_module", None)
-    monkeypatch.setattr(_cpu_kernel, "_failure", None)
+def _forget_the_loaded_kernel(monkeypatch):
+    monkeypatch.delitem(_cpu_kernel._results, _cpu_kernel.MAIN.prefix, raising=False)
 
-    def no_compiler():
+
+def test_a_failed_build_falls_back_to_foreach_with_one_warning(monkeypatch, caplog):
+    _forget_the_loaded_kernel(monkeypatch)
+
+    def no_compiler(spec):
         raise RuntimeError("error: command 'c++' failed: No such file or directory")
 
-    monkeypatch.setattr(_cpu_kernel, "_build", no_compiler)
+    monkeypatch.setattr(_cpu_kernel, "_load_or_build", no_compiler)
     before = {key: _fused.stats[key] for key in ("kernel", "compiled", "fallback")}
     with caplog.at_level(logging.WARNING, logger="anon_hf"):
         _, fused = _run([(5, 3), (7,)], steps=6, fused=True)
@@ -191,8 +194,7 @@ def test_a_failed_build_falls_back_to_foreach_with_one_warning(monkeypatch, capl
 
 
 def test_loading_says_which_kernel_runs(monkeypatch, caplog):
-    monkeypatch.setattr(_cpu_kernel, "_module", None)
-    monkeypatch.setattr(_cpu_kernel, "_failure", None)
+    _forget_the_loaded_kernel(monkeypatch)
     with caplog.at_level(logging.INFO, logger="anon_hf.backends.cpu_kernel"):
         assert _cpu_kernel.kernel_unavailable_reason() is None
     messages = [r.getMessage() for r in caplog.records]

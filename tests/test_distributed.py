@@ -119,7 +119,7 @@ def trainer_runs(tmp_path_factory):
 
 # --------------------------------------------------------------------------------------- engine matrix
 
-ENGINES = ["ddp", "fsdp2", "zero1", "zero2", "zero3", "zero2_offload", "zero2_offload_fused"]
+ENGINES = ["ddp", "fsdp2", "fsdp2_fused", "zero1", "zero2", "zero3", "zero2_offload", "zero2_offload_fused"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -173,6 +173,24 @@ def test_fsdp2_state_is_sharded_like_its_dtensor_parameter(engines):
         assert rows and all(row["dtensor"] and row["same_placements"] for row in rows), rank
         assert all(row["numel"] == row["partition"] for row in rows), rank
         assert sum(row["partition"] for row in rows) < sum(row["full"] for row in rows), rank
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_fsdp2_shards_step_through_the_cpu_kernel(engines):
+    # Every step of every rank goes through the kernel on the DTensors' local shards; none falls back to eager.
+    for rank, result in enumerate(_section(engines, "fsdp2_fused")):
+        assert result["kernel_steps"] == 20, (rank, result)
+        assert result["eager_fallbacks"] == 0, (rank, result)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_stack
+def test_a_nonfinite_refresh_on_one_ranks_shard_raises_on_every_rank(engines):
+    for rank, result in enumerate(_section(engines, "fsdp2_nonfinite")):
+        assert result["raised"] == {"step": 4, "error_step": 4, "shape": result["full_shape"]}, rank
 
 
 @pytest.mark.slow

@@ -332,10 +332,12 @@ def test_a_failing_compiler_falls_back_to_foreach_with_one_warning(monkeypatch, 
     assert len(warnings) == 1 and "takes the foreach path" in warnings[0].getMessage()
 
 
-def test_dtensor_params_take_the_foreach_path_and_say_so(tmp_path, caplog):
+def test_dtensor_params_step_their_local_shards_through_the_kernel(tmp_path, caplog):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
+    if _cpu_kernel.kernel_unavailable_reason() is not None:
+        pytest.skip(f"the C++ kernel cannot run here: {_cpu_kernel.kernel_unavailable_reason()}")
     from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -347,6 +349,7 @@ def test_dtensor_params_take_the_foreach_path_and_say_so(tmp_path, caplog):
         opt = Anon([param], lr=0.01, fused=True)
         reference = Anon([plain], lr=0.01, foreach=True)
         _fused.telemetry._logged.clear()
+        kernel_steps, fallbacks = _fused.stats["kernel"], _fused.stats["fallback"]
         with caplog.at_level(logging.INFO, logger="anon_hf.backends.fused"):
             for _ in range(4):
                 grad = torch.randn(4, 3)
@@ -355,9 +358,28 @@ def test_dtensor_params_take_the_foreach_path_and_say_so(tmp_path, caplog):
                 opt.step()
                 reference.step()
         torch.testing.assert_close(param.full_tensor(), plain.detach(), rtol=1e-6, atol=1e-7)
-        assert any("DTensor" in r.getMessage() and "foreach" in r.getMessage() for r in caplog.records)
+        assert _fused.stats["kernel"] - kernel_steps == 4
+        assert _fused.stats["fallback"] == fallbacks
+        assert not any("foreach path" in r.getMessage() for r in caplog.records)
     finally:
         dist.destroy_process_group()
+
+
+def test_non_contiguous_params_take_the_foreach_path_and_say_so(caplog):
+    param = torch.nn.Parameter(torch.randn(3, 5).t())  # a strided view, as a DTensor shard on dim 1 would be
+    plain = torch.nn.Parameter(param.detach().clone().contiguous())
+    opt = Anon([param], lr=0.01, fused=True)
+    reference = Anon([plain], lr=0.01, foreach=True)
+    _fused.telemetry._logged.clear()
+    with caplog.at_level(logging.INFO, logger="anon_hf.backends.fused"):
+        for _ in range(3):
+            grad = torch.randn(5, 3)
+            param.grad, plain.grad = grad.clone(), grad.clone()
+            opt.step()
+            reference.step()
+    torch.testing.assert_close(param.detach(), plain.detach(), rtol=1e-6, atol=1e-7)
+    messages = [r.getMessage() for r in caplog.records if "non-contiguous" in r.getMessage()]
+    assert len(messages) == 1 and "foreach path" in messages[0]
 
 
 def test_fused_and_foreach_together_are_refused():

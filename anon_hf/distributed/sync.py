@@ -27,11 +27,14 @@ error can name the node of a rank that stepped differently or never arrived.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
 import socket
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -39,7 +42,7 @@ import torch.distributed as dist
 from ..schedule import is_refresh_step
 from .dtensor import is_dtensor
 
-__all__ = ["RefreshOutOfSyncError", "RefreshSyncChecker", "upcoming_collective_refresh"]
+__all__ = ["RefreshOutOfSyncError", "RefreshSyncChecker", "drain_gloo_workers", "upcoming_collective_refresh"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,8 @@ class RefreshSyncChecker:
 
     def count_call(self) -> None:
         self.calls += 1
+        if self.calls == 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _drain_gloo_workers_at_exit()
 
     def _get_store(self):
         if self._store is None and not self._store_failed:
@@ -139,6 +144,13 @@ class RefreshSyncChecker:
         store = self._get_store()
         if store is None:
             return
+        try:
+            self._check(store, step, wait)
+        finally:
+            # Hold the job's store only during a check: it must not outlive the process group that owns it.
+            self._store = self._ranks = None
+
+    def _check(self, store, step: int, wait: bool) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         index = self._refreshes
         self._refreshes += 1
@@ -198,6 +210,63 @@ class RefreshSyncChecker:
             f"differs, or it stopped or hangs, so it will not join this refresh's collectives. (A rank slower than "
             f"that is also reported here: raise {TIMEOUT_ENV}.) {_ADVICE}"
         )
+
+
+_GLOO_WORKER = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads
+_drain_registered = False
+
+
+def _drain_gloo_workers_at_exit() -> None:
+    """Once per process: run :func:`drain_gloo_workers` when the interpreter exits, before it finalizes."""
+    global _drain_registered
+    if not _drain_registered:
+        _drain_registered = True
+        atexit.register(drain_gloo_workers)
+
+
+def _gloo_worker_activity() -> dict[str, tuple[str, str]] | None:
+    """Per gloo worker thread of this process: (scheduler state, context switches); None where /proc is missing."""
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return None
+    activity = {}
+    for task in tasks:
+        try:
+            if (task / "comm").read_text().strip() != _GLOO_WORKER:
+                continue
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            switches = [line for line in (task / "status").read_text().splitlines() if "ctxt_switches" in line]
+        except OSError:  # the thread ended meanwhile
+            continue
+        activity[task.name] = (state, " ".join(switches))
+    return activity
+
+
+def drain_gloo_workers(timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Wait, releasing the GIL, until gloo's worker threads are idle; True if they are (or there are none).
+
+    Why: a gloo worker releases a finished collective's work object itself. When the Python side has already dropped
+    the work and its tensors (``dist.all_gather`` returns, the caller drops the output list: the Trainer does this at
+    the end of every run), the tensors' Python objects die on that worker thread, which must take the GIL. If the
+    interpreter is finalizing by then, that thread either ends inside a C++ destructor ("terminate called without an
+    active exception", SIGABRT) or waits forever for a GIL that the main thread holds while it destroys the process
+    group (``~ProcessGroupGloo`` from DDP's ``~Reducer`` joins the worker): the hang at exit. Run at exit, before
+    finalizing, this lets a worker that needs the GIL take it. A worker is idle when it sleeps and its context
+    switch counts stand still over ``interval`` seconds (a thread waiting for the GIL wakes every 5 ms).
+    """
+    deadline = time.monotonic() + timeout
+    previous = None
+    while time.monotonic() < deadline:
+        time.sleep(interval)  # releases the GIL
+        activity = _gloo_worker_activity()
+        if not activity:  # no gloo workers, or no /proc to watch them: the sleep above was the best effort
+            return activity is not None
+        if activity == previous and all(state == "S" for state, _ in activity.values()):
+            return True
+        previous = activity
+    logger.info("anon_hf: gloo's worker threads were still busy at exit after %.0f s.", timeout)
+    return False
 
 
 def _published(store, key: str, rank: int) -> tuple[int, int] | None:

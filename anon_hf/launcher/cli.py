@@ -22,6 +22,10 @@ DeepSpeed launcher inserts after the program is handed on to the target. Also av
 
 ``anon-hf enable`` / ``anon-hf disable`` add / remove a ``.pth`` in site-packages that does the same for every
 interpreter of the environment, with no launcher.
+
+``anon-hf build-kernels`` builds anon_hf's C++ CPU kernels for this machine ahead of time (a Docker image, a
+cluster's shared disk), so that no run waits for a build; it says where they are and how to point
+``TORCH_EXTENSIONS_DIR`` at them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ usage: anon-hf run SCRIPT.py [ARGS ...]
        anon-hf run COMMAND [ARGS ...]      (an installed console script, e.g. a library's CLI)
        anon-hf enable [--site-packages DIR]   (every script of this environment: --optim anon, no launcher)
        anon-hf disable [--site-packages DIR]  (undo enable)
+       anon-hf build-kernels [--dir DIR]      (build the C++ CPU kernels now, into TORCH_EXTENSIONS_DIR or DIR)
        anon-hf --version
 
 Runs the target in this process with its own arguments, after `import anon_hf`, so that
@@ -219,6 +224,32 @@ def toggle(command: str, argv: list[str]) -> int:
     return 0
 
 
+def build_kernels(argv: list[str]) -> int:
+    """``anon-hf build-kernels [--dir DIR]``: build (or find) every C++ kernel for this source, torch and CPU."""
+    if argv and (len(argv) != 2 or argv[0] != "--dir"):
+        raise UsageError(f"anon-hf build-kernels: unexpected arguments {argv!r} (allowed: --dir DIR)")
+    if argv:
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.abspath(argv[1])
+    from anon_hf.backends import cpu_kernel
+
+    root = cpu_kernel.cache_root()
+    print(f"anon-hf: building anon_hf's C++ kernels for {cpu_kernel.capability()} in {root} (about 1-3 minutes each)")
+    try:
+        built = cpu_kernel.build_all()
+    except Exception as err:  # the compiler's or ninja's message says what is missing
+        print(f"anon-hf: a kernel could not be built: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    for item in built:
+        how = "already built" if item.build_seconds is None else f"built in {item.build_seconds:.0f} s"
+        print(f"anon-hf: {item.kernel.title}: {how}: {item.directory}")
+    print(
+        f"anon-hf: runs with this anon-hf source, torch, Python and CPU instruction set load these kernels from {root} "
+        f"without building (no compiler or ninja needed). Elsewhere (a Docker image, another machine with the same "
+        f"environment), copy that folder and set\n  export TORCH_EXTENSIONS_DIR={root}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``anon-hf`` console script and of ``python -m anon_hf``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -231,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"anon-hf {__version__}")
         return 0
-    if argv[0] not in ("run", "enable", "disable"):
+    if argv[0] not in ("run", "enable", "disable", "build-kernels"):
         print(f"anon-hf: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     try:
+        if argv[0] == "build-kernels":
+            return build_kernels(argv[1:])
         if argv[0] != "run":
             return toggle(argv[0], argv[1:])
         return run(argv[1:], forwarded)

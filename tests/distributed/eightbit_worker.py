@@ -38,10 +38,10 @@ from engines_worker import ds_config, ds_train, zero_full_params, zero_partition
 from anon_hf import Anon8bit  # noqa: E402
 
 
-def reference_8bit_run(batches) -> dict[str, torch.Tensor]:
+def reference_8bit_run(batches, fused: bool = False) -> dict[str, torch.Tensor]:
     """Single-process Anon8bit on the full global batch: the final parameters by name."""
     model = tiny_llama()
-    opt = Anon8bit(model.parameters(), **ANON_KWARGS, verify_sync=False)
+    opt = Anon8bit(model.parameters(), **ANON_KWARGS, fused=fused, verify_sync=False)
     for batch in batches:
         causal_lm_loss(model, batch).backward()
         opt.step()
@@ -166,6 +166,30 @@ def run_fsdp2(rank, world, batches, references, report, out_dir):
     report["fsdp2"] = result
 
 
+def run_fsdp2_fused(rank, world, batches, references, report):
+    """Anon8bit(fused=True) on FSDP2: between refreshes the 8-bit kernel steps each DTensor's local shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    from anon_hf.backends.fused import stats
+
+    model = tiny_llama(0)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = Anon8bit(model.parameters(), **ANON_KWARGS, fused=True)
+    kernel_calls = stats["kernel"]
+    for batch in batches:
+        causal_lm_loss(model, local_rows(batch, rank, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    final = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    report["fsdp2_fused"] = {
+        "kernel_calls": stats["kernel"] - kernel_calls,
+        "parity_8bit_fused": max_abs_diff(final, reference_8bit_run(batches, fused=True)),
+        "refresh_history": opt.refresh_history,
+    }
+
+
 def main(out_dir: str, only: list[str]) -> None:
     rank, world = init_process_group()
     report = Report(out_dir, "eightbit", rank)
@@ -177,6 +201,7 @@ def main(out_dir: str, only: list[str]) -> None:
         "zero3": lambda: run_zero(rank, world, batches, references, report, out_dir, 3),
         "zero2_offload_fused": lambda: run_zero(rank, world, batches, references, report, out_dir, 2, offload=True),
         "fsdp2": lambda: run_fsdp2(rank, world, batches, references, report, out_dir),
+        "fsdp2_fused": lambda: run_fsdp2_fused(rank, world, batches, references, report),
     }
     if not only or any(name.startswith("zero") for name in only):
         import deepspeed  # `import anon_hf` registered its hooks: ZeRO accepts Anon8bit from here on

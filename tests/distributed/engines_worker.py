@@ -225,6 +225,44 @@ def run_fsdp2(rank, world, batches, reference, report, out_dir):
     }
 
 
+def run_fsdp2_fused(rank, world, batches, reference, report):
+    """Anon(fused=True) on FSDP2: each DTensor parameter steps its local shard through the C++ kernel."""
+    from anon_hf.backends import fused as _fused
+
+    model = fsdp2_model()
+    opt = Anon(model.parameters(), **ANON_KWARGS, fused=True)
+    before = dict(_fused.stats)
+    fsdp2_train(model, opt, batches, rank, world)
+    report["fsdp2_fused"] = {
+        "parity": max_abs_diff(full_params(model), reference),
+        "kernel_steps": _fused.stats["kernel"] - before.get("kernel", 0),
+        "eager_fallbacks": _fused.stats["fallback"] - before.get("fallback", 0),
+        "state_keys": named_state_keys(opt),
+        "refresh_history": opt.refresh_history,
+    }
+
+
+def run_fsdp2_nonfinite(rank, world, batches, report):
+    """Only rank 1's shard of one gradient holds inf at the refresh of step 4: every rank must raise there."""
+    from anon_hf import NonFinitePreconditionerError
+
+    model = fsdp2_model()
+    opt = Anon(model.parameters(), **ANON_KWARGS, fused=True)
+    weight = model.model.embed_tokens.weight
+    raised = None
+    for step, batch in enumerate(batches[:6], start=1):
+        causal_lm_loss(model, local_rows(batch, rank, world)).backward()
+        if step == 4 and rank == 1:
+            weight.grad.to_local()[0, 0] = float("inf")
+        try:
+            opt.step()
+        except NonFinitePreconditionerError as err:
+            raised = {"step": step, "error_step": err.step, "shape": list(err.shape)}
+            break
+        opt.zero_grad(set_to_none=True)
+    report["fsdp2_nonfinite"] = {"raised": raised, "full_shape": list(weight.shape)}
+
+
 # ---------------------------------------------------------------- DeepSpeed ZeRO
 
 
@@ -365,6 +403,8 @@ def main(out_dir: str, only: list[str]) -> None:
     runs = {
         "ddp": lambda: run_ddp(rank, world, batches, reference, report),
         "fsdp2": lambda: run_fsdp2(rank, world, batches, reference, report, out_dir),
+        "fsdp2_fused": lambda: run_fsdp2_fused(rank, world, batches, reference, report),
+        "fsdp2_nonfinite": lambda: run_fsdp2_nonfinite(rank, world, batches, report),
         "zero1": lambda: run_zero(1, rank, world, batches, reference, report, out_dir),
         "zero2": lambda: run_zero(2, rank, world, batches, reference, report, out_dir),
         "zero3": lambda: run_zero(3, rank, world, batches, reference, report, out_dir),

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...distributed.dtensor import agreed_verdicts
 from ...refresh import NonFinitePreconditionerError, refresh_mode, refresh_verdicts, step_rule
 from ...schedule import is_refresh_step, previous_refresh_step
 from ..eager import _multi_tensor_anon
@@ -139,6 +140,8 @@ def _check_all(kernel, graph, eager_indices, lists, step, hyper):
                 "maximize": hyper["maximize"],
             }
             verdicts.update(refresh_verdicts(*lists, eager_indices, step, **decay))
+        # Under FSDP2 these are local shards: every rank raises for the same tensor, or none does.
+        verdicts = agreed_verdicts(verdicts, lists[0][0].device)
         bad = sorted(i for i, ok in verdicts.items() if not ok)
         if bad:
             raise NonFinitePreconditionerError(step, bad[0], tuple(lists[4][bad[0]].shape))

@@ -1,8 +1,9 @@
 """Which backend steps which tensor: a pure function of the tensors' properties, testable without running anything.
 
 The C++ kernel takes the CPU tensors it supports (``anon_hf.backends.cpu_kernel``); the compiled graphs take the rest,
-grouped into chunks of one device, dtypes and shape; the eager foreach path takes what neither covers (DTensor and
-complex parameters, non-contiguous layouts, and everything when the compiler is unavailable).
+grouped into chunks of one device, dtypes and shape; the eager foreach path takes what neither covers (complex
+parameters, non-contiguous layouts, and everything when the compiler is unavailable). DTensor (FSDP2) tensors arrive
+here as their local shards (:func:`anon_hf.functional.anon`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-
-from ...distributed.dtensor import is_dtensor
 
 __all__ = ["Plan", "chunk_sizes", "make_plan"]
 
@@ -50,11 +49,15 @@ def chunk_sizes(count: int, numel: int) -> list[int]:
 
 
 def _eager_reason(param: Tensor) -> str | None:
-    if is_dtensor(param):
-        return "DTensor parameters (FSDP2 shards) are not handled by the fused path"
     if torch.is_complex(param):
         return "complex parameters are not handled by the fused path"
     return None
+
+
+_NON_CONTIGUOUS = (
+    "non-contiguous tensors (e.g. a DTensor sharded on a dimension other than 0, whose local shard is a strided view) "
+    "are not handled by the fused path"
+)
 
 
 def make_plan(
@@ -88,7 +91,9 @@ def make_plan(
             graphs_reason = graphs_unavailable()
         reason = reason or graphs_reason
         state = (exp_avgs[i], exp_avg_sqs[i], preconds[i]) if preconditioned else (exp_avgs[i],)
-        if reason is not None or not all(t.is_contiguous() for t in (param, grads[i], *state)):
+        if reason is None and not all(t.is_contiguous() for t in (param, grads[i], *state)):
+            reason = _NON_CONTIGUOUS
+        if reason is not None:
             plan.eager.append(i)
             plan.eager_reason = plan.eager_reason or reason
             continue
