@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backends.fused.scalars import SLOT, per_tensor_scalars, step_scalars_from
+from .backends.fused.scalars import per_tensor_scalars, step_scalars_from
 from .distributed.dtensor import is_dtensor, local
 from .functional import NonFinitePreconditionerError, anon
 from .hyper import update_kwargs
@@ -188,10 +188,9 @@ class Anon8bit(Anon):
         if not picked or cpu_kernel.kernel8_unavailable_reason() is not None:
             return set()
         rule = step_rule(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], kwargs["keep_unseen"])
-        estimate = 0 if rule.estimate_mode is None else cpu_kernel.kernel8().ESTIMATE_MODES[rule.estimate_mode]
+        estimate = 0 if rule.estimate_mode is None else cpu_kernel.kernel8().REFRESH_MODES[rule.estimate_mode]
         weight_decay, decoupled = kwargs["weight_decay"], kwargs["decoupled_weight_decay"]
-        values = step_scalars_from(kwargs, averaged=False)
-        scalars = [values[SLOT[name]] for name in _KERNEL8_SLOTS]
+        scalars = step_scalars_from(kwargs, averaged=False)
         for preconditioned in (True, False):
             chosen = [p for p in picked if ("precond" in self.state[p]) == preconditioned]
             if not chosen:
@@ -351,9 +350,6 @@ def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule
 
 
 _CODEC_KINDS = {"exp_avg": 0, "exp_avg_sq": 1, "precond": 2}
-
-# The scalars of the 8-bit kernel (csrc/anon_cpu_8bit.cpp's Slot), in its order, by their names in step_scalars.
-_KERNEL8_SLOTS = ("decay", "weight1", "beta2", "weight2", "sign", "l2", "lo", "hi", "eps", "max_ratio", "gamma")
 
 
 def _cpu_codec():

@@ -447,8 +447,7 @@ def _rule_state8(seed=7):
 @pytest.mark.parametrize("limit", [True, False], ids=["limit", "no_limit"])
 @pytest.mark.parametrize("gamma", [1.0, 0.5, 3.0, -0.5], ids=["one", "pow", "log", "negative"])
 def test_the_8bit_kernel_step_rule_matches_a_plain_evaluation(gamma, limit, late_seen):
-    from anon_hf.backends.fused.scalars import SLOT, step_scalars
-    from anon_hf.optimizer8bit import _KERNEL8_SLOTS
+    from anon_hf.backends.fused.scalars import step_scalars
     from anon_hf.refresh import refresh_mode
 
     _kernel_or_skip()
@@ -472,12 +471,12 @@ def test_the_8bit_kernel_step_rule_matches_a_plain_evaluation(gamma, limit, late
                           decoupled_weight_decay=True, beta3=0.9, bounds=None, maximize=False,
                           max_precond_ratio=ratio, averaged=False)  # fmt: skip
     mode = refresh_mode(gamma, eps) if limit or late_seen else None
-    estimate = 0 if mode is None else kernel.ESTIMATE_MODES[mode]
+    estimate = 0 if mode is None else kernel.REFRESH_MODES[mode]
     keys = ["exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_max", "precond", "precond_log2_min"]
     step = torch.tensor(5.0)
     kernel.anon8_step(
         [param], [grad], *[[state[key]] for key in keys + ["precond_log2_max"]], [step], [neg_step_size],
-        [inv_bias2], [values[SLOT[name]] for name in _KERNEL8_SLOTS], False, False, estimate, limit, late_seen,
+        [inv_bias2], values, False, False, estimate, limit, late_seen,
     )  # fmt: skip
     torch.testing.assert_close(param.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_quant8.dequantize("exp_avg_sq", state).double(), s, rtol=7e-2, atol=0.0)
@@ -500,10 +499,54 @@ def test_the_avx2_builds_step_rule_matches_a_plain_evaluation_too(tmp_path):
     command += [str(tests / "test_anon8bit.py"), str(tests / "test_cpu_kernel.py")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"^42 passed, 6 skipped", result.stdout, re.MULTILINE), result.stdout[-2000:]
+    assert re.search(r"^42 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]  # and this test skipped
     check = (
         "from anon_hf.backends import cpu_kernel as k; k.kernel8_unavailable_reason(); print(k.kernel8().AVX2_STEP)"
     )
     assert (
         subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True).stdout.strip() == "True"
     )
+
+
+def test_the_8bit_kernel_gives_the_same_bits_on_1_and_2_threads():
+    # 300,000 elements: 1,172 blocks, several of the kernel's 128-block parts, so two threads really split the tensor.
+    _kernel_or_skip()
+    results = []
+    previous = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            generator = torch.Generator().manual_seed(8)
+            params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(300, 1000), (5000,)]]
+            opt = Anon8bit(params, lr=0.01, fused=True)
+            for _ in range(9):
+                for param in params:
+                    param.grad = torch.randn(param.shape, generator=generator)
+                opt.step()
+        finally:
+            torch.set_num_threads(previous)
+        results.append((params, [opt.state[p] for p in params]))
+    (params1, states1), (params2, states2) = results
+    for a, b, state_a, state_b in zip(params1, params2, states1, states2, strict=True):
+        assert torch.equal(a, b)
+        for key, value in state_a.items():
+            assert torch.equal(value, state_b[key]), key
+
+
+def test_the_8bit_kernel_refuses_a_mismatched_tensor_before_writing():
+    _kernel_or_skip()
+    from anon_hf.backends.fused.scalars import SCALAR_SLOTS
+
+    kernel = _cpu_kernel.kernel8()
+    param, state = torch.randn(300), _quant8.quantize("exp_avg", torch.randn(300))
+    original, step = param.clone(), torch.tensor(1.0)
+    lists = [[param], [torch.randn(300)], [state["exp_avg"]], [state["exp_avg_absmax"]], [], [], [], [], []]
+    scalars = [1.0] * len(SCALAR_SLOTS)
+    with pytest.raises(RuntimeError, match="tensor 0 is not supported"):
+        kernel.anon8_step(*lists[:2], [state["exp_avg"][:299]], *lists[3:], [step], [-0.1], [1.0], scalars,
+                          False, False, 0, False, False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="need an estimate mode"):
+        kernel.anon8_step(*lists, [step], [-0.1], [1.0], scalars, False, False, 0, True, False)
+    assert torch.equal(param, original) and step.item() == 1.0
+    kernel.anon8_step(*lists, [step], [-0.1], [1.0], scalars, False, False, 0, False, False)
+    assert step.item() == 2.0 and not torch.equal(param, original)

@@ -116,6 +116,7 @@ EIGHT_BIT = Kernel(
     # Plain loops for the compiler's vectorizer: `omp simd` only, no OpenMP runtime.
     extra_flags=("-fopenmp-simd", "-fno-math-errno"),
     fallback="Anon8bit's CPU tensors take the reference path instead",
+    check=_check_interface,
 )
 #: Every kernel, as ``anon-hf build-kernels`` builds them.
 KERNELS = (MAIN, EIGHT_BIT)
@@ -155,10 +156,10 @@ def _flags(spec: Kernel) -> list[str]:
 
 
 def extension_name(spec: Kernel) -> str:
-    """``<prefix>_<isa>_<hash>``: the hash covers the sources' bytes, the flags (the ISA's among them), torch and the
-    Python ABI, not where the sources lie."""
+    """``<prefix>_<isa>_<hash>``: the hash covers the sources' bytes and the headers they share (``csrc/*.h``), the
+    flags (the ISA's among them), torch and the Python ABI, not where the sources lie."""
     digest = hashlib.sha256()
-    for source in spec.sources:
+    for source in (*spec.sources, *sorted(_CSRC.glob("*.h"))):
         digest.update(source.read_bytes())
     key = [*_flags(spec), torch.__version__, str(torch.version.git_version), sys.implementation.cache_tag]
     key.append(str(sysconfig.get_config_var("EXT_SUFFIX")))

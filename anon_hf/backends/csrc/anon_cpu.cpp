@@ -17,15 +17,12 @@
 //   p  = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
 // The refresh rule and how sigma**gamma is computed (directly or in log space) are anon_hf/refresh.py's: the mode
-// arrives as an argument and the kernel never picks one. The scalars arrive in the layout named by SCALAR_SLOTS,
-// which anon_hf/backends/cpu_kernel.py compares by name with anon_hf/backends/fused/scalars.py before the kernel may run.
+// arrives as an argument and the kernel never picks one. The scalars, modes, moment updates and step rule are
+// anon_kernel.h's, shared with the 8-bit kernel.
 //
 // Elementwise only: results do not depend on the number of threads.
 
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/extension.h>
+#include "anon_kernel.h"
 
 #include <atomic>
 #include <cmath>
@@ -38,29 +35,19 @@
 
 namespace {
 
-using at::vec::Vectorized;
-using FloatVec = Vectorized<float>;
+using namespace anon_hf;
 
 // Elements per iteration: two float vectors, i.e. one vector of a 16-bit dtype.
 constexpr int64_t kBlock = 2 * FloatVec::size();
 // Elements per task of at::parallel_for: large enough that a task's memory traffic dwarfs its scheduling.
 constexpr int64_t kGrain = 1 << 15;
 
-enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kEps, kGamma, kWeightPrev, kWeightNew,
-                      kMaxRatio, kSlotCount };
-// The slots' names, in Slot order: exported as SCALAR_SLOTS and checked against the Python layout by name.
-const char* const kSlotNames[kSlotCount] = {"decay", "weight1", "beta2",       "weight2",    "sign",
-                                            "l2",    "lo",      "hi",          "eps",        "gamma",
-                                            "weight_prev", "weight_new", "max_ratio"};
 
 // Bounds of the refresh check's shortcut (see block): (1 / 1e18)**2 * 1e-6 = 1e-42 > 0 and 1e15 leave u > 0.
 constexpr float kMinPrecond = 1.0f / 1e18f;
 constexpr float kMaxPrecond = 1e15f;
 constexpr float kMinWeightPrev = 1e-6f;
 
-// 0: an ordinary step; else a refresh computing sigma**gamma as anon_hf.refresh.refresh_mode says: no power (gamma
-// == 1), directly, or in log space. Exported as REFRESH_MODES.
-enum class Refresh : int64_t { kNone = 0, kOne = 1, kPower = 2, kLog = 3 };
 
 struct Settings {
   float s[kSlotCount];
@@ -68,23 +55,12 @@ struct Settings {
   bool l2;
   bool bounds;
   bool preconditioned;
-  Refresh refresh;
+  Mode refresh;  // kNone: an ordinary step
   bool has_prev;     // a previous preconditioner is averaged in (beta3 > 0, not the first refresh)
   bool keep_unseen;  // elements with s == 0 keep v; those with v == 0 start the mean afresh
-  // An ordinary step's StepRule: how est = sigma**(-gamma / 2) is computed (kNone: not needed; kLog as kPower),
-  // whether v is limited to max_ratio * est, and whether v == 0 means "not seen yet" (then est is used).
-  Refresh estimate;
-  bool limit;
-  bool late_seen;
-  float limit_cutoff;  // kPower/kLog: 2 * log2(max_ratio) less the shortcut's margin (see limit_precond)
+  StepRule rule;      // an ordinary step's
 };
 
-// log2(x) from x's bits, as a float: exponent + mantissa fraction (Mitchell's approximation). For a normal x it is
-// within 0.0861 below log2(x); for 0 and subnormals it lies above; 1e-5 more for the int-to-float rounding.
-inline FloatVec log2_from_bits(const FloatVec& x) {
-  const FloatVec bits = at::vec::convert_to_fp_of_same_size<float>(at::vec::cast<int32_t>(x));
-  return at::vec::fmadd(bits, FloatVec(1.0f / (1 << 23)), FloatVec(-127.0f));
-}
 
 template <typename T>
 inline void load2(const T* ptr, FloatVec& a, FloatVec& b) {
@@ -107,16 +83,16 @@ inline void store2(T* ptr, const FloatVec& a, const FloatVec& b) {
 }
 
 // The new preconditioner (anon_hf/refresh.py): u = sigma**gamma, averaged with the previous v**-2 where there is one,
-// v = u**-0.5, and with keep_unseen the old v where s == 0. Refresh::kPower computes sigma**gamma as
+// v = u**-0.5, and with keep_unseen the old v where s == 0. Mode::kPower computes sigma**gamma as
 // exp(gamma * log(sigma)) with at::vec's 20-ulp exp: a quarter of the cost of its pow, within ~1e-6 +
-// |gamma * log(sigma)| * 6e-8 relative (the eager paths' preconditioners are within ~2e-6). Refresh::kLog keeps
+// |gamma * log(sigma)| * 6e-8 relative (the eager paths' preconditioners are within ~2e-6). Mode::kLog keeps
 // log(u) and combines the two terms by logaddexp, so v = exp(-log(u) / 2) stays in range where u itself would not.
 inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond, const Settings& st) {
   const FloatVec sigma = at::vec::fmadd(exp_avg_sq, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
   // Lanes whose mean starts here: with keep_unseen, those whose v is still 0 (u_prev would be inf).
   const FloatVec fresh = st.keep_unseen ? (precond <= FloatVec(0.0f)) : FloatVec(0.0f);
   FloatVec result;
-  if (st.refresh == Refresh::kLog) {
+  if (st.refresh == Mode::kLog) {
     const FloatVec log_power = sigma.log() * FloatVec(st.s[kGamma]);
     FloatVec log_u = log_power;
     if (st.has_prev) {
@@ -128,7 +104,7 @@ inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond,
     }
     result = (log_u * FloatVec(-0.5f)).exp();
   } else {
-    const FloatVec power = st.refresh == Refresh::kOne ? sigma : (sigma.log() * FloatVec(st.s[kGamma])).exp_u20();
+    const FloatVec power = st.refresh == Mode::kOne ? sigma : (sigma.log() * FloatVec(st.s[kGamma])).exp_u20();
     FloatVec u = power;
     if (st.has_prev) {
       const FloatVec inverse = precond.reciprocal();
@@ -140,60 +116,27 @@ inline FloatVec new_precond(const FloatVec& exp_avg_sq, const FloatVec& precond,
   return st.keep_unseen ? FloatVec::blendv(result, precond, exp_avg_sq == FloatVec(0.0f)) : result;
 }
 
-// The preconditioner an ordinary step uses (anon_hf/refresh.py's limited_preconditioner): min(v, max_ratio *
-// sigma**(-gamma / 2)), gamma > 0. The limit binds where 2 log2(v) + gamma log2(sigma) > 2 log2(max_ratio). A cheap
-// test skips the blocks where no lane can bind, and only the others compute the limit (where it does not bind, the
-// minimum is v either way): for gamma == 1, v * v * sigma > max_ratio**2 (exact, two multiplies); otherwise the same
-// inequality with log2 read from the bits, which can only err by the margin folded into limit_cutoff, so a block it
-// skips has no binding lane.
-inline void limit_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, FloatVec& v1, const Settings& st) {
-  const FloatVec sigma0 = at::vec::fmadd(s0, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
-  const FloatVec sigma1 = at::vec::fmadd(s1, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
-  const FloatVec ratio(st.s[kMaxRatio]);
-  if (st.estimate == Refresh::kOne) {
-    const FloatVec ratio2 = ratio * ratio;
-    const FloatVec over = ((v0 * v0 * sigma0) > ratio2) | ((v1 * v1 * sigma1) > ratio2);
-    if (over.zero_mask() == (1 << FloatVec::size()) - 1) return;  // zero_mask: a bit per lane that is 0
-    v0 = at::vec::minimum(v0, sigma0.rsqrt() * ratio);
-    v1 = at::vec::minimum(v1, sigma1.rsqrt() * ratio);
-    return;
-  }
-  const FloatVec gamma(st.s[kGamma]), cutoff(st.limit_cutoff);
-  const FloatVec guess0 = at::vec::fmadd(log2_from_bits(sigma0), gamma, log2_from_bits(v0) * FloatVec(2.0f));
-  const FloatVec guess1 = at::vec::fmadd(log2_from_bits(sigma1), gamma, log2_from_bits(v1) * FloatVec(2.0f));
-  if (((guess0 > cutoff) | (guess1 > cutoff)).zero_mask() == (1 << FloatVec::size()) - 1) return;
-  const FloatVec exponent(-0.5f * st.s[kGamma]);
-  v0 = at::vec::minimum(v0, (sigma0.log() * exponent).exp_u20() * ratio);
-  v1 = at::vec::minimum(v1, (sigma1.log() * exponent).exp_u20() * ratio);
-}
-
-// est = sigma**(-gamma / 2) in the rule's mode: a reciprocal square root for gamma == 1, else exp and log.
+// est = sigma**(-gamma / 2) in the rule's mode: a reciprocal square root for gamma == 1, else exp and log (kLog as
+// kPower: an est that overflows to inf is what anon_hf.refresh's eager rule computes too).
 inline FloatVec estimate(const FloatVec& sigma, const Settings& st) {
-  if (st.estimate == Refresh::kOne) return sigma.rsqrt();
+  if (st.rule.estimate == Mode::kOne) return sigma.rsqrt();
   return (sigma.log() * FloatVec(-0.5f * st.s[kGamma])).exp_u20();
 }
 
-// StepRule for a vector with a lane whose v is 0 ("not seen yet"): est where s > 0, 0 where s == 0, and the limit's
-// min(v, max_ratio * est) (with a limit) or v on the other lanes.
-inline FloatVec with_late_seen(const FloatVec& exp_avg_sq, const FloatVec& precond, const Settings& st) {
-  const FloatVec zero(0.0f);
-  const FloatVec est = estimate(at::vec::fmadd(exp_avg_sq, FloatVec(st.inv_bias2), FloatVec(st.s[kEps])), st);
-  const FloatVec seen = st.limit ? at::vec::minimum(precond, est * FloatVec(st.s[kMaxRatio])) : precond;
-  return FloatVec::blendv(seen, FloatVec::blendv(zero, est, exp_avg_sq > zero), precond == zero);
-}
-
-// The preconditioner an ordinary step multiplies m by (anon_hf.refresh.StepRule). Only blocks with a lane whose v is
-// 0 compute est for the late-seen rule (one compare per block otherwise); the others take limit_precond's shortcut.
+// The preconditioner an ordinary step multiplies m by (anon_hf.refresh.StepRule), for a block's two vectors. est is
+// computed only in blocks with a lane whose v is 0 (the late-seen rule) or where the limit may bind (limit_binds):
+// elsewhere the rule gives v.
 inline void step_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, FloatVec& v1, const Settings& st) {
-  if (st.late_seen) {
-    const FloatVec zero(0.0f);
-    if (((v0 == zero) | (v1 == zero)).zero_mask() != (1 << FloatVec::size()) - 1) {
-      v0 = with_late_seen(s0, v0, st);
-      v1 = with_late_seen(s1, v1, st);
-      return;
-    }
+  const FloatVec sigma0 = at::vec::fmadd(s0, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
+  const FloatVec sigma1 = at::vec::fmadd(s1, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
+  const StepRule& rule = st.rule;
+  if (!any_unseen(v0, rule) && !any_unseen(v1, rule) &&
+      !(rule.limit && (limit_binds(sigma0, v0, rule.estimate, st.s, rule.cutoff) ||
+                       limit_binds(sigma1, v1, rule.estimate, st.s, rule.cutoff)))) {
+    return;
   }
-  if (st.limit) limit_precond(s0, s1, v0, v1, st);
+  v0 = rule_precond(s0, v0, estimate(sigma0, st), rule, st.s);
+  v1 = rule_precond(s1, v1, estimate(sigma1, st), rule, st.s);
 }
 
 // The value as a V stores it, back in fp32: the refresh check judges what will be stored.
@@ -223,8 +166,8 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
   FloatVec m0, m1;
   if (!Check) {
     load2(m + i, m0, m1);
-    m0 = m0 + (g0 - m0) * FloatVec(st.s[kWeight1]);
-    m1 = m1 + (g1 - m1) * FloatVec(st.s[kWeight1]);
+    m0 = first_moment(m0, g0, FloatVec(st.s[kWeight1]));
+    m1 = first_moment(m1, g1, FloatVec(st.s[kWeight1]));
     store2(m + i, m0, m1);
   }
   if (!st.preconditioned) {
@@ -241,8 +184,8 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
   }
   FloatVec s0, s1, v0, v1;
   load2(s + i, s0, s1);
-  s0 = s0 * FloatVec(st.s[kBeta2]) + g0 * g0 * FloatVec(st.s[kWeight2]);
-  s1 = s1 * FloatVec(st.s[kBeta2]) + g1 * g1 * FloatVec(st.s[kWeight2]);
+  s0 = accumulator(s0, g0, FloatVec(st.s[kBeta2]), FloatVec(st.s[kWeight2]));
+  s1 = accumulator(s1, g1, FloatVec(st.s[kBeta2]), FloatVec(st.s[kWeight2]));
   load2(v + i, v0, v1);
   if (Check && st.has_prev && st.s[kWeightPrev] >= kMinWeightPrev && !std::is_same_v<V, at::Half>) {
     // Shortcut, exact for every mode: with 0 <= s <= FLT_MAX (so sigma >= 0, never nan) and v in
@@ -256,7 +199,7 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
                           (s1 <= largest) & (v1 >= low) & (v1 <= high);
     if (fast.zero_mask() == 0) return;
   }
-  if (st.refresh != Refresh::kNone) {
+  if (st.refresh != Mode::kNone) {
     FloatVec n0 = new_precond(s0, v0, st);
     FloatVec n1 = new_precond(s1, v1, st);
     if (Check) {
@@ -276,7 +219,7 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
     }
     s0 = FloatVec(0.0f);
     s1 = FloatVec(0.0f);
-  } else if (st.estimate != Refresh::kNone) {
+  } else if (st.rule.estimate != Mode::kNone) {
     step_precond(s0, s1, v0, v1, st);
   }
   if (Check) return;
@@ -290,100 +233,71 @@ inline void block(P* p, const P* g, M* m, M* s, V* v, int64_t i, float neg_step_
   store2(p + i, n0, n1);
 }
 
-#ifdef ANON_HF_OPENMP_ABI
-// The entry point GCC emits for `#pragma omp parallel` (libgomp's ABI, also offered by LLVM's and Intel's OpenMP
-// runtimes), called directly: the extension is compiled without -fopenmp (see run_tensor) yet runs on the OpenMP
-// thread team that torch's intra-op parallelism uses, so its threads never compete with ATen's.
-extern "C" {
-void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
-int omp_get_thread_num();
-}
+// One tensor's storage, as the blocks read it (s and v are null without a preconditioner).
+template <typename P, typename M, typename V>
+struct Storage {
+  P* p;
+  const P* g;
+  M* m;
+  M* s;
+  V* v;
+};
 
-// Runs body(begin, end) over [0, n) in `parts` contiguous parts, one per thread of an OpenMP team of `parts` threads.
-template <typename F>
-void run_in_parts(int64_t n, int64_t parts, const F& body) {
-  struct Task {
-    const F* body;
-    int64_t n;
-    int64_t part;
-  };
-  Task task{&body, n, (n + parts - 1) / parts};
-  const auto run_part = [](void* data) {
-    const Task* t = static_cast<const Task*>(data);
-    const int64_t begin = omp_get_thread_num() * t->part;
-    if (begin < t->n) (*t->body)(begin, std::min(t->n, begin + t->part));
-  };
-  GOMP_parallel(run_part, &task, static_cast<unsigned>(parts), 0);
-}
-#endif
-
-// Elements [begin, end) of one tensor: full blocks in place, the tail through zero-padded copies (s and v padded with
-// ones so that a refresh check sees finite values there); clears `finite` if a refresh's accumulator or preconditioner
-// is not. A macro, expanded into two lambdas below: one closure used at two call sites was compiled out of line and
-// ran ~10% slower on the 52M-parameter benchmark.
-#define ANON_HF_RANGE_BODY                                                                                    \
-  FloatVec bad(0.0f);                                                                                                 \
-  int64_t i = begin;                                                                                                  \
-  for (; i + kBlock <= end; i += kBlock) {                                                                            \
-    block<P, M, V, Check>(p, g, m, s, v, i, neg_step_size, keep, st, &bad);                                           \
-  }                                                                                                                   \
-  if (i < end) {                                                                                                      \
-    const int64_t count = end - i;                                                                                    \
-    P tp[kBlock] = {}, tg[kBlock] = {};                                                                               \
-    M tm[kBlock] = {}, ts[kBlock];                                                                                    \
-    V tv[kBlock];                                                                                                     \
-    std::fill(ts, ts + kBlock, M(1.0f));                                                                              \
-    std::fill(tv, tv + kBlock, V(1.0f));                                                                              \
-    std::memcpy(tp, p + i, count * sizeof(P));                                                                        \
-    std::memcpy(tg, g + i, count * sizeof(P));                                                                        \
-    std::memcpy(tm, m + i, count * sizeof(M));                                                                        \
-    if (s != nullptr) {                                                                                               \
-      std::memcpy(ts, s + i, count * sizeof(M));                                                                      \
-      std::memcpy(tv, v + i, count * sizeof(V));                                                                      \
-    }                                                                                                                 \
-    block<P, M, V, Check>(tp, tg, tm, ts, tv, 0, neg_step_size, keep, st, &bad);                                      \
-    if (!Check) {                                                                                                     \
-      std::memcpy(p + i, tp, count * sizeof(P));                                                                      \
-      std::memcpy(m + i, tm, count * sizeof(M));                                                                      \
-      if (s != nullptr) {                                                                                             \
-        std::memcpy(s + i, ts, count * sizeof(M));                                                                    \
-        std::memcpy(v + i, tv, count * sizeof(V));                                                                    \
-      }                                                                                                               \
-    }                                                                                                                 \
-  }                                                                                                                   \
-  if (Check) {                                                                                                        \
-    float lanes[FloatVec::size()];                                                                                    \
-    bad.store(lanes);                                                                                                 \
-    for (float lane : lanes) {                                                                                        \
-      if (lane != 0.0f) finite = false;  /* nan != 0 */                                                               \
-    }                                                                                                                 \
+// The tail of a range, count < kBlock elements from index i, through zero-padded copies (s and v padded with ones so
+// that a refresh check sees finite values there).
+template <typename P, typename M, typename V, bool Check>
+void tail(const Storage<P, M, V>& t, int64_t i, int64_t count, float neg_step_size, bool keep, const Settings& st,
+          FloatVec* bad) {
+  P tp[kBlock] = {}, tg[kBlock] = {};
+  M tm[kBlock] = {}, ts[kBlock];
+  V tv[kBlock];
+  std::fill(ts, ts + kBlock, M(1.0f));
+  std::fill(tv, tv + kBlock, V(1.0f));
+  std::memcpy(tp, t.p + i, count * sizeof(P));
+  std::memcpy(tg, t.g + i, count * sizeof(P));
+  std::memcpy(tm, t.m + i, count * sizeof(M));
+  if (t.s != nullptr) {
+    std::memcpy(ts, t.s + i, count * sizeof(M));
+    std::memcpy(tv, t.v + i, count * sizeof(V));
   }
+  block<P, M, V, Check>(tp, tg, tm, ts, tv, 0, neg_step_size, keep, st, bad);
+  if (Check) return;
+  std::memcpy(t.p + i, tp, count * sizeof(P));
+  std::memcpy(t.m + i, tm, count * sizeof(M));
+  if (t.s != nullptr) {
+    std::memcpy(t.s + i, ts, count * sizeof(M));
+    std::memcpy(t.v + i, tv, count * sizeof(V));
+  }
+}
 
-// One tensor. Returns whether a refresh's accumulator and preconditioner are finite. The extension is built without
-// -fopenmp (this loop compiled ~8% slower with it), so at::parallel_for runs serially here; with several intra-op
-// threads a large tensor is cut into parts for torch's OpenMP team (run_in_parts) where that runtime is available.
+// Elements [begin, end) of one tensor: full blocks in place, then the tail. Returns false if a refresh's accumulator
+// or preconditioner is not finite there.
+template <typename P, typename M, typename V, bool Check>
+bool run_range(Storage<P, M, V> t, int64_t begin, int64_t end, float neg_step_size, bool keep, const Settings& st) {
+  FloatVec bad(0.0f);
+  int64_t i = begin;
+  for (; i + kBlock <= end; i += kBlock) block<P, M, V, Check>(t.p, t.g, t.m, t.s, t.v, i, neg_step_size, keep, st, &bad);
+  if (i < end) tail<P, M, V, Check>(t, i, end - i, neg_step_size, keep, st, &bad);
+  if (!Check) return true;
+  float lanes[FloatVec::size()];
+  bad.store(lanes);
+  return std::all_of(lanes, lanes + FloatVec::size(), [](float lane) { return lane == 0.0f; });  // nan != 0
+}
+
+// One tensor, over torch's threads where it is large (for_each_part). Returns whether a refresh's accumulator and
+// preconditioner are finite.
 template <typename P, typename M, typename V, bool Check>
 bool run_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                 const at::Tensor& precond, float neg_step_size, bool keep, const Settings& st) {
-  P* p = param.data_ptr<P>();
-  const P* g = grad.const_data_ptr<P>();
-  M* m = exp_avg.data_ptr<M>();
-  M* s = st.preconditioned ? exp_avg_sq.data_ptr<M>() : nullptr;
-  V* v = st.preconditioned ? precond.data_ptr<V>() : nullptr;
-  const int64_t numel = param.numel();
+  const Storage<P, M, V> t{param.data_ptr<P>(), grad.const_data_ptr<P>(), exp_avg.data_ptr<M>(),
+                           st.preconditioned ? exp_avg_sq.data_ptr<M>() : nullptr,
+                           st.preconditioned ? precond.data_ptr<V>() : nullptr};
   std::atomic<bool> finite{true};
-  const int64_t threads = at::get_num_threads();
-#ifdef ANON_HF_OPENMP_ABI
-  if (threads > 1 && numel >= 2 * kGrain && !at::in_parallel_region()) {
-    run_in_parts(numel, std::min(threads, numel / kGrain), [&](int64_t begin, int64_t end) { ANON_HF_RANGE_BODY });
-    return finite;
-  }
-#endif
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { ANON_HF_RANGE_BODY });
+  for_each_part(param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    if (!run_range<P, M, V, Check>(t, begin, end, neg_step_size, keep, st)) finite = false;
+  });
   return finite;
 }
-
-#undef ANON_HF_RANGE_BODY
 
 template <typename P, typename M, typename V>
 bool dispatch_check(bool check, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -466,33 +380,12 @@ std::vector<bool> anon_supported(const std::vector<at::Tensor>& params, const st
   return result;
 }
 
-// Adds 1 to each 0-d step counter (float32, float64 or int64 on CPU) without going through the dispatcher.
-void increment_steps(const std::vector<at::Tensor>& steps) {
-  for (const at::Tensor& step : steps) {
-    TORCH_CHECK(step.device().is_cpu() && step.numel() == 1, "anon_hf CPU kernel: step counters must be 1-element CPU tensors");
-  }
-  for (const at::Tensor& step : steps) {
-    switch (step.scalar_type()) {
-      case at::kFloat: *step.data_ptr<float>() += 1.0f; break;
-      case at::kDouble: *step.data_ptr<double>() += 1.0; break;
-      case at::kLong: *step.data_ptr<int64_t>() += 1; break;
-      default: TORCH_CHECK(false, "anon_hf CPU kernel: unsupported step counter dtype ", step.scalar_type());
-    }
-  }
-}
-
-// Steps every tensor (check_only=false), then adds 1 to each of `steps`, or returns, per tensor, whether a refresh
-// would produce a finite accumulator and preconditioner without writing anything (check_only=true).
-// exp_avg_sqs and preconds are empty when the preconditioner is all ones (gamma == 0). keep[i] = false keeps tensor
-// i's previous preconditioner at a refresh.
-std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                            const std::vector<at::Tensor>& preconds, const std::vector<at::Tensor>& steps,
-                            const std::vector<double>& neg_step_sizes, const std::vector<double>& inv_bias2s,
-                            const std::vector<double>& scalars, bool l2, bool bounds, int64_t refresh, bool has_prev,
-                            bool keep_unseen, int64_t estimate, bool limit, bool late_seen, bool check_only,
-                            const std::vector<bool>& keep) {
-  const size_t count = params.size();
+// The lists' sizes and the modes, checked before anything is written.
+void check_lists(size_t count, const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
+                 const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& preconds,
+                 const std::vector<at::Tensor>& steps, const std::vector<double>& neg_step_sizes,
+                 const std::vector<double>& inv_bias2s, const std::vector<double>& scalars, int64_t refresh,
+                 bool check_only, const std::vector<bool>& keep) {
   const bool preconditioned = !preconds.empty();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && neg_step_sizes.size() == count &&
                   inv_bias2s.size() == count,
@@ -502,33 +395,55 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
               "anon_hf CPU kernel: exp_avg_sqs and preconds must be empty or have one tensor per param");
   TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf CPU kernel: expected ", kSlotCount, " scalars");
   TORCH_CHECK(refresh >= 0 && refresh <= 3, "anon_hf CPU kernel: refresh mode must be 0 (none) or one of REFRESH_MODES");
-  TORCH_CHECK(estimate >= 0 && estimate <= 3,
-              "anon_hf CPU kernel: estimate mode must be 0 (none) or one of REFRESH_MODES");
-  TORCH_CHECK(estimate == 0 || (refresh == 0 && preconditioned),
-              "anon_hf CPU kernel: a step rule applies to ordinary steps with a preconditioner");
-  TORCH_CHECK((!limit && !late_seen) || estimate != 0, "anon_hf CPU kernel: the limit and the late-seen rule need an ",
-              "estimate mode");
-  TORCH_CHECK(!limit || scalars[kGamma] > 0.0, "anon_hf CPU kernel: a limit applies with gamma > 0");
   TORCH_CHECK(refresh == 0 || preconditioned, "anon_hf CPU kernel: a refresh needs exp_avg_sqs and preconds");
   TORCH_CHECK(keep.empty() || keep.size() == count, "anon_hf CPU kernel: keep must be empty or one flag per tensor");
   TORCH_CHECK(!check_only || refresh != 0, "anon_hf CPU kernel: check_only needs a refresh mode");
   TORCH_CHECK(steps.empty() || steps.size() == count, "anon_hf CPU kernel: steps must be empty or one per tensor");
+}
 
+// One tensor, dispatched on its dtypes; returns a refresh check's verdict (true otherwise).
+bool step_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                 const at::Tensor& exp_avg_sq, const at::Tensor& precond, float neg_step_size, bool keep,
+                 bool check_only, const Settings& st) {
+  const c10::ScalarType moments_type = exp_avg.scalar_type();
+  const c10::ScalarType precond_type = st.preconditioned ? precond.scalar_type() : at::kFloat;
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      return dispatch_moments<float>(moments_type, precond_type, check_only, param, grad, exp_avg, exp_avg_sq,
+                                     precond, neg_step_size, keep, st);
+    case at::kBFloat16:
+      return dispatch_moments<at::BFloat16>(moments_type, precond_type, check_only, param, grad, exp_avg,
+                                            exp_avg_sq, precond, neg_step_size, keep, st);
+    default:
+      return dispatch_moments<at::Half>(moments_type, precond_type, check_only, param, grad, exp_avg, exp_avg_sq,
+                                        precond, neg_step_size, keep, st);
+  }
+}
+
+// Steps every tensor (check_only=false), then adds 1 to each of `steps`, or returns, per tensor, whether a refresh
+// would produce a finite accumulator and preconditioner without writing anything (check_only=true).
+// exp_avg_sqs and preconds are empty when the preconditioner is all ones (gamma == 0). keep[i] = false keeps tensor
+// i's previous preconditioner at a refresh. estimate, limit and late_seen: an ordinary step's StepRule.
+std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                            const std::vector<at::Tensor>& preconds, const std::vector<at::Tensor>& steps,
+                            const std::vector<double>& neg_step_sizes, const std::vector<double>& inv_bias2s,
+                            const std::vector<double>& scalars, bool l2, bool bounds, int64_t refresh, bool has_prev,
+                            bool keep_unseen, int64_t estimate, bool limit, bool late_seen, bool check_only,
+                            const std::vector<bool>& keep) {
+  const size_t count = params.size();
+  const bool preconditioned = !preconds.empty();
+  check_lists(count, grads, exp_avgs, exp_avg_sqs, preconds, steps, neg_step_sizes, inv_bias2s, scalars, refresh,
+              check_only, keep);
   Settings st;
   for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
   st.l2 = l2;
   st.bounds = bounds;
   st.preconditioned = preconditioned;
-  st.refresh = static_cast<Refresh>(refresh);
+  st.refresh = static_cast<Mode>(refresh);
   st.has_prev = has_prev;
   st.keep_unseen = keep_unseen;
-  st.estimate = static_cast<Refresh>(estimate);
-  st.limit = limit;
-  st.late_seen = late_seen;
-  // The bits' log2 lies at most 0.0861 (+1e-5) below the true one for v and sigma: 2 + gamma of them in the sum.
-  st.limit_cutoff = static_cast<float>(2.0 * std::log2(scalars[kMaxRatio]) - 0.0862 * (2.0 + scalars[kGamma]) - 1e-3);
-
-  // Validate everything before writing anything.
+  st.rule = step_rule(estimate, limit, late_seen, scalars, preconditioned, refresh == 0);
   const std::vector<bool> ok = anon_supported(params, grads, exp_avgs, exp_avg_sqs, preconds);
   for (size_t i = 0; i < count; ++i) {
     TORCH_CHECK(ok[i], "anon_hf CPU kernel: tensor ", i, " is not supported (see anon_supported): grads and state ",
@@ -537,31 +452,12 @@ std::vector<bool> anon_step(const std::vector<at::Tensor>& params, const std::ve
 
   std::vector<bool> finite(count, true);
   for (size_t i = 0; i < count; ++i) {
-    const at::Tensor& param = params[i];
-    if (param.numel() == 0) continue;
-    const at::Tensor& exp_avg_sq = preconditioned ? exp_avg_sqs[i] : exp_avgs[i];
-    const at::Tensor& precond = preconditioned ? preconds[i] : exp_avgs[i];
-    const c10::ScalarType moments_type = exp_avgs[i].scalar_type();
-    const c10::ScalarType precond_type = preconditioned ? preconds[i].scalar_type() : at::kFloat;
-    const float neg_step_size = static_cast<float>(neg_step_sizes[i]);
-    const bool keep_i = keep.empty() || keep[i];
+    if (params[i].numel() == 0) continue;
     Settings tensor_st = st;
     tensor_st.inv_bias2 = static_cast<float>(inv_bias2s[i]);
-    bool verdict = true;
-    switch (param.scalar_type()) {
-      case at::kFloat:
-        verdict = dispatch_moments<float>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i], exp_avg_sq,
-                                     precond, neg_step_size, keep_i, tensor_st);
-        break;
-      case at::kBFloat16:
-        verdict = dispatch_moments<at::BFloat16>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
-                                            exp_avg_sq, precond, neg_step_size, keep_i, tensor_st);
-        break;
-      default:
-        verdict = dispatch_moments<at::Half>(moments_type, precond_type, check_only, param, grads[i], exp_avgs[i],
-                                        exp_avg_sq, precond, neg_step_size, keep_i, tensor_st);
-    }
-    finite[i] = verdict;
+    finite[i] = step_tensor(params[i], grads[i], exp_avgs[i], preconditioned ? exp_avg_sqs[i] : exp_avgs[i],
+                            preconditioned ? preconds[i] : exp_avgs[i], static_cast<float>(neg_step_sizes[i]),
+                            keep.empty() || keep[i], check_only, tensor_st);
   }
   if (!check_only) increment_steps(steps);
   return finite;
@@ -591,12 +487,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("anon_supported", &anon_supported, "Per tensor, whether anon_step handles it");
   module.def("threads_in_parts", &threads_in_parts, "Distinct threads that ran run_in_parts' parts (for tests)");
-  pybind11::list slots;
-  for (const char* name : kSlotNames) slots.append(name);
-  module.attr("SCALAR_SLOTS") = slots;
-  pybind11::dict modes;
-  modes["one"] = static_cast<int64_t>(Refresh::kOne);
-  modes["pow"] = static_cast<int64_t>(Refresh::kPower);
-  modes["log"] = static_cast<int64_t>(Refresh::kLog);
-  module.attr("REFRESH_MODES") = modes;
+  export_interface(module);
 }

@@ -14,9 +14,10 @@
 // and the update of anon_hf/backends/cpu_kernel's kernel (anon_cpu.cpp), computed in fp32:
 //
 //   g = sign * g (+ l2 * p);  m = m + (g - m) * weight1;  s = s * beta2 + g * g * weight2
-//   with max_precond_ratio (gamma > 0), sigma = s * inv_bias2 + eps:
-//       v = min(v, max_ratio / sqrt(sigma))                            gamma == 1
-//       v = min(v, max_ratio * 2**(-gamma / 2 * log2(sigma)))          other gammas (exp2 and log2 as polynomials)
+//   v as the step's StepRule says (anon_kernel.h), with sigma = s * inv_bias2 + eps and
+//       est = 1 / sqrt(sigma)                                          gamma == 1
+//       est = 2**(-gamma / 2 * log2(sigma))                            other gammas (exp2 and log2 as polynomials)
+//     late_seen and v == 0: est where s > 0, else 0;  with max_precond_ratio's limit: min(v, max_ratio * est)
 //   p = clamp(p * decay + m * v * neg_step_size, lo, hi)
 //
 // v is decoded as the product of two 16-entry tables built per block, c - 1 = 16 a + b:
@@ -33,14 +34,14 @@
 // memory for a third of its time, the hardware prefetcher not keeping up with eight streams. Elementwise per block:
 // results do not depend on how blocks are split between threads.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "anon_kernel.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,14 +49,14 @@
 
 namespace {
 
+using namespace anon_hf;
+
 constexpr int64_t kBlock = 256;
 constexpr int32_t kMShift = 20, kMBase = 889, kMTop = 127;
 constexpr int32_t kSShift = 20, kSBase = 761, kSTop = 255;
 constexpr float kVLevels = 254.0f;
-// Blocks per task of at::parallel_for (2**15 elements, as anon_cpu.cpp).
+// Blocks per thread's part at least (2**15 elements, as anon_cpu.cpp's grain).
 constexpr int64_t kGrainBlocks = 128;
-
-enum Slot : int64_t { kDecay, kWeight1, kBeta2, kWeight2, kSign, kL2, kLo, kHi, kEps, kMaxRatio, kGamma, kSlotCount };
 // How a step computes est = sigma**(-gamma / 2) for its StepRule (anon_hf.refresh): not at all (no limit, no
 // late-seen rule), gamma == 1 (a square root), or any other gamma (exp2 and log2).
 enum Estimate : int64_t { kNoEstimate, kEstimateOne, kEstimatePower };
@@ -249,7 +250,9 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
 // takes at this kernel's speed (measured: 2 blocks left stalls, 8 gained nothing).
 constexpr int64_t kPrefetchAhead = 4 * kBlock;
 
-inline void prefetch(const void* address) { _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0); }
+// As an instruction of its own: GCC 12 silently dropped __builtin_prefetch (and _mm_prefetch, which expands to it)
+// from a loop of this kind with ATen's vector headers included.
+inline void prefetch(const void* address) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(address))); }
 
 // At element j (a multiple of 16) of a whole block: the cache line of p and of g kPrefetchAhead elements on, and at
 // every 64th element that of each code array.
@@ -682,9 +685,31 @@ bool is_cpu_contiguous(const at::Tensor& t, c10::ScalarType type) {
          t.is_contiguous() && t.scalar_type() == type;
 }
 
+// Tensor i of anon8_step's lists, checked: params and grads contiguous fp32, codes of the param's size, side values
+// one per block. `precond`: s_codes, s_max, v_codes, v_lo and v_hi, null without a preconditioner.
+void check_tensor(size_t i, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                  const at::Tensor& m_absmax, const at::Tensor& step, const std::array<const at::Tensor*, 5>& precond) {
+  const int64_t numel = param.numel();
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  const auto codes_ok = [&](const at::Tensor& t, c10::ScalarType type) {
+    return is_cpu_contiguous(t, type) && t.numel() == numel;
+  };
+  const auto side_ok = [&](const at::Tensor& t) { return is_cpu_contiguous(t, at::kFloat) && t.numel() == blocks; };
+  bool ok = is_cpu_contiguous(param, at::kFloat) && codes_ok(grad, at::kFloat) && codes_ok(m_codes, at::kChar) &&
+            side_ok(m_absmax) && step.device().is_cpu() && step.numel() == 1 && step.scalar_type() == at::kFloat;
+  if (ok && precond[0] != nullptr) {
+    ok = codes_ok(*precond[0], at::kByte) && side_ok(*precond[1]) && codes_ok(*precond[2], at::kByte) &&
+         side_ok(*precond[3]) && side_ok(*precond[4]);
+  }
+  TORCH_CHECK(ok, "anon_hf 8-bit CPU kernel: tensor ", i, " is not supported: params and grads must be contiguous ",
+              "fp32 CPU tensors, codes int8/uint8 of the param's size, side values fp32 with one per block of ",
+              kBlock, ", step counters 1-element fp32 CPU tensors");
+}
+
 // Steps every tensor once (an ordinary step, never a refresh) and adds 1 to each step counter. Lists are parallel;
-// v_codes, v_lo, v_hi, s_codes and s_max are empty when no tensor has a preconditioner (gamma == 0). Everything is
-// checked before anything is written.
+// v_codes, v_lo, v_hi, s_codes and s_max are empty when no tensor has a preconditioner (gamma == 0). scalars: the
+// layout of SCALAR_SLOTS (anon_kernel.h); estimate, limit and late_seen: the step's StepRule. Everything is checked
+// before anything is written.
 void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& m_codes, const std::vector<at::Tensor>& m_absmax,
                 const std::vector<at::Tensor>& s_codes, const std::vector<at::Tensor>& s_max,
@@ -700,38 +725,24 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
               "anon_hf 8-bit CPU kernel: params, grads, m_codes, m_absmax, steps, neg_step_sizes and inv_bias2s must ",
               "have one entry per tensor");
   TORCH_CHECK(scalars.size() == kSlotCount, "anon_hf 8-bit CPU kernel: expected ", kSlotCount, " scalars");
-  TORCH_CHECK(estimate >= kNoEstimate && estimate <= kEstimatePower,
-              "anon_hf 8-bit CPU kernel: estimate must be 0, 1 or 2");
-  TORCH_CHECK(estimate == kNoEstimate || preconditioned, "anon_hf 8-bit CPU kernel: a step rule needs a preconditioner");
-  TORCH_CHECK((!limit && !late_seen) || estimate != kNoEstimate,
-              "anon_hf 8-bit CPU kernel: the limit and the late-seen rule need an estimate mode");
-  TORCH_CHECK(!limit || scalars[kGamma] > 0.0, "anon_hf 8-bit CPU kernel: a limit needs gamma > 0");
   TORCH_CHECK(!preconditioned || (s_codes.size() == count && s_max.size() == count && v_codes.size() == count &&
                                   v_lo.size() == count && v_hi.size() == count),
               "anon_hf 8-bit CPU kernel: s_codes, s_max, v_codes, v_lo and v_hi must be empty or one per tensor");
   for (size_t i = 0; i < count; ++i) {
-    const int64_t numel = params[i].numel();
-    const int64_t blocks = (numel + kBlock - 1) / kBlock;
-    bool ok = is_cpu_contiguous(params[i], at::kFloat) && is_cpu_contiguous(grads[i], at::kFloat) &&
-              grads[i].numel() == numel && is_cpu_contiguous(m_codes[i], at::kChar) && m_codes[i].numel() == numel &&
-              is_cpu_contiguous(m_absmax[i], at::kFloat) && m_absmax[i].numel() == blocks &&
-              steps[i].device().is_cpu() && steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat;
-    if (ok && preconditioned) {
-      ok = is_cpu_contiguous(s_codes[i], at::kByte) && s_codes[i].numel() == numel &&
-           is_cpu_contiguous(s_max[i], at::kFloat) && s_max[i].numel() == blocks &&
-           is_cpu_contiguous(v_codes[i], at::kByte) && v_codes[i].numel() == numel &&
-           is_cpu_contiguous(v_lo[i], at::kFloat) && v_lo[i].numel() == blocks &&
-           is_cpu_contiguous(v_hi[i], at::kFloat) && v_hi[i].numel() == blocks;
-    }
-    TORCH_CHECK(ok, "anon_hf 8-bit CPU kernel: tensor ", i, " is not supported: params and grads must be contiguous ",
-                "fp32 CPU tensors, codes int8/uint8 of the param's size, side values fp32 with one per block of ",
-                kBlock, ", step counters 1-element fp32 CPU tensors");
+    check_tensor(i, params[i], grads[i], m_codes[i], m_absmax[i], steps[i],
+                 preconditioned ? std::array{&s_codes[i], &s_max[i], &v_codes[i], &v_lo[i], &v_hi[i]}
+                                : std::array<const at::Tensor*, 5>{});
   }
   Settings st;
   for (int64_t slot = 0; slot < kSlotCount; ++slot) st.s[slot] = static_cast<float>(scalars[slot]);
-  st.power_cutoff = static_cast<float>(2.0 * std::log2(scalars[kMaxRatio]) - 0.0862 * (2.0 + scalars[kGamma]) - 1e-3);
-  st.limit = limit;
-  st.late_seen = late_seen;
+  const StepRule rule = step_rule(estimate, limit, late_seen, scalars, preconditioned, true);
+  st.power_cutoff = rule.cutoff;
+  st.limit = rule.limit;
+  st.late_seen = rule.late_seen;
+  // REFRESH_MODES' codes (anon_kernel.h's Mode) -> Estimate: "log" is computed as "pow" is (exp2 and log2).
+  const Estimate kind = rule.estimate == Mode::kNone ? kNoEstimate
+                        : rule.estimate == Mode::kOne ? kEstimateOne
+                                                      : kEstimatePower;
 
   for (size_t i = 0; i < count; ++i) {
     const int64_t numel = params[i].numel();
@@ -749,14 +760,15 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     Settings tensor_st = st;
     tensor_st.inv_bias2 = static_cast<float>(inv_bias2s[i]);
     const auto block = !preconditioned          ? run_block<false, kNoEstimate>
-                       : estimate == kEstimateOne    ? run_block<true, kEstimateOne>
-                       : estimate == kEstimatePower  ? run_block<true, kEstimatePower>
+                       : kind == kEstimateOne    ? run_block<true, kEstimateOne>
+                       : kind == kEstimatePower  ? run_block<true, kEstimatePower>
                                                : run_block<true, kNoEstimate>;
 #if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
-    const WholeBlock whole_block = preconditioned ? whole_block_for(static_cast<Estimate>(estimate), l2, bounds) : nullptr;
+    const WholeBlock whole_block = preconditioned ? whole_block_for(kind, l2, bounds) : nullptr;
 #endif
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
-    at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    // Whole blocks per thread: results do not depend on the thread count.
+    for_each_part(blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t start = b * kBlock;
         const int64_t n = std::min(kBlock, numel - start);
@@ -773,7 +785,7 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       }
     });
   }
-  for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.0f;
+  increment_steps(steps);
 }
 
 
@@ -897,11 +909,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #else
   module.attr("AVX2_STEP") = false;
 #endif
-  module.attr("SCALAR_SLOTS") = static_cast<int64_t>(kSlotCount);
-  // anon_hf.refresh.REFRESH_MODES -> Estimate: "log" is computed as "pow" is (exp2 and log2 keep it in range).
-  pybind11::dict modes;
-  modes["one"] = static_cast<int64_t>(kEstimateOne);
-  modes["pow"] = static_cast<int64_t>(kEstimatePower);
-  modes["log"] = static_cast<int64_t>(kEstimatePower);
-  module.attr("ESTIMATE_MODES") = modes;
+  export_interface(module);
 }
