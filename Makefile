@@ -1,6 +1,6 @@
 # One command per job; each sets up .venv first when needed.
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-dist test-slow test-compat quality style bench gpu-check docs clean
+.PHONY: help install demo test test-fast test-dist test-slow test-compat test-frameworks quality style bench gpu-check docs clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -52,6 +52,11 @@ test-fast: install  ## the suite without the slow and multi-process tests
 # to .venv's, so no other torch is ever downloaded). COMPAT_ARGS="--libraries deepspeed --which oldest" narrows it.
 test-compat: install  ## integration tests against the oldest and newest release of each declared range (~15 min)
 	$(PY) tests/compat/run_compat.py $(COMPAT_ARGS)
+
+# One venv per framework under .frameworks/, on top of .venv (torch reused, never downloaded); each framework's
+# console command trains a tiny local Llama with Anon. FRAMEWORKS_ARGS="--frameworks torchtune" narrows it.
+test-frameworks: install  ## Anon inside LLaMA-Factory, axolotl and torchtune: 2 ranks, resume, checkpoint (opt-in)
+	$(PY) tests/frameworks/run_frameworks.py $(FRAMEWORKS_ARGS)
 
 bench: install  ## step time vs AdamW and SGD (~3 min on 2 cores), then Trainer end to end; JSON in benchmarks/results/
 	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py $(BENCH_ARGS) && OMP_NUM_THREADS=1 $(PY) benchmarks/trainer_e2e.py

@@ -91,9 +91,10 @@ def test_patch_with_its_attribute_missing_logs_once_and_fails_at_use(
         with pytest.raises(AttributeError, match="initialize"):
             use(patch, training_args)
         return
-    with pytest.raises(_patches.PatchError, match=rf"no attribute '{attribute}'.*pip install") as info:
+    with pytest.raises(_patches.PatchError, match=rf"no attribute '{attribute}'.*docs/troubleshooting.md") as info:
         use(patch, training_args)
     assert patch.feature in str(info.value)
+    assert "pip install" not in str(info.value)  # the user's framework may pin another release
 
 
 FINDER = """
@@ -219,11 +220,28 @@ def test_version_outside_the_range_warns_once_per_library(monkeypatch, caplog):
     monkeypatch.setattr(import_utils, "package_version", {"transformers": "4.57.6", "deepspeed": "0.19.8"}.get)
     with caplog.at_level(logging.WARNING, logger=import_utils.__name__):
         for name in ("transformers", "transformers.training_args", "transformers.trainer", "deepspeed"):
-            import_utils.warn_if_unsupported(type(sys)(name))
+            import_utils.warn_if_unsupported(type(sys)(name), "optim='anon' in TrainingArguments")
     (record,) = caplog.records
-    assert record.getMessage().startswith("anon_hf supports transformers>=5.0,<6")
-    assert "transformers 4.57.6 is installed" in record.getMessage()
-    assert "pip install 'transformers>=5.0,<6'" in record.getMessage()
+    message = record.getMessage()
+    assert message.startswith("anon_hf patches transformers, and transformers 4.57.6 is outside >=5.0,<6")
+    assert "the feature that needs it (optim='anon' in TrainingArguments) raises a PatchError" in message
+    assert "pip install" not in message  # advice that may contradict the user's framework pins
+
+
+def test_only_the_libraries_anon_hf_patches_have_a_version_check():
+    """A warning about a library anon-hf does not patch (TRL, PEFT) could not be acted on: there is none."""
+    patched = {patch.module.partition(".")[0] for patch in _patches.PATCHES}
+    assert {"transformers", "accelerate", "deepspeed"} <= set(SUPPORTED_VERSIONS) <= patched
+    assert "trl" not in patched and "peft" not in patched
+
+
+@pytest.mark.parametrize("trl_version", ["0.24.0", "1.9.0"])  # LLaMA-Factory 0.9.5 pins trl<=0.24, axolotl 0.19 1.9.0
+def test_no_warning_for_the_trl_that_frameworks_pin(monkeypatch, caplog, trl_version):
+    monkeypatch.setattr(import_utils, "_warned", set())
+    monkeypatch.setattr(import_utils, "package_version", {"trl": trl_version}.get)
+    with caplog.at_level(logging.WARNING, logger=import_utils.__name__):
+        import_utils.warn_if_unsupported(type(sys)("trl.trainer.sft_trainer"))
+    assert caplog.records == []
 
 
 @pytest.mark.skipif(not package_version("accelerate"), reason="needs accelerate installed")
@@ -239,7 +257,9 @@ import accelerate, accelerate.accelerator  # two patched modules of the same lib
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("LOG WARNING")]
-    assert len(warnings) == 1 and "anon_hf supports accelerate>=99" in warnings[0], result.stderr[-3000:]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert "anon_hf patches accelerate, and accelerate" in warnings[0] and "outside >=99" in warnings[0]
+    assert "DeepSpeedCPUAdam" in warnings[0]  # the feature that may break is named
 
 
 def test_unreadable_version_is_reported_not_raised(monkeypatch, caplog):
@@ -256,21 +276,21 @@ def test_unreadable_version_is_reported_not_raised(monkeypatch, caplog):
 @pytest.mark.skipif(not package_version("transformers"), reason="needs transformers (the optim_args parser's home)")
 def test_a_new_hyperparameter_needs_no_edit_in_the_integration(monkeypatch):
     """The core's side of a new keyword (signature, validator) is all optim_args needs."""
-    from anon_hf import optimizer
-    from anon_hf.integrations.transformers import optim_args_spec, parse_optim_args
+    from anon_hf import hyper
+    from anon_hf.integrations.optim_args import optim_args_spec, parse_optim_args
 
     class Toy(Anon):
         def __init__(self, params, lr: float = 1e-3, *, toy: float = 0.5, mode: str = "a", **kwargs):
             super().__init__(params, lr=lr, **kwargs)
 
-    validate = optimizer._validate_hyperparameters
+    validate = hyper.validate
 
     def validate_with_toy(group):
         if not 0.0 <= group["toy"] <= 1.0:
             raise ValueError(f"Invalid toy value: {group['toy']!r} (allowed: [0, 1])")
         validate(group)
 
-    monkeypatch.setattr(optimizer, "_validate_hyperparameters", validate_with_toy)
+    monkeypatch.setattr(hyper, "validate", validate_with_toy)  # the one validator (anon_hf/hyper.py)
     assert optim_args_spec(Toy)["toy"][1] == "float (default 0.5)"
     assert parse_optim_args("toy=0.25,mode=b", Toy, "toy") == {"toy": 0.25, "mode": "b"}
     with pytest.raises(
@@ -281,3 +301,41 @@ def test_a_new_hyperparameter_needs_no_edit_in_the_integration(monkeypatch):
         ValueError, match=r"toy='x' is not valid \(could not convert string to float: 'x'; allowed: float"
     ):
         parse_optim_args("toy=x", Toy, "toy")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trl_version", ["0.24.0", "1.9.0"])  # LLaMA-Factory 0.9.5's cap and axolotl 0.19's pin
+def test_no_version_warning_with_the_trl_a_framework_installs(tmp_path, trl_version):
+    """A venv on top of this one (a .pth file) with only TRL replaced, from the registry: importing anon_hf, TRL's
+    SFT trainer and TrainingArguments(optim="anon") logs no warning at all."""
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(purelib, "_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", f"trl=={trl_version}"], capture_output=True, text=True
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"trl {trl_version} could not be installed from the package index: {pip.stderr[-300:]}")
+    code = """
+import logging
+logging.basicConfig(format="LOG %(levelname)s %(name)s %(message)s")
+import anon_hf, trl
+from trl import SFTTrainer
+from transformers import TrainingArguments
+TrainingArguments("out", optim="anon", report_to="none", use_cpu=True)
+print("trl", trl.__version__)
+"""
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"trl {trl_version}" in result.stdout
+    assert [line for line in result.stderr.splitlines() if line.startswith("LOG WARNING")] == []

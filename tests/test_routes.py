@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from anon_hf import Anon
+from anon_hf import Anon, Anon8bit
 from anon_hf.integrations.import_utils import is_deepspeed_available, is_transformers_available
 
 pytestmark = pytest.mark.skipif(not is_transformers_available(), reason="transformers is not installed")
@@ -132,6 +132,67 @@ def test_optimizers_next_to_optim_never_silently_wins(tmp_path, case):
     assert all(not state for state in optimizer.state.values())
 
 
+# --- each name (anon, anon_8bit) on each route: one table of names, no drift ---------------------------------------
+
+NAMES = [("anon", Anon), ("anon_8bit", Anon8bit)]
+
+
+@pytest.mark.parametrize("optim, cls", NAMES, ids=[name for name, _ in NAMES])
+def test_each_name_with_its_class_passed_built_trains(tmp_path, optim, cls):
+    model = tiny.tiny_llama()
+    optimizer = cls(model.parameters(), lr=1e-3, gamma=0.5)
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, optim=optim, optim_args="gamma=0.5"),
+        train_dataset=tiny.TokenDataset(),
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    assert find_anon(trainer.optimizer) is optimizer and trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("optim, cls", NAMES, ids=[name for name, _ in NAMES])
+def test_each_name_with_its_class_in_cls_and_kwargs_trains_with_optim_args_filled(tmp_path, optim, cls):
+    trainer = Trainer(
+        model=tiny.tiny_llama(),
+        args=args(tmp_path, optim=optim, optim_args="gamma=0.5"),
+        train_dataset=tiny.TokenDataset(),
+        optimizer_cls_and_kwargs=(cls, {"lr": 1e-3}),
+    )
+    trainer.train()
+    inner = find_anon(trainer.optimizer)
+    assert type(inner) is cls and [group["gamma"] for group in inner.param_groups] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("optim, cls", NAMES, ids=[name for name, _ in NAMES])
+def test_each_name_alone_builds_its_class(tmp_path, optim, cls):
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim=optim, optim_args="gamma=0.5"))
+    assert optimizer_cls is cls and kwargs["gamma"] == 0.5
+
+
+@pytest.mark.parametrize("optim, other", [("anon", Anon8bit), ("anon_8bit", Anon)], ids=["anon", "anon_8bit"])
+def test_a_name_next_to_the_other_class_raises_naming_both(tmp_path, optim, other):
+    model = tiny.tiny_llama()
+    named = {"anon": "Anon", "anon_8bit": "Anon8bit"}[optim]
+    message = rf"optim='{optim}' asks for {named}, but the optimizer passed with Trainer\(optimizers=\.\.\.\) is "
+    with pytest.raises(ValueError, match=message + other.__name__):
+        Trainer(
+            model=model,
+            args=args(tmp_path, optim=optim),
+            train_dataset=tiny.TokenDataset(),
+            optimizers=(other(model.parameters(), lr=1e-3), None),
+        )
+    with pytest.raises(
+        ValueError, match=rf"optim='{optim}' asks for {named}, but the class of Trainer\(optimizer_cls"
+    ):
+        Trainer(
+            model=tiny.tiny_llama(),
+            args=args(tmp_path, optim=optim),
+            train_dataset=tiny.TokenDataset(),
+            optimizer_cls_and_kwargs=(other, {"lr": 1e-3}),
+        )
+
+
 # --- optimizer_cls_and_kwargs ------------------------------------------------------------------------------------
 
 
@@ -223,6 +284,11 @@ DS_PROBE = textwrap.dedent(
         del config["optimizer"]
         return config
 
+    def typed(name):
+        config = copy.deepcopy(base)
+        config["optimizer"]["type"] = name
+        return config
+
     def adamw_block():
         config = copy.deepcopy(base)
         config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
@@ -240,6 +306,11 @@ DS_PROBE = textwrap.dedent(
         "optim_anon_with_adamw_block": (adamw_block(), dict(optim="anon")),
         "optim_anon_without_block": (without_block(), dict(optim="anon", optim_args="gamma=1.1")),
         "auto_left_unfilled": (block(gamma="auto"), dict(optim="anon")),
+        "block_8bit_optim_anon_8bit": (typed("Anon8bit"), dict(optim="anon_8bit", optim_args="beta3=0.25")),
+        "block_8bit_default_optim": (typed("Anon8bit"), dict()),
+        "block_8bit_optim_anon": (typed("Anon8bit"), dict(optim="anon")),
+        "block_anon_optim_anon_8bit": (block(), dict(optim="anon_8bit")),
+        "optim_anon_8bit_with_adamw_block": (adamw_block(), dict(optim="anon_8bit")),
     }
     report = {}
     for name, (config, overrides) in cases.items():
@@ -305,6 +376,17 @@ def test_deepspeed_block_agreeing_or_alone_is_accepted(ds_routes):
     assert report["optim_anon_without_block"] == {"params": None, "type": None}
 
 
+@requires_deepspeed
+def test_deepspeed_block_anon8bit_with_optim_anon_8bit_is_one_optimizer_not_two(ds_routes):
+    """The drift of two name checks: "type": "Anon8bit" next to --optim anon_8bit is filled, not refused."""
+    report, _ = ds_routes
+    assert report["block_8bit_optim_anon_8bit"]["type"] == "Anon8bit"
+    assert report["block_8bit_optim_anon_8bit"]["params"]["beta3"] == 0.25
+    assert (
+        report["block_8bit_default_optim"]["type"] == "Anon8bit" and "error" not in report["block_8bit_default_optim"]
+    )
+
+
 DS_ERRORS = {
     "conflict": r"^ValueError: Anon's gamma is set twice with different values: --optim_args gamma=1\.1 and the "
     r"DeepSpeed config's optimizer\.params gamma=1\.0\. Either drop gamma from --optim_args, or remove it from the "
@@ -320,6 +402,12 @@ DS_ERRORS = {
     "optimizers_without_block": r"^ValueError: Trainer\(optimizers=\.\.\.\) passes an Anon, but under DeepSpeed the "
     r"Trainer drops an optimizer passed that way.*optimizer_cls_and_kwargs=\(anon_hf\.Anon, kwargs\)",
     "auto_left_unfilled": r"^ValueError: optimizer\.params for Anon holds \"auto\" for \['gamma'\].*--optim_args",
+    "block_8bit_optim_anon": r"^ValueError: optim='anon' asks for Anon, but the DeepSpeed config's optimizer block "
+    r"\(\"type\": \"Anon8bit\"\) is Anon8bit.*Either use optim='anon_8bit'",
+    "block_anon_optim_anon_8bit": r"^ValueError: optim='anon_8bit' asks for Anon8bit, but the DeepSpeed config's "
+    r"optimizer block \(\"type\": \"Anon\"\) is Anon.*Either use optim='anon'",
+    "optim_anon_8bit_with_adamw_block": r"^ValueError: --optim anon_8bit, but the DeepSpeed config's optimizer block "
+    r"has \"type\": 'AdamW'.*set \"type\": \"Anon8bit\" in it",
 }
 
 

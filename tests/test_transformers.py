@@ -22,6 +22,7 @@ if is_transformers_available():
     from transformers.training_args import OptimizerNames, TrainingArguments
 
     from anon_hf.integrations import _patches
+    from anon_hf.integrations import optim_args as optim_args_module
     from anon_hf.integrations import transformers as integration
     from anon_hf.integrations.trainer_callback import AnonCallback, find_anon, preconditioner_stats
 
@@ -224,6 +225,27 @@ def test_bad_optim_args_fail_at_argument_parsing_listing_valid_keys(tmp_path, op
         assert f"{key}:" in str(info.value)
 
 
+BAD_OPTIM_ARGS_8BIT = [
+    ("gama=1.1", r"Invalid optim_args for optim='anon_8bit': unknown key 'gama'.*min_8bit_size: integer"),
+    ("min_8bit_size=0", r"min_8bit_size='0' is not valid \(Invalid min_8bit_size value: 0 \(allowed: an integer >= 1"),
+    ("eps=-1", r"eps='-1' is not valid"),
+]
+
+
+@pytest.mark.parametrize("optim_args, message", BAD_OPTIM_ARGS_8BIT, ids=[bad for bad, _ in BAD_OPTIM_ARGS_8BIT])
+def test_bad_optim_args_for_anon_8bit_fail_when_training_arguments_are_built(tmp_path, optim_args, message):
+    with pytest.raises(ValueError, match=message) as info:
+        TrainingArguments(output_dir=str(tmp_path), optim="anon_8bit", optim_args=optim_args)
+    assert "docs/trainer.md#optim_args" in str(info.value)
+
+
+@pytest.mark.parametrize("near_miss", ["Anon", "anon8bit", "anon-8bit", "ANON_8BIT"])
+def test_a_near_miss_of_the_optim_name_fails_when_training_arguments_are_built(tmp_path, near_miss):
+    message = rf"Invalid optim value '{near_miss}': anon-hf's optimizers are named 'anon' or 'anon_8bit'"
+    with pytest.raises(ValueError, match=message):
+        TrainingArguments(output_dir=str(tmp_path), optim=near_miss)
+
+
 def test_fused_is_an_optim_arg():
     assert integration.parse_optim_args("fused=true,gamma=1.1") == {"fused": True, "gamma": 1.1}
     assert integration.parse_optim_args("fused=none") == {"fused": None}
@@ -233,11 +255,11 @@ def test_fused_is_an_optim_arg():
 
 def test_optim_args_are_parsed_once_per_run(tmp_path):
     """The check at argument parsing and the Trainer's handler share one parse (and one validation) of the text."""
-    integration._parse.cache_clear()
+    optim_args_module._parse.cache_clear()
     args = training_args(tmp_path, optim_args="gamma=0.75,refresh=8")
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert optimizer_cls is Anon and (kwargs["gamma"], kwargs["refresh"]) == (0.75, 8)
-    info = integration._parse.cache_info()
+    info = optim_args_module._parse.cache_info()
     assert (info.misses, info.hits) == (1, 1)
 
 

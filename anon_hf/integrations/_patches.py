@@ -113,6 +113,13 @@ PATCHES: tuple[Patch, ...] = (
         ("DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",),
         "loading Anon's precond from a ZeRO-3 universal checkpoint",
     ),
+    Patch(
+        "axolotl.utils.config",
+        "axolotl",
+        "on_axolotl_config_imported",
+        ("validate_config",),
+        "the check of optimizer: anon's optim_args when axolotl validates its config, before the model loads",
+    ),
 )
 
 _MISSING = object()
@@ -155,9 +162,10 @@ def _callback(patch: Patch) -> Callable[[ModuleType], None]:
 def install(patches: Iterable[Patch] = PATCHES) -> None:
     """Register every row (and the version check of each library it patches) with the post-import hooks."""
     patches = tuple(patches)
-    # TRL has no patch of its own but builds on the patched Trainer, so its range is checked too.
-    for package in dict.fromkeys([*(_package(patch) for patch in patches), *SUPPORTED_VERSIONS]):
-        when_imported(package, warn_if_unsupported)
+    # Only the libraries patched here are checked: a version warning about anything else could not be acted on.
+    for package in dict.fromkeys(_package(patch) for patch in patches):
+        features = "; ".join(patch.feature for patch in patches if _package(patch) == package)
+        when_imported(package, functools.partial(warn_if_unsupported, what_may_break=features))
     for patch in patches:
         when_imported(patch.module, _callback(patch))
 
@@ -175,10 +183,11 @@ def require(integrations: Iterable[str], use: str, way_out: str = "") -> None:
         return
     details = "; ".join(f"{patch.where()} ({error}) for {patch.feature}" for patch, error in failed.items())
     packages = dict.fromkeys(_supported(_package(patch)) for patch in failed)
-    install_hint = " ".join(f"'{spec}'" for spec in packages)
     raise PatchError(
         f"{use} needs anon_hf's patches of the installed libraries, and these failed when the modules were "
-        f"imported: {details}. anon_hf supports {', '.join(packages)}: pip install {install_hint}.{way_out}"
+        f"imported: {details}. anon_hf supports {', '.join(packages)} (the releases its tests ran against); with "
+        f"this release, {use} cannot work. See docs/troubleshooting.md#patches-supported-versions-and-optim_args-types."
+        f"{way_out}"
     )
 
 

@@ -32,17 +32,14 @@ from typing import Any
 import torch
 
 from ..optimizer import Anon
-from ..optimizer8bit import Anon8bit
 from ._patches import require, wrap_once
+from .optim_args import ANON_NAMES, anon_name_for_config_type
+from .routes import reconcile_deepspeed_block
 
 __all__ = ["OFFLOAD_SWAP_MESSAGE", "anon_param_keys", "validate_anon_params"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_TYPE = "Anon"
-# `"type": "Anon8bit"`: anon_hf.Anon8bit, the same arguments with 8-bit state (plus min_8bit_size).
-CONFIG_TYPE_8BIT = "Anon8bit"
-_CONFIG_CLASSES = {CONFIG_TYPE: Anon, CONFIG_TYPE_8BIT: Anon8bit}
 # The keys the Trainer fills when they are "auto" (transformers.integrations.deepspeed.trainer_config_process).
 TRAINER_AUTO_KEYS = ("lr", "betas", "weight_decay")
 
@@ -105,18 +102,18 @@ def validate_anon_params(
 
 
 def _is_anon_type(name: object) -> bool:
-    return isinstance(name, str) and name.lower() in {key.lower() for key in _CONFIG_CLASSES}
+    return anon_name_for_config_type(name) is not None
 
 
 def _check_type_spelling(name: str) -> type:
     """The class a config's ``"type"`` names; raise if it is spelled in another case than DeepSpeed looks up."""
-    spelled = next(key for key in _CONFIG_CLASSES if key.lower() == name.lower())
+    spelled = anon_name_for_config_type(name).config_type
     if name != spelled:
         raise ValueError(
             f'Invalid optimizer type {name!r} in the DeepSpeed config: write "{spelled}" (DeepSpeed looks names '
             "it does not know up as attributes of torch.optim, case-sensitively)."
         )
-    return _CONFIG_CLASSES[spelled]
+    return anon_name_for_config_type(name).optimizer_cls
 
 
 def _uses_anon(optimizer: Any, config: Any) -> bool:
@@ -155,9 +152,9 @@ def on_deepspeed_imported(module: ModuleType) -> None:
 def on_zero_utils_imported(module: ModuleType) -> None:
     """``deepspeed.runtime.zero.utils``: ZeRO 1/2/3 accept Anon without ``zero_allow_untested_optimizer``."""
     supported = module.ZERO_SUPPORTED_OPTIMIZERS
-    for optimizer_cls in (Anon, Anon8bit):
-        if optimizer_cls not in supported:
-            supported.append(optimizer_cls)
+    for name in ANON_NAMES:
+        if name.optimizer_cls not in supported:
+            supported.append(name.optimizer_cls)
 
 
 def on_engine_imported(module: ModuleType) -> None:
@@ -206,8 +203,6 @@ def on_hf_deepspeed_imported(module: ModuleType) -> None:
     def make_wrapper(original):
         def trainer_config_process(self, args, *rest, **kwargs):
             block = self.config.get("optimizer") if isinstance(self.config, dict) else None
-            from .routes import reconcile_deepspeed_block
-
             reconcile_deepspeed_block(block, args)  # the block against --optim/--optim_args: fill or refuse
             if not (isinstance(block, dict) and _is_anon_type(block.get("type"))):
                 return original(self, args, *rest, **kwargs)

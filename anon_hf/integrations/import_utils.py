@@ -20,13 +20,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The releases `make test-compat` ran the integration tests against (oldest and newest of each range passed);
-# pyproject.toml's extras declare the same ranges (tests/test_patches.py holds them equal).
+# The libraries anon_hf patches (the rows of _patches.py) and the releases `make test-compat` ran the integration
+# tests against (oldest and newest of each range passed); pyproject.toml's extras declare the same ranges
+# (tests/test_patches.py holds them equal). Only these are checked: a library anon_hf does not patch (TRL, PEFT)
+# cannot break a patch, and a frameworks' pin on it is not anon_hf's business.
 SUPPORTED_VERSIONS: dict[str, str] = {
     "transformers": ">=5.0,<6",
     "accelerate": ">=1.10,<2",
     "deepspeed": ">=0.17,<0.20",
-    "trl": "~=1.16.0",
 }
 
 
@@ -69,23 +70,33 @@ def is_supported_version(package: str, version: str | None = None) -> bool:
     return SpecifierSet(supported).contains(Version(version), prereleases=True)
 
 
-def unsupported_version_message(package: str, version: str | None = None) -> str:
-    """The warning for ``package`` outside its supported range (see :func:`is_supported_version`)."""
+def unsupported_version_message(package: str, version: str | None = None, what_may_break: str = "") -> str:
+    """The warning for ``package`` outside its supported range (see :func:`is_supported_version`).
+
+    It says what may break (``what_may_break``: the features whose patches touch ``package``) and what happens if
+    it does, and gives no install advice: the user's framework may pin ``package`` for reasons of its own.
+    """
     version = version if version is not None else package_version(package)
     supported = SUPPORTED_VERSIONS[package]
+    features = f" ({what_may_break})" if what_may_break else ""
     return (
-        f"anon_hf supports {package}{supported} (the range its integration tests ran against); {package} {version} "
-        f"is installed, so anon_hf's patches may fail or misbehave. pip install '{package}{supported}'."
+        f"anon_hf patches {package}, and {package} {version} is outside {supported}, the releases its integration "
+        f"tests ran against. Should a patch no longer fit this release, the feature that needs it{features} raises "
+        "a PatchError naming the patch when it is used; nothing else changes. See "
+        "docs/troubleshooting.md#patches-supported-versions-and-optim_args-types."
     )
 
 
 _warned: set[str] = set()
 
 
-def warn_if_unsupported(module: ModuleType) -> None:
-    """Log one warning per process if the package of ``module`` is outside :data:`SUPPORTED_VERSIONS`."""
+def warn_if_unsupported(module: ModuleType, what_may_break: str = "") -> None:
+    """Log one warning per process if the package of ``module`` is outside :data:`SUPPORTED_VERSIONS`.
+
+    Packages without a range (those anon_hf does not patch) are never warned about.
+    """
     package = module.__name__.partition(".")[0]
-    if package in _warned:
+    if package in _warned or package not in SUPPORTED_VERSIONS:
         return
     _warned.add(package)
     try:
@@ -96,4 +107,4 @@ def warn_if_unsupported(module: ModuleType) -> None:
         )
         return
     if not supported:
-        logger.warning(unsupported_version_message(package))
+        logger.warning(unsupported_version_message(package, what_may_break=what_may_break))

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from ..optimizer import Anon
-from .transformers import OPTIM_NAME, parse_optim_args
+from .optim_args import AnonName, anon_name_for_class, anon_name_for_config_type, anon_name_for_optim, parse_optim_args
 
-__all__ = ["check_trainer_routes", "deepspeed_config_names_anon", "reconcile_deepspeed_block"]
+__all__ = ["check_trainer_routes", "deepspeed_config_names_anon", "find_anon", "reconcile_deepspeed_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ def _optim_name(args: Any) -> str:
     return str(getattr(optim, "value", optim))
 
 
+def _named(args: Any) -> AnonName | None:
+    """The anon-hf optimizer ``--optim`` names (``anon`` or ``anon_8bit``), else None."""
+    return anon_name_for_optim(getattr(args, "optim", None))
+
+
 def _default_optim_name(args: Any) -> str | None:
     field = getattr(type(args), "__dataclass_fields__", {}).get("optim")
     return None if field is None else str(getattr(field.default, "value", field.default))
@@ -50,30 +55,37 @@ def _default_optim_name(args: Any) -> str | None:
 
 def _names_another_optimizer(args: Any) -> bool:
     """``--optim`` names an optimizer other than Anon and other than transformers' default (which nobody typed)."""
-    name = _optim_name(args)
-    return name != OPTIM_NAME and name != _default_optim_name(args)
+    return _named(args) is None and _optim_name(args) != _default_optim_name(args)
 
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("0", "") and os.environ.get("LOCAL_RANK", "0") in ("0", "")
 
 
-def _normalized(key: str, value: Any) -> Any:
-    """``value`` as an Anon built with it stores it (lists become tuples, "bf16" a torch.dtype, ...)."""
-    probe = Anon([torch.zeros(1, requires_grad=True)], **{key: value})
+def _normalized(key: str, value: Any, optimizer_cls: type = Anon) -> Any:
+    """``value`` as an ``optimizer_cls`` built with it stores it (lists become tuples, "bf16" a torch.dtype, ...)."""
+    probe = optimizer_cls([torch.zeros(1, requires_grad=True)], **{key: value})
     return probe.verify_sync if key == "verify_sync" else probe.defaults[key]
 
 
-def _requested(args: Any, elsewhere: str) -> dict[str, Any]:
-    """The typed ``--optim_args`` that apply to an Anon built ``elsewhere``; raises when they would be ignored."""
+def _requested(args: Any, elsewhere: str, given: AnonName) -> dict[str, Any]:
+    """The typed ``--optim_args`` that apply to the ``given`` optimizer built ``elsewhere``; raises when ``--optim``
+    names the other anon-hf optimizer, or when ``--optim_args`` would be ignored."""
     optim_args = getattr(args, "optim_args", None)
-    if _optim_name(args) == OPTIM_NAME:
-        return parse_optim_args(optim_args)
+    named = _named(args)
+    if named is not None and named != given:
+        raise ValueError(
+            f"optim={named.optim!r} asks for {named.optimizer_cls.__name__}, but {elsewhere} is "
+            f"{given.optimizer_cls.__name__}, which the Trainer uses instead. Either use optim={given.optim!r}, or "
+            f"make {elsewhere} {named.optimizer_cls.__name__} (DeepSpeed type {named.config_type!r})."
+        )
+    if named is not None:
+        return parse_optim_args(optim_args, named.optimizer_cls, named.optim)
     if optim_args:
         raise ValueError(
-            f"--optim_args {optim_args!r} would be ignored: the optimizer is the Anon from {elsewhere}, and "
-            f"--optim is {_optim_name(args)!r}, not 'anon'. Add --optim anon to apply them to that Anon, or drop "
-            "--optim_args."
+            f"--optim_args {optim_args!r} would be ignored: the optimizer is the {given.optimizer_cls.__name__} from "
+            f"{elsewhere}, and --optim is {_optim_name(args)!r}, not {given.optim!r}. Add --optim {given.optim} to "
+            "apply them to it, or drop --optim_args."
         )
     return {}
 
@@ -92,7 +104,13 @@ def _conflict(key: str, requested: Any, given: Any, where: str, ways_out: str) -
 
 
 def _merge(
-    given: dict[str, Any], requested: Mapping[str, Any], *, where: str, ways_out: str, fill_auto: bool
+    given: dict[str, Any],
+    requested: Mapping[str, Any],
+    *,
+    where: str,
+    ways_out: str,
+    fill_auto: bool,
+    optimizer_cls: type = Anon,
 ) -> dict[str, Any]:
     """Fill ``given`` in place from ``requested`` (missing keys, and "auto" ones if ``fill_auto``); raise on a key
     both set differently. Returns the filled keys."""
@@ -100,7 +118,7 @@ def _merge(
     for key, value in requested.items():
         if key not in given or (fill_auto and given[key] == _AUTO):
             given[key] = filled[key] = value
-        elif _normalized(key, given[key]) != _normalized(key, value):
+        elif _normalized(key, given[key], optimizer_cls) != _normalized(key, value, optimizer_cls):
             raise _conflict(key, value, given[key], where, ways_out.format(key=key))
     return filled
 
@@ -108,10 +126,6 @@ def _merge(
 # --------------------------------------------------------------------------------------------------------------
 # DeepSpeed: the config's optimizer block against --optim / --optim_args (at TrainingArguments construction)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _is_anon_type(name: object) -> bool:
-    return isinstance(name, str) and name.lower() == Anon.__name__.lower()
 
 
 def _deepspeed_config(args: Any, accelerator: Any = None) -> dict | None:
@@ -128,7 +142,7 @@ def deepspeed_config_names_anon(args: Any, accelerator: Any = None) -> bool:
     """Whether the Trainer's DeepSpeed config (see :func:`_deepspeed_config`) has an optimizer block naming Anon."""
     config = _deepspeed_config(args, accelerator)
     block = config.get("optimizer") if config is not None else None
-    return isinstance(block, dict) and _is_anon_type(block.get("type"))
+    return isinstance(block, dict) and anon_name_for_config_type(block.get("type")) is not None
 
 
 def reconcile_deepspeed_block(block: Any, args: Any) -> None:
@@ -143,22 +157,26 @@ def reconcile_deepspeed_block(block: Any, args: Any) -> None:
     """
     if not isinstance(block, dict):
         return
-    if not _is_anon_type(block.get("type")):
-        if _optim_name(args) == OPTIM_NAME:
+    given = anon_name_for_config_type(block.get("type"))
+    named = _named(args)
+    if given is None:
+        if named is not None:
             raise ValueError(
-                f'--optim anon, but the DeepSpeed config\'s optimizer block has "type": {block.get("type")!r}: '
-                'transformers builds the config\'s optimizer and ignores --optim. Either remove the "optimizer" '
-                "block from the DeepSpeed config (the Trainer then builds Anon with its decay/no-decay groups), or "
-                'set "type": "Anon" in it, or drop --optim anon.'
+                f'--optim {named.optim}, but the DeepSpeed config\'s optimizer block has "type": '
+                f"{block.get('type')!r}: transformers builds the config's optimizer and ignores --optim. Either "
+                'remove the "optimizer" block from the DeepSpeed config (the Trainer then builds '
+                f'{named.optimizer_cls.__name__} with its decay/no-decay groups), or set "type": '
+                f'"{named.config_type}" in it, or drop --optim {named.optim}.'
             )
         return
     if _names_another_optimizer(args):
         raise ValueError(
-            f'--optim {_optim_name(args)} and the DeepSpeed config\'s optimizer block "type": "Anon" both choose '
-            "the optimizer; transformers would build the config's Anon and ignore --optim. Either use --optim anon "
-            '(or leave --optim out), or remove the "optimizer" block from the DeepSpeed config.'
+            f'--optim {_optim_name(args)} and the DeepSpeed config\'s optimizer block "type": "{given.config_type}" '
+            f"both choose the optimizer; transformers would build the config's {given.optimizer_cls.__name__} and "
+            f'ignore --optim. Either use --optim {given.optim} (or leave --optim out), or remove the "optimizer" '
+            "block from the DeepSpeed config."
         )
-    requested = _requested(args, 'the DeepSpeed config\'s optimizer block ("type": "Anon")')
+    requested = _requested(args, f'the DeepSpeed config\'s optimizer block ("type": "{given.config_type}")', given)
     params = block.setdefault("params", {})
     if not isinstance(params, dict):
         return  # validate_anon_params reports it
@@ -168,6 +186,7 @@ def reconcile_deepspeed_block(block: Any, args: Any) -> None:
         where="the DeepSpeed config's optimizer.params",
         ways_out='remove it from the config\'s optimizer.params or set it to "auto" there',
         fill_auto=True,
+        optimizer_cls=given.optimizer_cls,
     )
     _log_filled(filled, "DeepSpeed optimizer.params")
 
@@ -177,74 +196,102 @@ def reconcile_deepspeed_block(block: Any, args: Any) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _find_anon(optimizer: Any) -> Anon | None:
-    from .trainer_callback import find_anon
+_MAX_WRAPPERS = 8
 
-    return find_anon(optimizer)
+
+def wrapped(optimizer: Any) -> Any:
+    """The optimizer ``optimizer`` wraps, else None.
+
+    accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO optimizers keep it in ``.optimizer``; BAdam's
+    ``BlockOptimizer`` (LLaMA-Factory's ``use_badam``) in ``.base_optimizer``.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if inner is not None else getattr(optimizer, "base_optimizer", None)
+
+
+def find_anon(optimizer: Any) -> Anon | None:
+    """The :class:`~anon_hf.Anon` inside ``optimizer``, following :func:`wrapped` through wrappers.
+
+    Returns None when there is no Anon within a few levels.
+    """
+    for _ in range(_MAX_WRAPPERS):
+        if optimizer is None or isinstance(optimizer, Anon):
+            return optimizer
+        optimizer = wrapped(optimizer)
+    return None
 
 
 def _check_optimizer_object(args: Any, optimizer: Any) -> None:
-    anon = _find_anon(optimizer)
+    anon = find_anon(optimizer)
     if anon is None:
-        if _optim_name(args) == OPTIM_NAME:
+        if _named(args) is not None:
             raise ValueError(
-                f"optim='anon', but Trainer(optimizers=...) passes a {type(optimizer).__name__}, which the Trainer "
-                "uses instead. Either drop optim='anon' (and optim_args), or pass an Anon "
-                "(anon_hf.create_anon_optimizer(model, ...))."
+                f"optim={_named(args).optim!r}, but Trainer(optimizers=...) passes a {type(optimizer).__name__}, "
+                f"which the Trainer uses instead. Either drop optim={_named(args).optim!r} (and optim_args), or pass "
+                "an Anon (anon_hf.create_anon_optimizer(model, ...))."
             )
         return
+    given = anon_name_for_class(type(anon))
     if _names_another_optimizer(args):
         raise ValueError(
-            f"optim={_optim_name(args)!r}, but Trainer(optimizers=...) passes an Anon, which the Trainer uses "
-            "instead. Either use optim='anon' (or leave optim out), or pass the optimizer you named."
+            f"optim={_optim_name(args)!r}, but Trainer(optimizers=...) passes an {type(anon).__name__}, which the "
+            f"Trainer uses instead. Either use optim={given.optim!r} (or leave optim out), or pass the optimizer you "
+            "named."
         )
-    for key, value in _requested(args, "Trainer(optimizers=...)").items():
+    for key, value in _requested(args, "the optimizer passed with Trainer(optimizers=...)", given).items():
         for index, group in enumerate(anon.param_groups):
-            given = anon.verify_sync if key == "verify_sync" else group.get(key)
-            if given != _normalized(key, value):
+            given_value = anon.verify_sync if key == "verify_sync" else group.get(key)
+            if given_value != _normalized(key, value, given.optimizer_cls):
                 raise _conflict(
                     key,
                     value,
-                    given,
-                    f"the Anon passed with Trainer(optimizers=...) (param group {index}) has",
+                    given_value,
+                    f"the {type(anon).__name__} passed with Trainer(optimizers=...) (param group {index}) has",
                     f"build the optimizer with {key}={value!r}",
                 )
 
 
 def _check_cls_and_kwargs(trainer: Any, args: Any) -> None:
     optimizer_cls, kwargs = trainer.optimizer_cls_and_kwargs
-    is_anon = isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Anon)
-    if not is_anon:
-        if _optim_name(args) == OPTIM_NAME:
+    given = anon_name_for_class(optimizer_cls)
+    if given is None:
+        if _named(args) is not None:
             raise ValueError(
-                f"optim='anon', but Trainer(optimizer_cls_and_kwargs=...) names {getattr(optimizer_cls, '__name__', optimizer_cls)}, "
-                "which the Trainer uses instead. Either drop optim='anon' (and optim_args), or pass "
-                "(anon_hf.Anon, kwargs)."
+                f"optim={_named(args).optim!r}, but Trainer(optimizer_cls_and_kwargs=...) names "
+                f"{getattr(optimizer_cls, '__name__', optimizer_cls)}, which the Trainer uses instead. Either drop "
+                f"optim={_named(args).optim!r} (and optim_args), or pass (anon_hf.Anon, kwargs)."
             )
         return
     if _names_another_optimizer(args):
         raise ValueError(
-            f"optim={_optim_name(args)!r}, but Trainer(optimizer_cls_and_kwargs=...) names Anon, which the Trainer "
-            "uses instead. Either use optim='anon' (or leave optim out), or drop optimizer_cls_and_kwargs."
+            f"optim={_optim_name(args)!r}, but Trainer(optimizer_cls_and_kwargs=...) names {optimizer_cls.__name__}, "
+            f"which the Trainer uses instead. Either use optim={given.optim!r} (or leave optim out), or drop "
+            "optimizer_cls_and_kwargs."
         )
     merged = dict(kwargs)
     filled = _merge(
         merged,
-        _requested(args, "Trainer(optimizer_cls_and_kwargs=...)"),
+        _requested(args, "the class of Trainer(optimizer_cls_and_kwargs=...)", given),
         where="Trainer(optimizer_cls_and_kwargs=...) kwargs",
         ways_out="remove it from the optimizer_cls_and_kwargs kwargs",
         fill_auto=False,
+        optimizer_cls=optimizer_cls,
     )
     if filled:
         trainer.optimizer_cls_and_kwargs = (optimizer_cls, merged)
         _log_filled(filled, "optimizer_cls_and_kwargs")
 
 
+def _passes_anon(trainer: Any) -> bool:
+    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, None)
+    return find_anon(trainer.optimizer) is not None or anon_name_for_class(cls_and_kwargs[0]) is not None
+
+
 def _check_against_deepspeed_block(trainer: Any, args: Any) -> None:
     config = _deepspeed_config(args, getattr(trainer, "accelerator", None))
     if config is None:
         return
-    if _find_anon(trainer.optimizer) is not None and "optimizer" not in config:
+    if find_anon(trainer.optimizer) is not None and "optimizer" not in config:
         # transformers' deepspeed_init sets trainer.optimizer = None, then builds from --optim (default: AdamW).
         raise ValueError(
             "Trainer(optimizers=...) passes an Anon, but under DeepSpeed the Trainer drops an optimizer passed that "
@@ -253,11 +300,7 @@ def _check_against_deepspeed_block(trainer: Any, args: Any) -> None:
             'Anon in the DeepSpeed config\'s optimizer block ({"type": "Anon", "params": {...}}).'
         )
     block = config.get("optimizer")
-    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, None)
-    passed_anon = _find_anon(trainer.optimizer) is not None or (
-        isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0], Anon)
-    )
-    if not isinstance(block, dict) or not (passed_anon or _is_anon_type(block.get("type"))):
+    if not isinstance(block, dict) or not (_passes_anon(trainer) or anon_name_for_config_type(block.get("type"))):
         return
     passed = "optimizers" if trainer.optimizer is not None else "optimizer_cls_and_kwargs"
     raise ValueError(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -41,25 +42,14 @@ from transformers.trainer_callback import TrainerCallback
 from ..distributed.dtensor import local
 from ..optimizer import Anon
 from ..storage import quant8
+from .final_optimizer import RequestedAnon, check_optimizer_that_trains
+from .routes import find_anon
 
 __all__ = ["AnonCallback", "add_anon_callback", "find_anon", "preconditioner_stats", "zero3_group_tensors"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_WRAPPERS = 8
-
-
-def find_anon(optimizer: Any) -> Anon | None:
-    """The :class:`~anon_hf.Anon` inside ``optimizer``, following ``.optimizer`` through wrappers.
-
-    accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO optimizers keep the optimizer they wrap in
-    ``.optimizer``. Returns None when there is no Anon within a few levels.
-    """
-    for _ in range(_MAX_WRAPPERS):
-        if optimizer is None or isinstance(optimizer, Anon):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
 
 
 def zero3_group_tensors(optimizer: Any) -> dict[int, list[Tensor]] | None:
@@ -209,8 +199,22 @@ class AnonCallback(TrainerCallback):
         self.bins = bins
         self._last_refresh: int | None = None
         self._pending: dict[str, float] | None = None
+        self._requested: RequestedAnon | None = None
+        self._trainer: weakref.ref | None = None
+
+    def expect(self, requested: RequestedAnon | None, trainer: Any = None) -> None:
+        """Check at ``on_train_begin`` that the optimizer which trains is ``requested`` (see ``final_optimizer.py``).
+
+        The Trainer patch calls this with what the Trainer was asked for; ``trainer`` (kept as a weak reference)
+        lets the error say what replaced Anon.
+        """
+        self._requested = requested
+        self._trainer = None if trainer is None else weakref.ref(trainer)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self._requested is not None:
+            trainer = self._trainer() if self._trainer is not None else None
+            check_optimizer_that_trains(self._requested, optimizer, trainer, args)
         anon = find_anon(optimizer)
         self._last_refresh = anon.refresh_history[-1] if anon is not None and anon.refresh_history else None
         self._pending = None
