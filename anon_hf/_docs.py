@@ -70,9 +70,12 @@ moments_dtype_doc = r"""moments_dtype (torch.dtype or str, optional): storage dt
 keep_unseen_doc = r"""keep_unseen (bool, optional): at a refresh, an element with no gradient since the previous refresh
             (its accumulator is exactly 0) keeps its preconditioner, and an element whose preconditioner is
             still 0 (new state: no refresh has seen its gradient yet) starts its mean from this refresh's
-            estimate. Such an element takes no step until a refresh has seen its gradient, and then a first
-            step within Adam's bound, about ``(1 - beta1) / sqrt(1 - beta2)`` x lr, whatever the gradient's scale.
-            Where every element has a gradient at every refresh this is exactly the paper's update. ``False``
+            estimate. Between refreshes such an element steps from its first gradient with
+            :math:`\sigma_t^{-\gamma/2}` over the gradients since the last refresh (Adam-like, for every gamma), so
+            a weight first seen late (a new token's row, an expert first routed to) moves at once, by about
+            ``(1 - beta1) / sqrt(1 - beta2)`` x lr at most, whatever the gradient's scale; ``v`` itself still
+            changes only at refreshes. Where every element has a gradient at every refresh this is exactly the
+            paper's update. ``False``
             reproduces the published code in every case: an element with no gradient gets
             :math:`\sigma = \epsilon`, so its preconditioner grows towards :math:`\epsilon^{-\gamma/2}` (1e8 at
             the defaults) and its first gradient after that takes a step that many times too large

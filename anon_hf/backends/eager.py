@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..refresh import limit_applies, limited_preconditioner, refresh_tensors_
+from ..refresh import inverse_bias_correction, refresh_tensors_, step_preconditioners, step_rule, unseen_flags
 from ..schedule import RefreshSchedule, gradients_since_refresh, is_refresh_step
 
 __all__ = ["_multi_tensor_anon", "_single_tensor_anon"]
@@ -75,9 +75,11 @@ def _single_tensor_anon(
             if torch.is_complex(exp_avg_sq):
                 exp_avg_sq, precond = torch.view_as_real(exp_avg_sq), torch.view_as_real(precond)
             if compute is None:
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                exp_avg_sq_c = exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             else:
-                exp_avg_sq.copy_(exp_avg_sq.to(compute).mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
+                exp_avg_sq_c = exp_avg_sq.to(compute).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                exp_avg_sq.copy_(exp_avg_sq_c)
+            used = precond if compute is None else precond.to(compute)
             if is_refresh_step(step, refresh):
                 refresh_tensors_(
                     [exp_avg_sq],
@@ -94,11 +96,11 @@ def _single_tensor_anon(
                     tensor_positions=[i],
                 )
                 refreshed.append(step)
-            used = precond
-            if limit_applies(gamma, max_precond_ratio):
-                limit = dict(refresh=refresh, beta2=beta2, gamma=gamma, eps=eps, max_ratio=max_precond_ratio)
-                used = _limited_between_refreshes([exp_avg_sq], [precond], [step], **limit)[0]
-            param.addcmul_(update, used if compute is None else used.to(compute), value=-step_size)
+                used = precond if compute is None else precond.to(compute)
+            else:
+                rule = dict(beta2=beta2, gamma=gamma, eps=eps, keep_unseen=keep_unseen, max_ratio=max_precond_ratio)
+                used = _between_refreshes([exp_avg_sq_c], [used], [precond], [step], refresh=refresh, **rule)[0]
+            param.addcmul_(update, used, value=-step_size)
 
         if bounds is not None:
             param.clamp_(min=bounds[0], max=bounds[1])
@@ -119,22 +121,66 @@ def _refresh_due_(
     return set(refresh_at)
 
 
-def _limited_between_refreshes(
-    exp_avg_sqs: list[Tensor], preconds: list[Tensor], steps: list[int], *, refresh: RefreshSchedule, **limit_kwargs
+def _between_refreshes(
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    stored_preconds: list[Tensor],
+    steps: list[int],
+    *,
+    refresh: RefreshSchedule,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    keep_unseen: bool,
+    max_ratio: float | None,
 ) -> list[Tensor]:
-    """``preconds`` with each tensor not refreshed at its step (``steps[i]``, already advanced) replaced by its
-    :func:`anon_hf.refresh.limited_preconditioner`; a refreshed one is used as stored (its accumulator was just
-    reset, and ``v`` was built from this interval's gradients)."""
+    """``preconds`` (in the compute dtype) with each tensor not refreshed at its step (``steps[i]``, already advanced)
+    replaced by what :class:`anon_hf.refresh.StepRule` makes of it, all in one batch; a refreshed one is used as
+    stored (its accumulator was just reset, and ``v`` was built from this interval's gradients). ``stored_preconds``
+    are the state tensors themselves (for :func:`anon_hf.refresh.unseen_flags`'s cache)."""
+    rule = step_rule(gamma, eps, max_ratio, keep_unseen)
+    if rule.estimate_mode is None:
+        return list(preconds)
+    between = [i for i, step in enumerate(steps) if not is_refresh_step(step, refresh)]
+    if not between:
+        return list(preconds)
+    inv_bias2s = [inverse_bias_correction(beta2, gradients_since_refresh(steps[i], refresh)) for i in between]
+    unseen = unseen_flags([stored_preconds[i] for i in between]) if rule.late_seen else [False] * len(between)
+    chosen = step_preconditioners(
+        [exp_avg_sqs[i] for i in between],
+        [preconds[i] for i in between],
+        inv_bias2s,
+        unseen,
+        rule=rule,
+        gamma=gamma,
+        eps=eps,
+        max_ratio=max_ratio,
+    )
     used = list(preconds)
-    for i, step in enumerate(steps):
-        if not is_refresh_step(step, refresh):
-            used[i] = limited_preconditioner(
-                exp_avg_sqs[i],
-                preconds[i],
-                steps_since_refresh=gradients_since_refresh(step, refresh),
-                **limit_kwargs,
-            )
+    for i, value in zip(between, chosen, strict=True):
+        used[i] = value
     return used
+
+
+# Elements per chunk of the param update when a step computes preconditioners: the temporaries of one chunk are
+# freed before the next is computed, so the allocator hands the same memory back instead of mapping fresh pages.
+_CHUNK_NUMEL = 1 << 21
+
+
+def _chunks(params: list[Tensor], estimate_mode: str | None) -> list[list[int]]:
+    """Indices of ``params`` in consecutive runs of at most :data:`_CHUNK_NUMEL` elements (a larger tensor alone),
+    or all in one run when the step computes no estimate (no temporaries)."""
+    if estimate_mode is None:
+        return [list(range(len(params)))]
+    chunks: list[list[int]] = [[]]
+    numel = 0
+    for i, param in enumerate(params):
+        if chunks[-1] and numel + param.numel() > _CHUNK_NUMEL:
+            chunks.append([])
+            numel = 0
+        chunks[-1].append(i)
+        numel += param.numel()
+    return chunks
 
 
 def _foreach_update_params_(
@@ -251,19 +297,24 @@ def _multi_tensor_anon(
                 keep_unseen=keep_unseen,
                 on_nonfinite=on_nonfinite,
             )
-        preconds_c = device_preconds if compute is None else [v.to(compute) for v in device_preconds]
-        if preconditioned and limit_applies(gamma, max_precond_ratio):
-            preconds_c = _limited_between_refreshes(
-                device_exp_avg_sqs,
+        rule = dict(beta2=beta2, gamma=gamma, eps=eps, keep_unseen=keep_unseen, max_ratio=max_precond_ratio)
+        mode = step_rule(gamma, eps, max_precond_ratio, keep_unseen).estimate_mode if preconditioned else None
+        for chunk in _chunks(device_params, mode):
+            preconds_c = []
+            if preconditioned:
+                preconds_c = [device_preconds[i] if compute is None else device_preconds[i].to(compute) for i in chunk]
+                sqs_chunk, stored = [sqs_c[i] for i in chunk], [device_preconds[i] for i in chunk]
+                steps_chunk = [steps[i] for i in chunk]
+                preconds_c = _between_refreshes(sqs_chunk, preconds_c, stored, steps_chunk, refresh=refresh, **rule)
+            _foreach_update_params_(
+                [device_params[i] for i in chunk],
+                [exp_avgs_c[i] for i in chunk],
                 preconds_c,
-                steps,
-                refresh=refresh,
-                beta2=beta2,
-                gamma=gamma,
-                eps=eps,
-                max_ratio=max_precond_ratio,
+                [steps[i] for i in chunk],
+                lr=lr,
+                beta1=beta1,
+                bounds=bounds,
             )
-        _foreach_update_params_(device_params, exp_avgs_c, preconds_c, steps, lr=lr, beta1=beta1, bounds=bounds)
     return sorted(refreshed)
 
 

@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import transformers  # noqa: E402
 
-from anon_hf.refresh import limit_applies, limited_preconditioner  # noqa: E402
+from anon_hf.refresh import inverse_bias_correction, step_preconditioners, step_rule, unseen_flags  # noqa: E402
 from anon_hf.schedule import gradients_since_refresh, is_refresh_step  # noqa: E402
 from recipes.causal_lm import train  # noqa: E402  (imports anon_hf first, which registers --optim anon)
 
@@ -60,20 +60,24 @@ class StepProbe(transformers.TrainerCallback):
 
 
 def _used_preconditioner(state: dict, v, group: dict, step: int):
-    """The preconditioner step ``step`` multiplied ``m_hat`` by: ``v`` at a refresh, else ``v`` under
-    ``max_precond_ratio``'s limit (``anon_hf.refresh.limited_preconditioner``)."""
+    """The preconditioner step ``step`` multiplied ``m_hat`` by: ``v`` at a refresh, else what the group's
+    ``anon_hf.refresh.StepRule`` makes of it (``max_precond_ratio``'s limit, the late-seen estimate where v == 0)."""
     refresh, ratio = group["refresh"], group.get("max_precond_ratio")
-    if not limit_applies(group["gamma"], ratio) or is_refresh_step(step, refresh):
+    rule = step_rule(group["gamma"], group["eps"], ratio, group.get("keep_unseen", True))
+    if is_refresh_step(step, refresh):
         return v
-    return limited_preconditioner(
-        state["exp_avg_sq"],
-        v,
-        steps_since_refresh=gradients_since_refresh(step, refresh),
-        beta2=group["betas"][1],
+    inv_bias2 = inverse_bias_correction(group["betas"][1], gradients_since_refresh(step, refresh))
+    used = step_preconditioners(
+        [state["exp_avg_sq"].float()],
+        [v],
+        [inv_bias2],
+        unseen_flags([v]),
+        rule=rule,
         gamma=group["gamma"],
         eps=group["eps"],
         max_ratio=ratio,
     )
+    return used[0]
 
 
 class _ProbedTrainer(transformers.Trainer):

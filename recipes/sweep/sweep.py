@@ -17,6 +17,7 @@ no dampening) sits two half-decades below gamma = 0 (lr scaled by 1 - beta1). Th
     python recipes/sweep/sweep.py --task causal_lm --out_dir docs/assets/sweep
     python recipes/sweep/sweep.py --task causal_lm --tiny --out_dir /tmp/sweep   # seconds: checks the plumbing
     python recipes/sweep/sweep.py --task finetune --out_dir docs/assets/sweep     # pretrains once (cached), then sweeps
+    python recipes/sweep/sweep.py --task late_vocab --out_dir docs/assets/sweep   # Anon's rules and AdamW, late tokens
 
 The ``finetune`` task fine-tunes a model pretrained here (``recipes/causal_lm/pretrain.py``) on another domain and
 compares fixed configurations (:func:`finetune_configs`) instead of a gamma grid.
@@ -122,6 +123,20 @@ def finetune_configs(gammas: list[float], anon_optim_args: str = "") -> list[Con
     return out
 
 
+# Anon's published rule: no keep_unseen, no limit (the paper's update exactly), at the library's other defaults.
+PUBLISHED_RULE = "keep_unseen=false,max_precond_ratio=none"
+
+
+def rule_configs(gammas: list[float] | None = None, anon_optim_args: str = "") -> list[Config]:
+    """Anon at the library's defaults beside Anon under the published rule and AdamW, every lr tuned: what the
+    library's rule changes (``--compare_rules``, and the ``late_vocab`` task's configurations)."""
+    return [
+        Config("anon (defaults)", "anon", None, 1.0, 0),
+        Config("anon (published rule)", "anon", PUBLISHED_RULE, 1.0, 0, "published rule"),
+        Config("adamw", "adamw_torch", None, None, 0),
+    ]
+
+
 def _pretrained_pydoc(tiny: bool, cache_dir: str | None) -> dict[str, str]:
     from recipes.causal_lm import pretrain
 
@@ -207,6 +222,38 @@ TASKS = {
         anon_optim_args="eps=1e-8",
         prepare=_pretrained_pydoc,
         make_configs=finetune_configs,
+    ),
+    # One run, one optimizer: the Python docs for the first half of the steps, then tweets, with a tokenizer trained
+    # on both; the tweets' own tokens have embedding rows first seen at the switch (recipes/sweep/late_vocab.py).
+    "late_vocab": Task(
+        name="late_vocab",
+        module="recipes.sweep.late_vocab",
+        metric="eval_loss",
+        higher_is_better=False,
+        adamw_grid=(-6, -4),  # 1e-3 .. 1e-2
+        base_argv=[
+            "--per_device_train_batch_size",
+            "16",
+            "--block_size",
+            "64",
+            "--warmup_steps",
+            "0.1",
+            "--max_eval_samples",
+            "400",
+        ],
+        tiny_argv=[
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "16",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_hidden_layers",
+            "1",
+        ],
+        make_configs=rule_configs,
     ),
 }
 
@@ -422,7 +469,24 @@ def anon_rule() -> str:
     rule = [
         f"{name}={parameters[name].default}" for name in ("keep_unseen", "max_precond_ratio") if name in parameters
     ]
+    if rule and _late_row_moves_at_once():
+        rule.append("late_seen=moves")
     return ",".join(rule) or "published"
+
+
+def _late_row_moves_at_once() -> bool:
+    """Whether Anon, at its defaults, moves a weight at its first gradient when that comes between two refreshes
+    (step 3): the late-seen rule, which names no parameter of its own, recorded by what it does."""
+    import torch
+
+    import anon_hf
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = anon_hf.Anon([param], lr=1e-3, foreach=False)
+    for step in (1, 2, 3):
+        param.grad = torch.tensor([1.0, 1.0 if step == 3 else 0.0])
+        optimizer.step()
+    return bool(param.detach()[1] != 0)
 
 
 def prepared(args: argparse.Namespace) -> dict[str, str]:
@@ -485,7 +549,9 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
     args = for_task(task, args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if task.make_configs is not None:
+    if args.compare_rules:
+        cfgs = rule_configs()
+    elif task.make_configs is not None:
         cfgs = task.make_configs(args.gammas, args.anon_optim_args)
     else:
         cfgs = configs(args.gammas, args.anon_optim_args, tuple(args.default_eps_gammas))
@@ -598,6 +664,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--with_8bit",
         action="store_true",
         help="also run Anon8bit at the library's defaults (--optim anon_8bit), lr tuned like the other rows",
+    )
+    parser.add_argument(
+        "--compare_rules",
+        action="store_true",
+        help="run Anon at the library's defaults, Anon under the published rule "
+        f"({PUBLISHED_RULE}) and AdamW only (the late_vocab task's configurations)",
     )
     parser.add_argument(
         "--reuse",

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ...distributed.dtensor import agreed_verdicts
-from ...refresh import NonFinitePreconditionerError, limit_mode, refresh_mode, refresh_verdicts, step_rule
+from ...refresh import NonFinitePreconditionerError, refresh_mode, refresh_verdicts, step_rule
 from ...schedule import is_refresh_step, previous_refresh_step
 from ..eager import _multi_tensor_anon
 from . import graphs
@@ -88,19 +88,14 @@ def _fused_anon(
     decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
     modes = (not decoupled, hyper["bounds"] is not None)
     mode = refresh_mode(hyper["gamma"], hyper["eps"])
-    # Between refreshes, how the limit computes sigma**(-gamma / 2) (None: no limit).
-    limit = (
-        None if refreshing or not preconds else limit_mode(hyper["gamma"], hyper["eps"], hyper["max_precond_ratio"])
-    )
+    rule = None if refreshing or not preconds else _step_rule(hyper)
     kernel = graph = None
     if plan.kernel:
         refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None
-        # The late-seen rule (keep_unseen) waits for the eager paths to have it (issue 21): the limit alone, as before.
-        rule = None if limit is None else step_rule(hyper["gamma"], hyper["eps"], hyper["max_precond_ratio"], False)
         kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, per_tensor, modes, refresh, rule)
     if plan.chunks:
         refresh = (mode, hyper["beta3"] > 0.0, hyper["keep_unseen"]) if refreshing else None
-        graph = GraphCalls(plan.chunks, lists, scalar_values, per_tensor, modes, refresh, limit)
+        graph = GraphCalls(plan.chunks, lists, scalar_values, per_tensor, modes, refresh, rule)
     eager_indices = list(plan.eager)
     if refreshing:
         graph, eager_indices = _check_all(kernel, graph, eager_indices, lists, steps[0], hyper)
@@ -117,6 +112,13 @@ def _fused_anon(
     if eager_indices:
         _eager_with_reason(eager, sorted(eager_indices), plan.eager_reason or graphs._disabled_reason)
     return [steps[0]] if refreshing else []
+
+
+def _step_rule(hyper: dict):
+    """The group's :class:`anon_hf.refresh.StepRule` for a step between refreshes, or ``None`` where it leaves every
+    ``v`` as it is (the published rule), so that such a step compiles and runs nothing for it."""
+    rule = step_rule(hyper["gamma"], hyper["eps"], hyper["max_precond_ratio"], hyper["keep_unseen"])
+    return None if rule.estimate_mode is None else rule
 
 
 def _check_all(kernel, graph, eager_indices, lists, step, hyper):

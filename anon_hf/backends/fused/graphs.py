@@ -95,12 +95,23 @@ def _new_precond(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2
     return torch.where(exp_avg_sq == 0, previous, new) if keep_unseen else new
 
 
-def _limited(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2: Tensor, limit: str) -> Tensor:
-    """``anon_hf.refresh.limited_preconditioner``: ``min(v, max_ratio * sigma**(-gamma / 2))``, in ``scalars.dtype``;
-    ``limit`` is the refresh mode (``"one"``: gamma == 1, a square root; else through exp and log)."""
+def _between_refreshes(exp_avg_sq: Tensor, precond: Tensor, scalars: Tensor, inv_bias2: Tensor, rule) -> Tensor:
+    """What a step between refreshes multiplies the first moment by, as ``anon_hf.refresh.StepRule`` defines it, in
+    ``scalars.dtype``; ``rule`` is the group's ``StepRule`` (its ``estimate_mode`` not None)."""
+    previous = precond.to(scalars.dtype)
     sigma = exp_avg_sq * inv_bias2 + scalars[_EPS]
-    power = torch.rsqrt(sigma) if limit == "one" else torch.exp(torch.log(sigma) * (scalars[_GAMMA] * -0.5))
-    return torch.minimum(precond.to(scalars.dtype), power * scalars[_MAX_RATIO])
+    if rule.estimate_mode == "one":
+        estimate = torch.rsqrt(sigma)
+    elif rule.estimate_mode == "pow":
+        estimate = torch.pow(sigma, scalars[_GAMMA] * -0.5)
+    else:
+        estimate = torch.exp(torch.log(sigma) * (scalars[_GAMMA] * -0.5))
+    used = torch.minimum(previous, estimate * scalars[_MAX_RATIO]) if rule.limit else previous
+    if rule.late_seen:
+        # A select, not a product: est may be inf where s == 0, and 0 * inf would be nan.
+        late = torch.where(exp_avg_sq > 0, estimate, torch.zeros_like(estimate))
+        used = torch.where(previous == 0, late, used)
+    return used
 
 
 def _project(new_param: Tensor, scalars: Tensor, modes: tuple) -> Tensor:
@@ -109,11 +120,12 @@ def _project(new_param: Tensor, scalars: Tensor, modes: tuple) -> Tensor:
 
 
 def _step_graph(
-    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, inv_bias2s, modes: tuple, limit
+    params, grads, exp_avgs, exp_avg_sqs, preconds, scalars, neg_step_sizes, inv_bias2s, modes: tuple, rule
 ) -> None:
     """The update between refreshes, rounded once into each storage. ``neg_step_sizes[i] = -lr / (1 - beta1**t_i)``,
     ``inv_bias2s[i]`` the accumulator's inverse bias correction at that step; ``exp_avg_sqs`` and ``preconds`` are
-    both empty when the preconditioner is all ones (gamma == 0); ``limit`` is ``None`` or the limit's mode."""
+    both empty when the preconditioner is all ones (gamma == 0); ``rule`` is the group's
+    ``anon_hf.refresh.StepRule``, or ``None`` where it leaves ``v`` as it is."""
     preconditioned = len(preconds) > 0
     for i in range(len(params)):
         param, exp_avg, exp_avg_sq = _moments(params, grads, exp_avgs, exp_avg_sqs, i, scalars, modes, preconditioned)
@@ -122,8 +134,8 @@ def _step_graph(
         if preconditioned:
             exp_avg_sqs[i].copy_(exp_avg_sq)
             precond = preconds[i].to(scalars.dtype)
-            if limit is not None:
-                precond = _limited(exp_avg_sq, precond, scalars, inv_bias2s[i], limit)
+            if rule is not None:
+                precond = _between_refreshes(exp_avg_sq, precond, scalars, inv_bias2s[i], rule)
             update = exp_avg * precond
         new_param = param * scalars[_DECAY] + update * neg_step_sizes[i]
         params[i].copy_(_project(new_param, scalars, modes))
@@ -168,7 +180,7 @@ def _refresh_graph(
         params[i].copy_(_project(new_param, scalars, modes))
 
 
-def _step_8bit_graph(params, grads, states, scalars, neg_step_sizes, inv_bias2s, modes: tuple, limit) -> None:
+def _step_8bit_graph(params, grads, states, scalars, neg_step_sizes, inv_bias2s, modes: tuple, rule) -> None:
     """``Anon8bit``'s step between refreshes, one pass per tensor: decode the 8-bit state with ``anon_hf.storage.quant8``'s
     maps, Anon's update in ``scalars.dtype``, encode ``exp_avg`` and ``exp_avg_sq`` again; ``precond`` is only read.
     ``states[i]`` is tensor ``i``'s state dict (codes and side values, as ``Anon8bit`` stores them); without
@@ -182,8 +194,8 @@ def _step_8bit_graph(params, grads, states, scalars, neg_step_sizes, inv_bias2s,
         update = exp_avg
         if preconditioned:
             precond = decoded["precond"]
-            if limit is not None:
-                precond = _limited(exp_avg_sq, precond, scalars, inv_bias2s[i], limit)
+            if rule is not None:
+                precond = _between_refreshes(exp_avg_sq, precond, scalars, inv_bias2s[i], rule)
             update = exp_avg * precond
         params[i].copy_(_project(param * scalars[_DECAY] + update * neg_step_sizes[i], scalars, modes))
         for key, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -273,12 +285,12 @@ class GraphCalls:
 
     ``lists`` are the parallel tensor lists ``(params, grads, exp_avgs, exp_avg_sqs, preconds)``, the last two empty
     without a preconditioner; ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``, indexed like ``lists``;
-    ``refresh`` is ``(mode, averaging, keep_unseen)`` on a refresh step, else ``None``; ``limit`` is the mode of
-    ``max_precond_ratio``'s limit on an ordinary step, else ``None``.
+    ``refresh`` is ``(mode, averaging, keep_unseen)`` on a refresh step, else ``None``; ``rule`` is the group's
+    ``anon_hf.refresh.StepRule`` on an ordinary step, else ``None`` (also where it leaves ``v`` as it is).
     """
 
-    def __init__(self, chunks, lists, scalar_values, per_tensor, modes: tuple, refresh: tuple | None, limit):
-        self.refresh, self.modes, self.limit = refresh, modes, limit
+    def __init__(self, chunks, lists, scalar_values, per_tensor, modes: tuple, refresh: tuple | None, rule):
+        self.refresh, self.modes, self.rule = refresh, modes, rule
         self.calls = []
         preconditioned = len(lists[4]) > 0
         for key, indices in chunks:
@@ -317,7 +329,7 @@ class GraphCalls:
                     args = (*tensors, scalars, *per_tensor, keep, self.modes, self.refresh)
                     _run(("refresh", self.refresh) + key, *args)
                 else:
-                    _run(("step", self.limit) + key, *tensors, scalars, *per_tensor, self.modes, self.limit)
+                    _run(("step", self.rule) + key, *tensors, scalars, *per_tensor, self.modes, self.rule)
             except CompileFailed:
                 return done, [i for _, later, *_ in self.calls[number:] for i in later]
             done += indices
@@ -330,9 +342,9 @@ class GraphCalls:
         return done, []
 
 
-def step_8bit(params, grads, states, scalar_values, per_tensor, modes: tuple, limit) -> None:
+def step_8bit(params, grads, states, scalar_values, per_tensor, modes: tuple, rule) -> None:
     """Step ``Anon8bit``'s tensors between refreshes through a compiled graph (:func:`_step_8bit_graph`); their step
-    counters are the caller's. ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``; ``limit`` as in :class:`GraphCalls`.
+    counters are the caller's. ``per_tensor`` is ``(neg_step_sizes, inv_bias2s)``; ``rule`` as in :class:`GraphCalls`.
     Raises :class:`CompileFailed` with nothing written."""
     device = params[0].device
     compute = torch.promote_types(params[0].dtype, torch.float32)
@@ -341,6 +353,6 @@ def step_8bit(params, grads, states, scalar_values, per_tensor, modes: tuple, li
     for static in (scalars, sizes, inv_bias2s):
         torch._dynamo.mark_static(static)
     preconditioned = "precond" in states[0]
-    key = ("step_8bit", limit, device, params[0].dtype, preconditioned, modes, len(params))
-    _run(key, [p.detach() for p in params], list(grads), states, scalars, sizes, inv_bias2s, modes, limit)
+    key = ("step_8bit", rule, device, params[0].dtype, preconditioned, modes, len(params))
+    _run(key, [p.detach() for p in params], list(grads), states, scalars, sizes, inv_bias2s, modes, rule)
     stats["compiled_8bit"] += 1
