@@ -73,7 +73,12 @@ def anon(
     with shards_of(meshes):
         if hyper["on_nonfinite"] == "raise" and not fused:
             _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper)
-        return backend(*lists, state_steps, **hyper)
+        try:
+            return backend(*lists, state_steps, **hyper)
+        except NonFinitePreconditionerError as err:  # name the tensor by its whole shape, not this rank's shard's
+            err.shape = tuple(params[err.tensor_index].shape)
+            err.args = (err.step, err.tensor_index, err.shape, err.group_index)
+            raise
 
 
 def _with_defaults(hyper: dict[str, Any]) -> dict[str, Any]:
