@@ -152,7 +152,7 @@ def on_deepspeed_imported(module: ModuleType) -> None:
 def on_zero_utils_imported(module: ModuleType) -> None:
     """``deepspeed.runtime.zero.utils``: ZeRO 1/2/3 accept Anon without ``zero_allow_untested_optimizer``."""
     supported = module.ZERO_SUPPORTED_OPTIMIZERS
-    for name in ANON_NAMES:
+    for name in reversed(ANON_NAMES):  # Anon, then Anon8bit: the table lists the subclass first for lookups
         if name.optimizer_cls not in supported:
             supported.append(name.optimizer_cls)
 
