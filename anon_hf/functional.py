@@ -119,11 +119,9 @@ def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper) ->
             due_at.setdefault(int(step.item()) + 1, []).append(i)
     if not due_at:
         return
-    keys = ("refresh", "beta2", "gamma", "eps", "beta3", "keep_unseen", "weight_decay", "maximize")
-    decay = {key: hyper[key] for key in keys} | {"l2": not hyper["decoupled_weight_decay"]}
     verdicts: dict[int, bool] = {}
     for step, indices in due_at.items():
-        verdicts.update(refresh_verdicts(*lists, indices, step, **decay))
+        verdicts.update(refresh_verdicts(*lists, indices, step, **hyper))
     verdicts = agreed_verdicts(verdicts, lists[0][0].device)
     bad = sorted(i for i, ok in verdicts.items() if not ok)
     if bad:

@@ -172,9 +172,9 @@ def step_preconditioners(
         # v where v > 0: lerp with a weight of exactly 1 returns its end and with 0 its start, bit for bit.
         torch._foreach_lerp_(chosen, late_preconds, torch._foreach_sign(late_preconds))
         if rule.limit:
-            # min(est, max_ratio * est) is est (max_ratio >= 1), and min(0, .) is 0: only seen elements are bound.
-            torch._foreach_mul_(estimates, max_ratio)
-            torch._foreach_minimum_(chosen, estimates)
+            # The bound computed as for the tensors above, so that an element's bits do not depend on whether its
+            # tensor holds a 0; min(est, bound) is est up to rounding (max_ratio >= 1), and min(0, .) is 0.
+            torch._foreach_minimum_(chosen, _estimates(sqs, late_inv_bias2s, scale=max_ratio, **estimate))
         for i, value in zip(late, chosen, strict=True):
             used[i] = value
     return used
@@ -213,15 +213,17 @@ def _estimates(
     return sigmas
 
 
-# Per stored preconditioner: (its version counter, whether it holds a 0). v changes only at refreshes, so the check
-# runs once per refresh interval, not once per step.
+# Per stored preconditioner: (its version counter, the piece size asked for, the answer). v changes only at refreshes,
+# so the check runs once per refresh interval, not once per step.
 _unseen_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def unseen_flags(preconds: list[Tensor]) -> list[bool]:
-    """Per stored preconditioner, whether it holds a 0 ("not seen yet"): one reduction over ``v`` after each time
-    ``v`` changes (in place or by a new tensor), a cached answer otherwise. A DTensor answers for its local shard,
-    with no collective: the late-seen rule is elementwise, so each rank may decide for its own elements."""
+def unseen_flags(preconds: list[Tensor], piece_numel: int | None = None) -> list:
+    """Per stored preconditioner, whether it holds a 0 ("not seen yet"): one pass over ``v`` after each time ``v``
+    changes (in place or by a new tensor), a cached answer otherwise. With ``piece_numel``, per preconditioner a tuple
+    instead: whether each consecutive flat piece of ``piece_numel`` elements (the last one shorter) holds a 0, so that
+    the pieces without one skip the late-seen rule's work. A DTensor answers for its local shard, with no collective:
+    the late-seen rule is elementwise, so each rank may decide for its own elements."""
     flags = []
     for precond in preconds:
         try:
@@ -229,14 +231,24 @@ def unseen_flags(preconds: list[Tensor]) -> list[bool]:
         except RuntimeError:  # an inference-mode tensor keeps no version counter
             version = None
         cached = _unseen_cache.get(precond)
-        if version is not None and cached is not None and cached[0] == version:
-            flags.append(cached[1])
+        if version is not None and cached is not None and cached[:2] == (version, piece_numel):
+            flags.append(cached[2])
             continue
-        has_zero = bool(torch.eq(local(precond), 0).any())
+        answer = _holds_zero(local(precond), piece_numel)
         if version is not None:
-            _unseen_cache[precond] = (version, has_zero)
-        flags.append(has_zero)
+            _unseen_cache[precond] = (version, piece_numel, answer)
+        flags.append(answer)
     return flags
+
+
+def _holds_zero(precond: Tensor, piece_numel: int | None) -> bool | tuple[bool, ...]:
+    zero = torch.eq(precond, 0)
+    if piece_numel is None:
+        return bool(zero.any())
+    flat = zero.reshape(-1)
+    return tuple(
+        bool(flat[start : start + piece_numel].any()) for start in range(0, max(flat.numel(), 1), piece_numel)
+    )
 
 
 def refreshed_preconditioner(
@@ -377,41 +389,30 @@ def refresh_verdicts(
     preconds: list[Tensor],
     indices: list[int],
     step: int,
-    *,
-    refresh: RefreshSchedule,
-    beta2: float,
-    gamma: float,
-    eps: float,
-    beta3: float,
-    keep_unseen: bool,
-    weight_decay: float,
-    l2: bool,
-    maximize: bool,
+    **hyper,
 ) -> dict[int, bool]:
     """Per tensor index, whether refreshing it at ``step`` with this step's gradient gives a finite accumulator and
-    preconditioner as stored; writes nothing. The fused path asks this of the tensors it hands to the eager path, so
-    that a raise leaves the whole step unwritten."""
+    preconditioner as stored; writes nothing. ``hyper``: the update's keyword arguments (those of
+    :func:`anon_hf.functional.anon`, defaults filled in; the others are ignored). The fused path asks this of the
+    tensors it hands to the eager path, and FSDP2's eager path of every tensor, so that a raise leaves the whole step
+    unwritten."""
+    refresh_kwargs = {key: hyper[key] for key in ("refresh", "beta2", "gamma", "eps", "beta3", "keep_unseen")}
+    weight_decay = hyper["weight_decay"] if not hyper["decoupled_weight_decay"] else 0.0
     verdicts = {}
     for i in indices:
-        precond = torch.view_as_real(preconds[i]) if torch.is_complex(preconds[i]) else preconds[i]
+        precond = _real(preconds[i])
         compute = torch.promote_types(precond.dtype, torch.float32)
-        grad = torch.view_as_real(grads[i]) if torch.is_complex(grads[i]) else grads[i]
-        grad = grad.to(compute).neg() if maximize else grad.to(compute)
-        if l2 and weight_decay != 0:
-            param = torch.view_as_real(params[i]) if torch.is_complex(params[i]) else params[i]
-            grad = grad.add(param.to(compute), alpha=weight_decay)
-        exp_avg_sq = torch.view_as_real(exp_avg_sqs[i]) if torch.is_complex(exp_avg_sqs[i]) else exp_avg_sqs[i]
-        exp_avg_sq = exp_avg_sq.to(compute).mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        new_precond = stored_refresh(
-            exp_avg_sq,
-            precond,
-            step,
-            refresh=refresh,
-            beta2=beta2,
-            gamma=gamma,
-            eps=eps,
-            beta3=beta3,
-            keep_unseen=keep_unseen,
+        grad = _real(grads[i]).to(compute)
+        grad = grad.neg() if hyper["maximize"] else grad
+        if weight_decay != 0:
+            grad = grad.add(_real(params[i]).to(compute), alpha=weight_decay)
+        exp_avg_sq = (
+            _real(exp_avg_sqs[i]).to(compute).mul(hyper["beta2"]).addcmul_(grad, grad, value=1 - hyper["beta2"])
         )
+        new_precond = stored_refresh(exp_avg_sq, precond, step, **refresh_kwargs)
         verdicts[i] = all_finite(exp_avg_sq) and all_finite(new_precond)
     return verdicts
+
+
+def _real(tensor: Tensor) -> Tensor:
+    return torch.view_as_real(tensor) if torch.is_complex(tensor) else tensor

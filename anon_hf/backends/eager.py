@@ -1,19 +1,72 @@
 """The eager backends: :func:`_single_tensor_anon` (a per-tensor loop) and :func:`_multi_tensor_anon`
 (``torch._foreach_*`` kernels over tensors grouped by device and dtype), in the shape of ``torch.optim.adam``.
 
-Both share one signature and one refresh routine, :func:`anon_hf.refresh.refreshed_preconditioner`, so they differ
-only in how the per-step arithmetic is batched. :func:`anon_hf.functional.anon` dispatches to them.
+Both run the same stages, :func:`_step_tensors`, over different batches: one tensor at a time, or every tensor of a
+device and dtype. A refresh rebuilds ``v`` with :func:`anon_hf.refresh.refresh_tensors_`; a step between refreshes
+multiplies the first moment by what :func:`anon_hf.refresh.step_preconditioners` chooses. On CPU a step between
+refreshes runs over cache-sized pieces of the tensors (flat views of at most :data:`_PIECE_NUMEL` elements): each
+piece's moments, step rule and param update run back to back, so the rule's temporaries and the state it rereads stay
+in cache instead of costing a trip to memory per op. Every op is elementwise, so the pieces give the same bits as
+whole tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor
 
-from ..refresh import inverse_bias_correction, refresh_tensors_, step_preconditioners, step_rule, unseen_flags
-from ..schedule import RefreshSchedule, gradients_since_refresh, is_refresh_step
+from ..distributed.dtensor import is_dtensor
+from ..refresh import (
+    StepRule,
+    inverse_bias_correction,
+    refresh_tensors_,
+    step_preconditioners,
+    step_rule,
+    unseen_flags,
+)
+from ..schedule import gradients_since_refresh, is_refresh_step
 
 __all__ = ["_multi_tensor_anon", "_single_tensor_anon"]
+
+# Elements per piece of a CPU step between refreshes: 1 MiB of fp32 per tensor of the piece, so a piece's p, g, m, s,
+# v and the rule's temporary fit in a core's share of the last-level cache.
+_PIECE_NUMEL = 1 << 18
+
+_REFRESH_KEYS = ("refresh", "beta2", "gamma", "eps", "beta3", "keep_unseen", "on_nonfinite")
+
+
+class _Tensors(NamedTuple):
+    """Parallel lists of one batch; ``exp_avg_sqs`` and ``preconds`` are empty when no preconditioner is kept.
+    ``steps`` are the tensors' step numbers, already advanced; ``unseen`` and ``inv_bias2s`` are filled for steps
+    between refreshes (:func:`anon_hf.refresh.step_preconditioners`'s inputs), empty otherwise."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    preconds: list[Tensor]
+    steps: list[int]
+    unseen: list[bool]
+    inv_bias2s: list[float]
+
+    def pick(self, indices: list[int]) -> _Tensors:
+        return _Tensors(*([values[i] for i in indices] if values else [] for values in self))
+
+
+class _Options(NamedTuple):
+    """One call's hyperparameters, in the form the stages read them."""
+
+    hyper: dict[str, Any]
+    rule: StepRule
+    refresh: dict[str, Any]  # the keyword arguments of refresh_tensors_
+
+    @classmethod
+    def of(cls, hyper: dict[str, Any]) -> _Options:
+        rule = step_rule(hyper["gamma"], hyper["eps"], hyper["max_precond_ratio"], hyper["keep_unseen"])
+        return cls(hyper, rule, {key: hyper[key] for key in _REFRESH_KEYS})
 
 
 def _single_tensor_anon(
@@ -23,194 +76,18 @@ def _single_tensor_anon(
     exp_avg_sqs: list[Tensor],
     preconds: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    gamma: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    refresh: RefreshSchedule,
-    beta3: float,
-    keep_unseen: bool,
-    max_precond_ratio: float | None,
-    bounds: tuple[float | None, float | None] | None,
-    maximize: bool,
-    on_nonfinite: str,
+    **hyper: Any,
 ) -> list[int]:
-    preconditioned = len(preconds) > 0
-    refreshed = []
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        exp_avg = exp_avgs[i]
-        step_t = state_steps[i]
-        if torch.is_complex(param):
-            param, grad, exp_avg = torch.view_as_real(param), torch.view_as_real(grad), torch.view_as_real(exp_avg)
-
-        step_t += 1
-        step = int(step_t.item())
-
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
-
-        # State stored in another dtype than its param (precond_dtype / moments_dtype) is updated in `compute`
-        # and rounded once into its storage; `update` is the first moment in the dtype the param update uses.
-        compute = _compute_dtype(params[i], [exp_avgs[i]] + ([exp_avg_sqs[i], preconds[i]] if preconditioned else []))
-        if compute is None:
-            exp_avg.lerp_(grad, 1 - beta1)
-            update = exp_avg
-        else:
-            grad = grad.to(compute)
-            update = exp_avg.to(compute).lerp_(grad, 1 - beta1)
-            exp_avg.copy_(update)
-        step_size = lr / (1 - beta1**step)
-        if not preconditioned:
-            param.add_(update, alpha=-step_size)
-        else:
-            exp_avg_sq, precond = exp_avg_sqs[i], preconds[i]
-            if torch.is_complex(exp_avg_sq):
-                exp_avg_sq, precond = torch.view_as_real(exp_avg_sq), torch.view_as_real(precond)
-            if compute is None:
-                exp_avg_sq_c = exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            else:
-                exp_avg_sq_c = exp_avg_sq.to(compute).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                exp_avg_sq.copy_(exp_avg_sq_c)
-            used = precond if compute is None else precond.to(compute)
-            if is_refresh_step(step, refresh):
-                refresh_tensors_(
-                    [exp_avg_sq],
-                    [precond],
-                    [0],
-                    step,
-                    refresh=refresh,
-                    beta2=beta2,
-                    gamma=gamma,
-                    eps=eps,
-                    beta3=beta3,
-                    keep_unseen=keep_unseen,
-                    on_nonfinite=on_nonfinite,
-                    tensor_positions=[i],
-                )
-                refreshed.append(step)
-                used = precond if compute is None else precond.to(compute)
-            else:
-                rule = dict(beta2=beta2, gamma=gamma, eps=eps, keep_unseen=keep_unseen, max_ratio=max_precond_ratio)
-                used = _between_refreshes([exp_avg_sq_c], [used], [precond], [step], refresh=refresh, **rule)[0]
-            param.addcmul_(update, used, value=-step_size)
-
-        if bounds is not None:
-            param.clamp_(min=bounds[0], max=bounds[1])
-    return sorted(set(refreshed))
-
-
-def _refresh_due_(
-    exp_avg_sqs: list[Tensor], preconds: list[Tensor], steps: list[int], positions: list[int], **refresh_kwargs
-) -> set[int]:
-    """Refresh the tensors whose step (``steps[i]``, already advanced) is a refresh step, those at one step together;
-    ``positions`` maps list indices to the caller's, for error messages. Returns the steps refreshed."""
-    refresh_at: dict[int, list[int]] = {}
-    for i, step in enumerate(steps):
-        if is_refresh_step(step, refresh_kwargs["refresh"]):
-            refresh_at.setdefault(step, []).append(i)
-    for step, indices in refresh_at.items():
-        refresh_tensors_(exp_avg_sqs, preconds, indices, step, tensor_positions=positions, **refresh_kwargs)
-    return set(refresh_at)
-
-
-def _between_refreshes(
-    exp_avg_sqs: list[Tensor],
-    preconds: list[Tensor],
-    stored_preconds: list[Tensor],
-    steps: list[int],
-    *,
-    refresh: RefreshSchedule,
-    beta2: float,
-    gamma: float,
-    eps: float,
-    keep_unseen: bool,
-    max_ratio: float | None,
-) -> list[Tensor]:
-    """``preconds`` (in the compute dtype) with each tensor not refreshed at its step (``steps[i]``, already advanced)
-    replaced by what :class:`anon_hf.refresh.StepRule` makes of it, all in one batch; a refreshed one is used as
-    stored (its accumulator was just reset, and ``v`` was built from this interval's gradients). ``stored_preconds``
-    are the state tensors themselves (for :func:`anon_hf.refresh.unseen_flags`'s cache)."""
-    rule = step_rule(gamma, eps, max_ratio, keep_unseen)
-    if rule.estimate_mode is None:
-        return list(preconds)
-    between = [i for i, step in enumerate(steps) if not is_refresh_step(step, refresh)]
-    if not between:
-        return list(preconds)
-    inv_bias2s = [inverse_bias_correction(beta2, gradients_since_refresh(steps[i], refresh)) for i in between]
-    unseen = unseen_flags([stored_preconds[i] for i in between]) if rule.late_seen else [False] * len(between)
-    chosen = step_preconditioners(
-        [exp_avg_sqs[i] for i in between],
-        [preconds[i] for i in between],
-        inv_bias2s,
-        unseen,
-        rule=rule,
-        gamma=gamma,
-        eps=eps,
-        max_ratio=max_ratio,
-    )
-    used = list(preconds)
-    for i, value in zip(between, chosen, strict=True):
-        used[i] = value
-    return used
-
-
-# Elements per chunk of the param update when a step computes preconditioners: the temporaries of one chunk are
-# freed before the next is computed, so the allocator hands the same memory back instead of mapping fresh pages.
-_CHUNK_NUMEL = 1 << 21
-
-
-def _chunks(params: list[Tensor], estimate_mode: str | None) -> list[list[int]]:
-    """Indices of ``params`` in consecutive runs of at most :data:`_CHUNK_NUMEL` elements (a larger tensor alone),
-    or all in one run when the step computes no estimate (no temporaries)."""
-    if estimate_mode is None:
-        return [list(range(len(params)))]
-    chunks: list[list[int]] = [[]]
-    numel = 0
-    for i, param in enumerate(params):
-        if chunks[-1] and numel + param.numel() > _CHUNK_NUMEL:
-            chunks.append([])
-            numel = 0
-        chunks[-1].append(i)
-        numel += param.numel()
-    return chunks
-
-
-def _foreach_update_params_(
-    params: list[Tensor],
-    exp_avgs: list[Tensor],
-    preconds: list[Tensor],
-    steps: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    bounds: tuple[float | None, float | None] | None,
-) -> None:
-    """``p -= lr * v * m / (1 - beta1**t)`` (``v = 1`` when ``preconds`` is empty), then the clamp to ``bounds``."""
-    if len(set(steps)) == 1:
-        step_size = lr / (1 - beta1 ** steps[0])
-        if preconds:
-            torch._foreach_addcmul_(params, exp_avgs, preconds, value=-step_size)
-        else:
-            torch._foreach_add_(params, exp_avgs, alpha=-step_size)
-    else:
-        # Tensors skipped on earlier steps (grad None) lag behind: each needs its own bias correction.
-        neg_step_sizes = [-lr / (1 - beta1**step) for step in steps]
-        updates = torch._foreach_mul(exp_avgs, preconds) if preconds else list(exp_avgs)
-        updates = torch._foreach_mul(updates, neg_step_sizes)
-        torch._foreach_add_(params, updates)
-    if bounds is not None:
-        if bounds[0] is not None:
-            torch._foreach_clamp_min_(params, bounds[0])
-        if bounds[1] is not None:
-            torch._foreach_clamp_max_(params, bounds[1])
+    """Step each tensor on its own, in order. ``hyper``: every keyword of :func:`anon_hf.functional.anon`'s update
+    (``lr``, ``beta1``, ``beta2`` and the rows of :data:`anon_hf.hyper.HYPERPARAMETERS`, defaults filled in).
+    Returns the sorted distinct steps refreshed."""
+    options = _Options.of(hyper)
+    state = (params, grads, exp_avgs, exp_avg_sqs, preconds)
+    refreshed: set[int] = set()
+    for i in range(len(params)):
+        one = [[tensors[i]] if tensors else [] for tensors in state]
+        refreshed |= _step_tensors(*one, [state_steps[i]], [i], options)
+    return sorted(refreshed)
 
 
 def _multi_tensor_anon(
@@ -220,102 +97,210 @@ def _multi_tensor_anon(
     exp_avg_sqs: list[Tensor],
     preconds: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    gamma: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    refresh: RefreshSchedule,
-    beta3: float,
-    keep_unseen: bool,
-    max_precond_ratio: float | None,
-    bounds: tuple[float | None, float | None] | None,
-    maximize: bool,
-    on_nonfinite: str,
+    **hyper: Any,
 ) -> list[int]:
+    """Step every tensor of a device and dtype together with ``torch._foreach_*`` ops; arguments and result as
+    :func:`_single_tensor_anon`."""
     if len(params) == 0:
         return []
-    preconditioned = len(preconds) > 0
-    tensor_lists = [params, grads, exp_avgs, state_steps]
-    if preconditioned:
-        tensor_lists += [exp_avg_sqs, preconds]
+    options = _Options.of(hyper)
+    tensor_lists = [params, grads, exp_avgs, state_steps] + ([exp_avg_sqs, preconds] if preconds else [])
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)
-
     refreshed: set[int] = set()
-    for device_lists, original_indices in grouped.values():
-        device_params, device_grads, device_exp_avgs, device_steps = device_lists[:4]
-        device_exp_avg_sqs, device_preconds = device_lists[4:] if preconditioned else ([], [])
-        compute = _compute_dtype(device_params[0], device_exp_avgs + device_exp_avg_sqs + device_preconds)
-        if any(torch.is_complex(p) for p in device_params):
-            views = [device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds]
-            device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_preconds = (
-                [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors] for tensors in views
-            )
-
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-
-        torch._foreach_add_(device_steps, 1)
-        steps = [int(s.item()) for s in device_steps]
-
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-            elif maximize:
-                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
-            else:
-                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
-
-        # State stored in another dtype than the params (precond_dtype / moments_dtype) is updated in `compute`
-        # and rounded once into its storage; the param update reads the `compute` copies.
-        if compute is not None:
-            device_grads = [g.to(compute) for g in device_grads]
-        exp_avgs_c = device_exp_avgs if compute is None else [m.to(compute) for m in device_exp_avgs]
-        torch._foreach_lerp_(exp_avgs_c, device_grads, 1 - beta1)
-        if compute is not None:
-            torch._foreach_copy_(device_exp_avgs, exp_avgs_c)
-
-        if preconditioned:
-            sqs_c = device_exp_avg_sqs if compute is None else [s.to(compute) for s in device_exp_avg_sqs]
-            torch._foreach_mul_(sqs_c, beta2)
-            torch._foreach_addcmul_(sqs_c, device_grads, device_grads, value=1 - beta2)
-            if compute is not None:
-                torch._foreach_copy_(device_exp_avg_sqs, sqs_c)
-            refreshed |= _refresh_due_(
-                device_exp_avg_sqs,
-                device_preconds,
-                steps,
-                original_indices,
-                refresh=refresh,
-                beta2=beta2,
-                gamma=gamma,
-                eps=eps,
-                beta3=beta3,
-                keep_unseen=keep_unseen,
-                on_nonfinite=on_nonfinite,
-            )
-        rule = dict(beta2=beta2, gamma=gamma, eps=eps, keep_unseen=keep_unseen, max_ratio=max_precond_ratio)
-        mode = step_rule(gamma, eps, max_precond_ratio, keep_unseen).estimate_mode if preconditioned else None
-        for chunk in _chunks(device_params, mode):
-            preconds_c = []
-            if preconditioned:
-                preconds_c = [device_preconds[i] if compute is None else device_preconds[i].to(compute) for i in chunk]
-                sqs_chunk, stored = [sqs_c[i] for i in chunk], [device_preconds[i] for i in chunk]
-                steps_chunk = [steps[i] for i in chunk]
-                preconds_c = _between_refreshes(sqs_chunk, preconds_c, stored, steps_chunk, refresh=refresh, **rule)
-            _foreach_update_params_(
-                [device_params[i] for i in chunk],
-                [exp_avgs_c[i] for i in chunk],
-                preconds_c,
-                [steps[i] for i in chunk],
-                lr=lr,
-                beta1=beta1,
-                bounds=bounds,
-            )
+    for device_lists, positions in grouped.values():
+        p, g, m, steps = device_lists[:4]
+        s, v = device_lists[4:] if preconds else ([], [])
+        refreshed |= _step_tensors(p, g, m, s, v, steps, positions, options)
     return sorted(refreshed)
+
+
+def _step_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    positions: list[int],
+    options: _Options,
+) -> set[int]:
+    """One step of tensors sharing a device and param dtype (``positions``: their indices in the caller's lists, for
+    error messages). Tensors at a refresh step are refreshed and stepped whole; the others step in pieces. Returns
+    the steps refreshed."""
+    torch._foreach_add_(state_steps, 1)
+    steps = [int(step.item()) for step in state_steps]
+    compute = _compute_dtype(params[0], exp_avgs + exp_avg_sqs + preconds)
+    tensors = _Tensors(*map(_as_real, (params, grads, exp_avgs, exp_avg_sqs, preconds)), steps, [], [])
+    schedule = options.hyper["refresh"]
+    due = [bool(preconds) and is_refresh_step(step, schedule) for step in steps]
+    refreshed = set()
+    if any(due):
+        indices = [i for i, flag in enumerate(due) if flag]
+        refreshed = _step_with_refresh(tensors.pick(indices), [positions[i] for i in indices], options, compute)
+    _step_between_refreshes(tensors.pick([i for i, flag in enumerate(due) if not flag]), options, compute)
+    return refreshed
+
+
+def _step_with_refresh(
+    tensors: _Tensors, positions: list[int], options: _Options, compute: torch.dtype | None
+) -> set[int]:
+    """The step of tensors at a refresh step: moments, the refresh of ``v`` (those at one step together), then the
+    param update with the new ``v`` (its accumulator was just reset, and ``v`` built from this interval's gradients:
+    no step rule applies). Returns the steps refreshed."""
+    exp_avgs_c, _ = _moments_(tensors, options, compute)
+    refresh_at: dict[int, list[int]] = {}
+    for i, step in enumerate(tensors.steps):
+        refresh_at.setdefault(step, []).append(i)
+    for step, indices in refresh_at.items():
+        refresh_tensors_(
+            tensors.exp_avg_sqs, tensors.preconds, indices, step, tensor_positions=positions, **options.refresh
+        )
+    _update_params_(tensors.params, exp_avgs_c, _in_compute(tensors.preconds, compute), tensors.steps, options.hyper)
+    return set(refresh_at)
+
+
+def _step_between_refreshes(tensors: _Tensors, options: _Options, compute: torch.dtype | None) -> None:
+    """The step of tensors not at a refresh step, piece by piece: moments, the step rule's choice of what multiplies
+    the first moment (:class:`anon_hf.refresh.StepRule`), the param update."""
+    hyper, rule = options.hyper, options.rule
+    for batch in _pieces(_with_rule_inputs(tensors, options)):
+        exp_avgs_c, exp_avg_sqs_c = _moments_(batch, options, compute)
+        preconds_c = _in_compute(batch.preconds, compute)
+        if preconds_c and rule.estimate_mode is not None:
+            preconds_c = step_preconditioners(
+                exp_avg_sqs_c,
+                preconds_c,
+                batch.inv_bias2s,
+                batch.unseen,
+                rule=rule,
+                gamma=hyper["gamma"],
+                eps=hyper["eps"],
+                max_ratio=hyper["max_precond_ratio"],
+            )
+        _update_params_(batch.params, exp_avgs_c, preconds_c, batch.steps, hyper)
+
+
+def _with_rule_inputs(tensors: _Tensors, options: _Options) -> _Tensors:
+    """``tensors`` with what the step rule reads per tensor: whether its stored ``v`` holds a 0
+    (:func:`anon_hf.refresh.unseen_flags`, cached per refresh interval) and its inverse bias correction."""
+    if not tensors.preconds or options.rule.estimate_mode is None:
+        return tensors
+    piece_numel = _PIECE_NUMEL if tensors.params[0].device.type == "cpu" else None
+    if options.rule.late_seen:
+        unseen = unseen_flags(tensors.preconds, piece_numel)
+    else:
+        unseen = [(False,) if piece_numel else False] * len(tensors.preconds)
+    beta2, schedule = options.hyper["beta2"], options.hyper["refresh"]
+    inv_bias2s = [inverse_bias_correction(beta2, gradients_since_refresh(step, schedule)) for step in tensors.steps]
+    return tensors._replace(unseen=unseen, inv_bias2s=inv_bias2s)
+
+
+def _pieces(tensors: _Tensors) -> Iterator[_Tensors]:
+    """``tensors`` in batches of about :data:`_PIECE_NUMEL` elements on CPU (large contiguous tensors cut into flat
+    views, small ones gathered), or whole elsewhere: a GPU's foreach kernels want few, large launches."""
+    if not tensors.params:
+        return
+    if tensors.params[0].device.type != "cpu":
+        yield tensors
+        return
+    batch: list[tuple] = []
+    numel = 0
+    for row in zip(*(values or [None] * len(tensors.params) for values in tensors), strict=True):
+        for piece in _cut(row):
+            batch.append(piece)
+            numel += piece[0].numel()
+            if numel >= _PIECE_NUMEL:
+                yield _batch(batch, tensors)
+                batch, numel = [], 0
+    if batch:
+        yield _batch(batch, tensors)
+
+
+def _cut(row: tuple) -> Iterator[tuple]:
+    """One tensor's row (param, grad, m, s, v, step, unseen, inv_bias2; absent entries None; unseen, when present, a
+    flag per piece) as flat pieces of at most :data:`_PIECE_NUMEL` elements, each with its own unseen flag, or whole
+    when it is small, non-contiguous or a DTensor."""
+    tensors = [t for t in row[:5] if t is not None]
+    numel, unseen = tensors[0].numel(), row[6]
+    if numel <= _PIECE_NUMEL or not all(t.is_contiguous() and not is_dtensor(t) for t in tensors):
+        yield row[:6] + (any(unseen) if unseen is not None else None,) + row[7:]
+        return
+    flat = [t.view(-1) if t is not None else None for t in row[:5]]
+    for k, start in enumerate(range(0, numel, _PIECE_NUMEL)):
+        pieces = tuple(t[start : start + _PIECE_NUMEL] if t is not None else None for t in flat)
+        yield pieces + (row[5], unseen[k] if unseen is not None else None) + row[7:]
+
+
+def _batch(rows: list[tuple], like: _Tensors) -> _Tensors:
+    return _Tensors(*([row[k] for row in rows] if values else [] for k, values in enumerate(like)))
+
+
+def _moments_(tensors: _Tensors, options: _Options, compute: torch.dtype | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Weight decay, then this step's first moment and accumulator, stored in place. Returns both in the compute
+    dtype: the stored tensors themselves when ``compute`` is None, else copies in ``compute`` (state kept in another
+    dtype than its param is updated there and rounded once on store, as the fused paths do)."""
+    hyper = options.hyper
+    lr, weight_decay = hyper["lr"], hyper["weight_decay"]
+    grads = torch._foreach_neg(tensors.grads) if hyper["maximize"] else tensors.grads
+    if weight_decay != 0:
+        if hyper["decoupled_weight_decay"]:
+            torch._foreach_mul_(tensors.params, 1 - lr * weight_decay)
+        elif hyper["maximize"]:
+            torch._foreach_add_(grads, tensors.params, alpha=weight_decay)
+        else:
+            grads = torch._foreach_add(grads, tensors.params, alpha=weight_decay)
+    grads = _in_compute(grads, compute)
+    exp_avgs_c = _in_compute(tensors.exp_avgs, compute)
+    torch._foreach_lerp_(exp_avgs_c, grads, 1 - hyper["beta1"])
+    _store(tensors.exp_avgs, exp_avgs_c, compute)
+    if not tensors.exp_avg_sqs:
+        return exp_avgs_c, []
+    beta2 = hyper["beta2"]
+    exp_avg_sqs_c = _in_compute(tensors.exp_avg_sqs, compute)
+    torch._foreach_mul_(exp_avg_sqs_c, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs_c, grads, grads, value=1 - beta2)
+    _store(tensors.exp_avg_sqs, exp_avg_sqs_c, compute)
+    return exp_avgs_c, exp_avg_sqs_c
+
+
+def _update_params_(
+    params: list[Tensor], exp_avgs: list[Tensor], preconds: list[Tensor], steps: list[int], hyper: dict[str, Any]
+) -> None:
+    """``p -= lr * v * m / (1 - beta1**t)`` (``v = 1`` when ``preconds`` is empty), then the clamp to ``bounds``."""
+    lr, beta1, bounds = hyper["lr"], hyper["beta1"], hyper["bounds"]
+    # Tensors skipped on earlier steps (grad None) lag behind and take their own bias correction; one op per step
+    # number keeps each element's arithmetic the same however the tensors are batched.
+    at_step: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        at_step.setdefault(step, []).append(i)
+    for step, indices in at_step.items():
+        stepped = (params, exp_avgs, preconds)
+        if len(at_step) > 1:
+            stepped = tuple([tensors[i] for i in indices] if tensors else [] for tensors in stepped)
+        step_size = lr / (1 - beta1**step)
+        if preconds:
+            torch._foreach_addcmul_(*stepped, value=-step_size)
+        else:
+            torch._foreach_add_(stepped[0], stepped[1], alpha=-step_size)
+    if bounds is not None:
+        if bounds[0] is not None:
+            torch._foreach_clamp_min_(params, bounds[0])
+        if bounds[1] is not None:
+            torch._foreach_clamp_max_(params, bounds[1])
+
+
+def _as_real(tensors: list[Tensor]) -> list[Tensor]:
+    """Complex tensors as real views (the update is elementwise over real and imaginary parts)."""
+    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+
+
+def _in_compute(tensors: list[Tensor], compute: torch.dtype | None) -> list[Tensor]:
+    return list(tensors) if compute is None else [t.to(compute) for t in tensors]
+
+
+def _store(stored: list[Tensor], computed: list[Tensor], compute: torch.dtype | None) -> None:
+    if compute is not None:
+        torch._foreach_copy_(stored, computed)
 
 
 def _compute_dtype(param: Tensor, state: list[Tensor]) -> torch.dtype | None:

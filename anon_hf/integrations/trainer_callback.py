@@ -109,14 +109,7 @@ def preconditioner_stats(
     Returns:
         ``{"anon/group{i}/precond_min": float, ..._median, ..._max, ...step_size_median, ...step_size_spread}``.
     """
-    groups: list[tuple[int, float, list[dict]]] = []
-    for index, group in enumerate(optimizer.param_groups):
-        params = group["params"] or (params_by_group or {}).get(index, [])
-        states = [optimizer.state[p] for p in params if "precond" in optimizer.state.get(p, {})]
-        if group["gamma"] == 0 and not states:
-            continue
-        lr = group["lr"].item() if isinstance(group["lr"], Tensor) else float(group["lr"])
-        groups.append((index, lr, [state for state in states if local(state["precond"]).numel() > 0]))
+    groups = _groups_with_preconditioners(optimizer, params_by_group)
     distributed = _distributed()
     if not groups or (not distributed and not any(tensors for _, _, tensors in groups)):
         return {}
@@ -124,34 +117,8 @@ def preconditioner_stats(
     device = first.device if first is not None else torch.device("cpu")
     if distributed:
         device = _collective_device(device)
-
-    # Pass 1: exact min (over v > 0: v == 0 marks an element not seen yet) and max, as one max-reduction over
-    # (-min, max) pairs. inf/-inf mark "no elements here".
-    extremes = torch.full((len(groups), 2), -math.inf, dtype=torch.float64, device=device)
-    for row, (_, _, states) in enumerate(groups):
-        for t in map(_precond, states):
-            smallest_seen = torch.where(t > 0, t, math.inf).min()
-            extremes[row, 0] = torch.maximum(extremes[row, 0], -smallest_seen.to(device, torch.float64))
-            extremes[row, 1] = torch.maximum(extremes[row, 1], t.max().to(device, torch.float64))
-    if distributed:
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    lows, highs = (-extremes[:, 0]).tolist(), extremes[:, 1].tolist()
-
-    # Pass 2: a histogram of log v between the global min and max, summed over ranks, gives the median (histc
-    # leaves out log 0 = -inf); the two last columns count the unseen elements and all elements.
-    counts = torch.zeros((len(groups), bins + 2), dtype=torch.float64, device=device)
-    for row, (_, _, states) in enumerate(groups):
-        lo, hi = lows[row], highs[row]
-        for t in map(_precond, states):
-            counts[row, bins] += (t == 0).sum().to(device, torch.float64)
-            counts[row, bins + 1] += t.numel()
-            if 0.0 < lo < hi < math.inf:
-                hist = torch.histc(t.float().log(), bins=bins, min=math.log(lo), max=math.log(hi))
-                counts[row, :bins] += hist.to(device, torch.float64)
-    if distributed:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    counts = counts.cpu()
-
+    lows, highs = _extremes(groups, device, distributed)
+    counts = _log_histograms(groups, lows, highs, bins, device, distributed)
     stats: dict[str, float] = {}
     for row, (index, lr, _) in enumerate(groups):
         lo, hi = lows[row], highs[row]
@@ -169,6 +136,50 @@ def preconditioner_stats(
         stats[prefix + "step_size_spread"] = hi / lo if lo > 0 else math.inf
         stats[prefix + "unseen_fraction"] = unseen / total
     return stats
+
+
+def _groups_with_preconditioners(optimizer: Anon, params_by_group) -> list[tuple[int, float, list[dict]]]:
+    """``(group index, lr, states with a non-empty local preconditioner)`` for each group that keeps one."""
+    groups = []
+    for index, group in enumerate(optimizer.param_groups):
+        params = group["params"] or (params_by_group or {}).get(index, [])
+        states = [optimizer.state[p] for p in params if "precond" in optimizer.state.get(p, {})]
+        if group["gamma"] == 0 and not states:
+            continue
+        lr = group["lr"].item() if isinstance(group["lr"], Tensor) else float(group["lr"])
+        groups.append((index, lr, [state for state in states if local(state["precond"]).numel() > 0]))
+    return groups
+
+
+def _extremes(groups, device: torch.device, distributed: bool) -> tuple[list[float], list[float]]:
+    """Per group the exact min (over v > 0: v == 0 marks an element not seen yet) and max of v over every rank, as
+    one max-reduction over (-min, max) pairs; inf/-inf mark "no elements here"."""
+    extremes = torch.full((len(groups), 2), -math.inf, dtype=torch.float64, device=device)
+    for row, (_, _, states) in enumerate(groups):
+        for t in map(_precond, states):
+            smallest_seen = torch.where(t > 0, t, math.inf).min()
+            extremes[row, 0] = torch.maximum(extremes[row, 0], -smallest_seen.to(device, torch.float64))
+            extremes[row, 1] = torch.maximum(extremes[row, 1], t.max().to(device, torch.float64))
+    if distributed:
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return (-extremes[:, 0]).tolist(), extremes[:, 1].tolist()
+
+
+def _log_histograms(groups, lows, highs, bins: int, device: torch.device, distributed: bool) -> Tensor:
+    """Per group (rows, float64 on CPU) a histogram of log v between the global min and max in ``bins`` columns,
+    summed over ranks (histc leaves out log 0 = -inf), then the count of unseen elements and of all elements."""
+    counts = torch.zeros((len(groups), bins + 2), dtype=torch.float64, device=device)
+    for row, (_, _, states) in enumerate(groups):
+        lo, hi = lows[row], highs[row]
+        for t in map(_precond, states):
+            counts[row, bins] += (t == 0).sum().to(device, torch.float64)
+            counts[row, bins + 1] += t.numel()
+            if 0.0 < lo < hi < math.inf:
+                hist = torch.histc(t.float().log(), bins=bins, min=math.log(lo), max=math.log(hi))
+                counts[row, :bins] += hist.to(device, torch.float64)
+    if distributed:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts.cpu()
 
 
 def _histogram_median(counts: Tensor, lo: float, hi: float) -> float:

@@ -81,21 +81,7 @@ def _fused_anon(
         cpu_eager_reason=cpu_eager_reason,
         graphs_unavailable=fused_unavailable_reason,
     )
-    refresh_schedule = hyper["refresh"]
-    averaged = refreshing and hyper["beta3"] > 0.0 and previous_refresh_step(steps[0], refresh_schedule) > 0
-    scalar_values = step_scalars_from(hyper, averaged=averaged)
-    per_tensor = per_tensor_scalars(steps, hyper)
-    decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
-    modes = (not decoupled, hyper["bounds"] is not None)
-    mode = refresh_mode(hyper["gamma"], hyper["eps"])
-    rule = None if refreshing or not preconds else _step_rule(hyper)
-    kernel = graph = None
-    if plan.kernel:
-        refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None
-        kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, per_tensor, modes, refresh, rule)
-    if plan.chunks:
-        refresh = (mode, hyper["beta3"] > 0.0, hyper["keep_unseen"]) if refreshing else None
-        graph = GraphCalls(plan.chunks, lists, scalar_values, per_tensor, modes, refresh, rule)
+    kernel, graph = _backend_calls(plan, lists, state_steps, steps, refreshing, hyper)
     eager_indices = list(plan.eager)
     if refreshing:
         graph, eager_indices = _check_all(kernel, graph, eager_indices, lists, steps[0], hyper)
@@ -112,6 +98,26 @@ def _fused_anon(
     if eager_indices:
         _eager_with_reason(eager, sorted(eager_indices), plan.eager_reason or graphs._disabled_reason)
     return [steps[0]] if refreshing else []
+
+
+def _backend_calls(plan, lists, state_steps, steps: list[int], refreshing: bool, hyper: dict):
+    """The planned calls of the C++ kernel and of the compiled graphs (``None`` where the plan gives one nothing),
+    with the step's scalars, modes and, between refreshes, the step rule."""
+    averaged = refreshing and hyper["beta3"] > 0.0 and previous_refresh_step(steps[0], hyper["refresh"]) > 0
+    scalar_values = step_scalars_from(hyper, averaged=averaged)
+    per_tensor = per_tensor_scalars(steps, hyper)
+    decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
+    modes = (not decoupled, hyper["bounds"] is not None)
+    mode = refresh_mode(hyper["gamma"], hyper["eps"])
+    rule = None if refreshing or not lists[4] else _step_rule(hyper)
+    kernel = graph = None
+    if plan.kernel:
+        refresh = (mode, averaged, hyper["keep_unseen"]) if refreshing else None
+        kernel = KernelCall(plan.kernel, lists, state_steps, scalar_values, per_tensor, modes, refresh, rule)
+    if plan.chunks:
+        refresh = (mode, hyper["beta3"] > 0.0, hyper["keep_unseen"]) if refreshing else None
+        graph = GraphCalls(plan.chunks, lists, scalar_values, per_tensor, modes, refresh, rule)
+    return kernel, graph
 
 
 def _step_rule(hyper: dict):
@@ -134,12 +140,7 @@ def _check_all(kernel, graph, eager_indices, lists, step, hyper):
             graph = None
     if hyper["on_nonfinite"] == "raise":
         if eager_indices:
-            keys = ("refresh", "beta2", "gamma", "eps", "beta3", "keep_unseen", "weight_decay")
-            decay = {k: hyper[k] for k in keys} | {
-                "l2": not hyper["decoupled_weight_decay"],
-                "maximize": hyper["maximize"],
-            }
-            verdicts.update(refresh_verdicts(*lists, eager_indices, step, **decay))
+            verdicts.update(refresh_verdicts(*lists, eager_indices, step, **hyper))
         # Under FSDP2 these are local shards: every rank raises for the same tensor, or none does.
         verdicts = agreed_verdicts(verdicts, lists[0][0].device)
         bad = sorted(i for i, ok in verdicts.items() if not ok)
