@@ -413,6 +413,10 @@ def test_sweep_reuses_anon_runs_only_under_the_same_refresh_rule(sweep, tmp_path
         assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
     path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": sweep.anon_rule()}}))
     assert len(sweep.load_reusable_runs(str(path), task, args, cfgs)) == 2
+    # --reuse_baselines_only: the same rule, but Anon's runs are re-made.
+    assert sweep.load_reusable_runs(str(path), task, args, cfgs, baselines_only=True) == {
+        ("adamw", None, 0.00316, 1): runs[1]
+    }
 
 
 def test_finetune_configs_compare_defaults_tuned_and_from_scratch(sweep):
