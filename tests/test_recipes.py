@@ -563,6 +563,9 @@ def test_sweep_tiny_mode_runs_the_late_vocab_task_with_the_rule_comparison(sweep
     assert [c["config"] for c in results["configs"]] == ["anon (defaults)", "anon (published rule)", "adamw"]
     assert results["configs"][1]["optim_args"] == "keep_unseen=false,max_precond_ratio=none"
     assert all(math.isfinite(run["metric"]) for run in results["runs"])
+    from recipes.sweep.plots import plot_overview  # the sweep page's one figure over the tasks
+
+    assert plot_overview([results, results], tmp_path / "overview.png").stat().st_size > 0
 
 
 def test_the_late_vocab_curriculum_brings_tokens_of_its_own_after_the_switch():
