@@ -413,6 +413,10 @@ def test_sweep_reuses_anon_runs_only_under_the_same_refresh_rule(sweep, tmp_path
         assert sweep.load_reusable_runs(str(path), task, args, cfgs) == {("adamw", None, 0.00316, 1): runs[1]}
     path.write_text(json.dumps({**old, "settings": {**settings, "anon_rule": sweep.anon_rule()}}))
     assert len(sweep.load_reusable_runs(str(path), task, args, cfgs)) == 2
+    # --reuse_baselines_only: the same rule, but Anon's runs are re-made.
+    assert sweep.load_reusable_runs(str(path), task, args, cfgs, baselines_only=True) == {
+        ("adamw", None, 0.00316, 1): runs[1]
+    }
 
 
 def test_finetune_configs_compare_defaults_tuned_and_from_scratch(sweep):
@@ -559,6 +563,9 @@ def test_sweep_tiny_mode_runs_the_late_vocab_task_with_the_rule_comparison(sweep
     assert [c["config"] for c in results["configs"]] == ["anon (defaults)", "anon (published rule)", "adamw"]
     assert results["configs"][1]["optim_args"] == "keep_unseen=false,max_precond_ratio=none"
     assert all(math.isfinite(run["metric"]) for run in results["runs"])
+    from recipes.sweep.plots import plot_overview  # the sweep page's one figure over the tasks
+
+    assert plot_overview([results, results], tmp_path / "overview.png").stat().st_size > 0
 
 
 def test_the_late_vocab_curriculum_brings_tokens_of_its_own_after_the_switch():

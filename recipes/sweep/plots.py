@@ -11,6 +11,11 @@ Writes next to the JSON (or into ``out_dir``):
 * ``<task>_lr_grid.png``: the final metric against lr on the tuning seed, one line per configuration, so that
   a reader can see the chosen lr is not on the edge of what was tried;
 * ``<task>_summary.md``: the summary table in Markdown, which the docs' sweep page includes.
+
+With ``--overview OUT.png`` it draws one figure from several ``<task>.json`` instead: a panel per task, each
+configuration's report seeds as dots with the mean and std (the rule comparison at the top of the sweep page)::
+
+    python recipes/sweep/plots.py --overview docs/assets/sweep/rules/overview.png docs/assets/sweep/rules/*.json
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-__all__ = ["plot_results"]
+__all__ = ["plot_overview", "plot_results"]
 
 BASELINE_STYLE = {
     "adamw": {"color": "black", "linestyle": "--"},
@@ -240,7 +245,47 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
     return [*paths, table]
 
 
+OVERVIEW_ORDER = ("anon (defaults)", "adamw", "anon (published rule)")
+
+
+def plot_overview(results_list: list[dict], path: Path) -> Path:
+    """One panel per task: the final metric of every report seed (dots) and the mean ± std (bar) of each
+    configuration, the order of ``OVERVIEW_ORDER`` first; each panel keeps its own metric and scale."""
+    fig, axes = plt.subplots(1, len(results_list), figsize=(3.6 * len(results_list), 4.2), squeeze=False)
+    for ax, results in zip(axes[0], results_list, strict=True):
+        rows = {r["config"]: r for r in results["summary"]}
+        names = [n for n in OVERVIEW_ORDER if n in rows] + [n for n in rows if n not in OVERVIEW_ORDER]
+        for x, name in enumerate(names):
+            row = rows[name]
+            style = _style(name, row["gamma"], [1.0], row.get("variant"))
+            color = style["color"] if name != "anon (defaults)" else "tab:blue"
+            values = [r["metric"] for r in results["runs"] if r["config"] == name and not r["diverged"]]
+            ax.scatter([x] * len(values), values, color=color, alpha=0.45, s=22, zorder=3)
+            ax.errorbar(x, row["mean"], yerr=row["std"], fmt="o", color=color, capsize=5, markersize=7, zorder=4)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.replace("anon ", "Anon\n").replace("adamw", "AdamW") for n in names], fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        seeds = results["settings"]["seeds"]
+        ax.set_title(f"{results['task']} ({len(seeds)} seeds)", fontsize=10)
+        ax.set_ylabel(METRIC_LABELS.get(results["metric"], results["metric"]), fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Anon at its defaults, AdamW and Anon under the published rule; lr tuned per row (dots: seeds)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
-    for name in sys.argv[1:]:
-        with open(name) as f:
-            print("\n".join(str(p) for p in plot_results(json.load(f), Path(name).parent)))
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["--overview"]:
+        loaded = []
+        for name in arguments[2:]:
+            with open(name) as f:
+                loaded.append(json.load(f))
+        print(plot_overview(loaded, Path(arguments[1])))
+    else:
+        for name in arguments:
+            with open(name) as f:
+                print("\n".join(str(p) for p in plot_results(json.load(f), Path(name).parent)))

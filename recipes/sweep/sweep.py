@@ -494,12 +494,16 @@ def prepared(args: argparse.Namespace) -> dict[str, str]:
     return {key: Path(value).name for key, value in getattr(args, "substitutions", {}).items()}
 
 
-def load_reusable_runs(path: str, task: Task, args: argparse.Namespace, cfgs: list[Config]) -> dict[tuple, dict]:
+def load_reusable_runs(
+    path: str, task: Task, args: argparse.Namespace, cfgs: list[Config], baselines_only: bool = False
+) -> dict[tuple, dict]:
     """Runs of an earlier ``<task>.json`` keyed by (config, optim_args, lr, seed), after checking its settings match.
 
     A run is deterministic on CPU given its argv, so a sweep with more lr points or seeds can reuse what was done.
     Anon's runs are reused only when the earlier sweep ran under the same refresh rule (:func:`anon_rule`; a file
     without the record predates ``keep_unseen`` and ran the published rule); the baselines' runs do not depend on it.
+    ``baselines_only`` (``--reuse_baselines_only``) reuses no Anon run at all: for a sweep whose Anon code changed
+    its arithmetic without changing the rule that :func:`anon_rule` records.
     """
     with open(path) as f:
         old = json.load(f)
@@ -519,7 +523,7 @@ def load_reusable_runs(path: str, task: Task, args: argparse.Namespace, cfgs: li
     }
     if old["task"] != task.name or mismatches:
         raise ValueError(f"--reuse {path}: its runs were made with other settings ({old['task']}, {mismatches})")
-    same_rule = old_settings.get("anon_rule", "published") == anon_rule()
+    same_rule = old_settings.get("anon_rule", "published") == anon_rule() and not baselines_only
     optim_args = {c.name: c.optim_args for c in cfgs if not c.optim.startswith("anon") or same_rule}
     return {
         (r["config"], optim_args.get(r["config"]), r["lr"], r["seed"]): r
@@ -560,7 +564,7 @@ def sweep(task: Task, args: argparse.Namespace, command: str) -> dict:
     args.substitutions = task.prepare(args.tiny, args.cache_dir) if task.prepare is not None else {}
     args.cache = {}
     for path in args.reuse or []:
-        args.cache.update(load_reusable_runs(path, task, args, cfgs))
+        args.cache.update(load_reusable_runs(path, task, args, cfgs, getattr(args, "reuse_baselines_only", False)))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{task.name}-") as tmp:
         work_dir = Path(tmp)
@@ -676,6 +680,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         nargs="+",
         default=None,
         help="earlier <task>.json files whose runs with the same settings (and Anon rule) are reused",
+    )
+    parser.add_argument(
+        "--reuse_baselines_only",
+        action="store_true",
+        help="reuse only AdamW's and SGD's runs from --reuse and re-make every Anon run (Anon's code changed its "
+        "arithmetic, not its rule)",
     )
     parser.add_argument(
         "--cache_dir", default=None, help="where the finetune task's pretrained model is cached (outputs/pretrained)"
