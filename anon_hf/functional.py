@@ -1,7 +1,8 @@
 """The functional API: :func:`anon` takes the parameters, their gradients and their state as parallel lists and
 dispatches to one backend, as ``torch.optim.adam.adam`` does: :func:`~anon_hf.backends.eager._single_tensor_anon`
 (a per-tensor loop), :func:`~anon_hf.backends.eager._multi_tensor_anon` (``torch._foreach_*`` kernels) or
-:func:`~anon_hf.backends.fused._fused_anon` (one pass per tensor: a C++ kernel on CPU, compiled graphs elsewhere).
+:func:`~anon_hf.backends.fused._fused_anon` (one pass per tensor: a C++ kernel on CPU, compiled graphs elsewhere),
+whose leftovers (what neither covers) it hands to the foreach path. No backend imports another or this module.
 
 Nothing here imports anything but torch.
 """
@@ -65,7 +66,7 @@ def anon(
     backend = _backend(params, foreach, fused)
     meshes = device_meshes(params)
     if not meshes:
-        return backend(params, grads, exp_avgs, exp_avg_sqs, preconds, state_steps, **hyper)
+        return _run(backend, [params, grads, exp_avgs, exp_avg_sqs, preconds], state_steps, hyper)
     # FSDP2 (DTensor) tensors step on their local shards: the update is elementwise, and only a refresh's verdict
     # needs the other ranks, so that all of them raise together or none does. The fused path agrees on the verdicts
     # it gathers before writing; the eager paths decide per tensor while writing, so they are asked first.
@@ -74,7 +75,7 @@ def anon(
         if hyper["on_nonfinite"] == "raise" and not fused:
             _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper)
         try:
-            return backend(*lists, state_steps, **hyper)
+            return _run(backend, lists, state_steps, hyper)
         except NonFinitePreconditionerError as err:  # name the tensor by its whole shape, not this rank's shard's
             err.shape = tuple(params[err.tensor_index].shape)
             err.args = (err.step, err.tensor_index, err.shape, err.group_index)
@@ -93,17 +94,32 @@ def _with_defaults(hyper: dict[str, Any]) -> dict[str, Any]:
     return {**_UPDATE_DEFAULTS, **hyper}
 
 
-def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None):
-    """The backend function for these flags: torch.optim's choice, with the fused path only when asked for."""
-    if fused:
-        from .backends.fused import _fused_anon
+def _run(backend: str, lists: list[list[Tensor]], state_steps: list[Tensor], hyper: dict[str, Any]) -> list[int]:
+    """Step with ``backend`` (:func:`_backend`'s name). The fused backend returns the tensors it left over, which the
+    foreach path steps next; it has already checked their refresh, so a raise still comes before any write."""
+    if backend != "fused":
+        step = _multi_tensor_anon if backend == "foreach" else _single_tensor_anon
+        return step(*lists, state_steps, **hyper)
+    from .backends.fused import _fused_anon  # imported on the first fused step: it pulls in torch.compile's machinery
 
-        return _fused_anon
+    refreshed, left_over = _fused_anon(*lists, state_steps, **hyper)
+    if not left_over:
+        return refreshed
+    picked = [[tensors[i] for i in left_over] if tensors else [] for tensors in lists]
+    refreshed_eager = _multi_tensor_anon(*picked, [state_steps[i] for i in left_over], **hyper)
+    return sorted(set(refreshed) | set(refreshed_eager))
+
+
+def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
+    """The backend for these flags, ``"fused"``, ``"foreach"`` or ``"forloop"``: torch.optim's choice, with the fused
+    path only when asked for."""
+    if fused:
+        return "fused"
     if foreach is None:
         foreach = _default_foreach(params)
     if foreach and torch.jit.is_scripting():
         raise RuntimeError("torch.jit.script not supported with foreach optimizers")
-    return _multi_tensor_anon if foreach else _single_tensor_anon
+    return "foreach" if foreach else "forloop"
 
 
 def _raise_if_any_rank_refreshes_nonfinite(lists, params, state_steps, hyper) -> None:

@@ -31,7 +31,6 @@ from torch import Tensor
 from ...distributed.dtensor import agreed_verdicts
 from ...refresh import NonFinitePreconditionerError, refresh_mode, refresh_verdicts, step_rule
 from ...schedule import is_refresh_step, previous_refresh_step
-from ..eager import _multi_tensor_anon
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
 from .kernel import KernelCall, kernel_supported
@@ -50,30 +49,27 @@ def _fused_anon(
     preconds: list[Tensor],
     state_steps: list[Tensor],
     **hyper: Any,
-) -> list[int]:
-    """Same signature and results as ``backends.eager._multi_tensor_anon`` (``hyper``: its keyword arguments).
+) -> tuple[list[int], list[int]]:
+    """Step what the C++ kernel and the compiled graphs cover; ``hyper``: the keyword arguments of
+    ``backends.eager._multi_tensor_anon``. Returns ``(the steps refreshed, the indices left over)``: the caller steps
+    the tensors left over with the foreach path (complex or non-contiguous tensors, a failed build or compile, a step
+    traced by an outer ``torch.compile``, a refresh of tensors at different steps), in the same call.
 
-    A refresh with ``on_nonfinite="raise"`` that finds a non-finite accumulator or preconditioner raises before
-    anything of this step is written (params, state and step counters are as before the call).
+    A refresh with ``on_nonfinite="raise"`` that finds a non-finite accumulator or preconditioner, in any tensor, left
+    over ones included, raises before anything of this step is written (params, state and step counters are as before
+    the call).
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, preconds)
-
-    def eager(indices: list[int]) -> list[int]:
-        pick = [[tensors[i] for i in indices] if tensors else [] for tensors in lists]
-        return _multi_tensor_anon(*pick, [state_steps[i] for i in indices], **hyper)
-
     if len(params) == 0:
-        return []
+        return [], []
     if torch.compiler.is_compiling():
-        return _eager_with_reason(
-            eager, range(len(params)), "the step is already being traced by an outer torch.compile"
-        )
+        return [], _left_over(range(len(params)), "the step is already being traced by an outer torch.compile")
     steps = [int(step.item()) + 1 for step in state_steps]
     refreshing = len(preconds) > 0 and any(is_refresh_step(step, hyper["refresh"]) for step in steps)
     if refreshing and len(set(steps)) > 1:
         # Tensors at different steps (some were skipped with grad None): the eager routine handles each one.
         stats["refresh_eager"] += 1
-        return eager(list(range(len(params))))
+        return [], list(range(len(params)))
     supported, cpu_eager_reason = kernel_supported(*lists)
     plan = make_plan(
         *lists,
@@ -96,8 +92,8 @@ def _fused_anon(
     if done:
         torch._foreach_add_([state_steps[i] for i in done], 1)
     if eager_indices:
-        _eager_with_reason(eager, sorted(eager_indices), plan.eager_reason or graphs._disabled_reason)
-    return [steps[0]] if refreshing else []
+        eager_indices = _left_over(eager_indices, plan.eager_reason or graphs._disabled_reason)
+    return ([steps[0]] if refreshing else []), eager_indices
 
 
 def _backend_calls(plan, lists, state_steps, steps: list[int], refreshing: bool, hyper: dict):
@@ -149,8 +145,8 @@ def _check_all(kernel, graph, eager_indices, lists, step, hyper):
     return graph, eager_indices
 
 
-def _eager_with_reason(eager, indices, reason: str | None) -> list[int]:
+def _left_over(indices, reason: str | None) -> list[int]:
     stats["fallback"] += 1
     if reason is not None:
         log_once(logging.INFO, "Anon fused=True: %s; these tensors take the foreach path.", reason)
-    return eager(list(indices))
+    return sorted(indices)
