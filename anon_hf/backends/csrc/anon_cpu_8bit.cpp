@@ -287,8 +287,8 @@ struct Avx512 {
   using I = __m512i;
   using M = __mmask16;  // one bit per lane
   static constexpr int kWidth = 16;
-  struct Table {  // a 16-entry float table
-    F entries;
+  struct Precond {  // v's decode tables (PrecondTables)
+    F high, low;
   };
 
   ANON_HF_INLINE F set(float x) { return _mm512_set1_ps(x); }
@@ -339,14 +339,43 @@ struct Avx512 {
   ANON_HF_INLINE I load_codes(const uint8_t* codes) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
   }
-  // 16 codes (in [-128, 255]) as bytes.
-  template <typename Code> ANON_HF_INLINE void store_codes16(const I (&codes)[1], Code* out) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(codes[0]));
+  // encode_exp_avg's codes from rounded = (bits(x) + half a code) >> kMShift, where x >= half the smallest code
+  // (`small`) and m < 0 (`negative`), per vector: clamped, signed, narrowed and stored.
+  template <int kParts> ANON_HF_INLINE void store_m_codes(const I (&rounded)[kParts], const M (&small)[kParts],
+                                                           const M (&negative)[kParts], int8_t* out) {
+    for (int part = 0; part < kParts; ++part) {
+      const I code = _mm512_min_epi32(_mm512_sub_epi32(rounded[part], set_i(kMBase)), set_i(kMTop));
+      const I magnitude = _mm512_max_epi32(code, _mm512_maskz_mov_epi32(small[part], set_i(1)));
+      const I signed_code = _mm512_mask_sub_epi32(magnitude, negative[part], _mm512_setzero_si512(), magnitude);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * part), _mm512_cvtepi32_epi8(signed_code));
+    }
   }
-  ANON_HF_INLINE Table table(const float* entries) { return {_mm512_load_ps(entries)}; }
-  // table[(index >> kShift) & 15]: vpermps reads the low 4 bits.
-  template <int kShift> ANON_HF_INLINE F lookup(const Table& t, I index) {
-    return _mm512_permutexvar_ps(kShift ? _mm512_srli_epi32(index, kShift) : index, t.entries);
+  // encode_exp_avg_sq's codes from rounded (as above) where s > 0 (`positive`).
+  template <int kParts>
+  ANON_HF_INLINE void store_s_codes(const I (&rounded)[kParts], const M (&positive)[kParts], uint8_t* out) {
+    for (int part = 0; part < kParts; ++part) {
+      const I code = _mm512_max_epi32(_mm512_sub_epi32(rounded[part], set_i(kSBase)), set_i(1));
+      const I clamped = _mm512_maskz_mov_epi32(positive[part], _mm512_min_epi32(code, set_i(kSTop)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * part), _mm512_cvtepi32_epi8(clamped));
+    }
+  }
+  ANON_HF_INLINE void precond(const PrecondTables& tables, Precond& out) {
+    out = {_mm512_load_ps(tables.high), _mm512_load_ps(tables.low)};
+  }
+  // decode_precond for the 32 codes from `codes`: high[(c - 1) >> 4] * low[(c - 1) & 15], 0 for code 0; vpermps reads
+  // the low 4 bits of its index.
+  // Also returns whether a code is 0.
+  ANON_HF_INLINE bool decode_precond32(const Precond& t, const uint8_t* codes, F (&v)[2]) {
+    M seen = 0xFFFF;
+    for (int part = 0; part < 2; ++part) {
+      const I code = load_codes(codes + 16 * part);
+      const I index = _mm512_sub_epi32(code, _mm512_set1_epi32(1));
+      const M nonzero = _mm512_test_epi32_mask(code, code);
+      v[part] = _mm512_maskz_mul_ps(nonzero, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), t.high),
+                                    _mm512_permutexvar_ps(index, t.low));
+      seen &= nonzero;
+    }
+    return seen != 0xFFFF;
   }
   ANON_HF_INLINE float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
 };
@@ -360,8 +389,8 @@ struct Avx2 {
   using I = __m256i;
   using M = __m256;  // all bits of a lane set or clear
   static constexpr int kWidth = 8;
-  struct Table {  // a 16-entry float table in halves: entries 0-7, 8-15
-    F first, second;
+  struct Precond {  // v's decode tables (PrecondTables) as byte planes (byte_planes)
+    I high[4], low[4];
   };
 
   ANON_HF_INLINE F set(float x) { return _mm256_set1_ps(x); }
@@ -409,20 +438,77 @@ struct Avx2 {
   ANON_HF_INLINE I load_codes(const uint8_t* codes) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
   }
-  // The int16 lanes of codes[0], codes[1] in order (packs works within 128-bit halves), then bytes: signed saturation
-  // for m's codes (in [-127, 127]), unsigned for s's (in [0, 255]).
-  template <typename Code> ANON_HF_INLINE void store_codes16(const I (&codes)[2], Code* out) {
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(codes[0], codes[1]), 0xD8);  // 0, 2, 1, 3
-    const __m128i low = _mm256_castsi256_si128(packed), high = _mm256_extracti128_si256(packed, 1);
-    const __m128i bytes = std::is_signed_v<Code> ? _mm_packs_epi16(low, high) : _mm_packus_epi16(low, high);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+  // store_m_codes and store_s_codes of Avx512 for 32 elements, narrowed first: rounded (in [-2048, 2047]) and the
+  // masks fit int16, so the clamps and signs run on 16 lanes; saturating packs to bytes (their saturation decides
+  // nothing for m, and clamps s's codes to 255) and one vpermd put the packs' lane-wise order right.
+  ANON_HF_INLINE void store_m_codes(const I (&rounded)[4], const M (&small)[4], const M (&negative)[4], int8_t* out) {
+    I half[2];
+    for (int h = 0; h < 2; ++h) {
+      const I code = _mm256_sub_epi16(_mm256_packs_epi32(rounded[2 * h], rounded[2 * h + 1]), _mm256_set1_epi16(kMBase));
+      const I small_code = _mm256_abs_epi16(_mm256_packs_epi32(bits(small[2 * h]), bits(small[2 * h + 1])));  // 1 or 0
+      const I magnitude = _mm256_max_epi16(_mm256_min_epi16(code, _mm256_set1_epi16(kMTop)), small_code);
+      const I sign = _mm256_packs_epi32(bits(negative[2 * h]), bits(negative[2 * h + 1]));  // -1 or 0
+      half[h] = _mm256_sub_epi16(_mm256_xor_si256(magnitude, sign), sign);
+    }
+    store_bytes32(_mm256_packs_epi16(half[0], half[1]), out);
   }
-  ANON_HF_INLINE Table table(const float* entries) { return {_mm256_load_ps(entries), _mm256_load_ps(entries + 8)}; }
-  // table[(index >> kShift) & 15]: vpermps reads bits 0-2 of its index, blendv the sign bit, where bit 3 is shifted.
-  template <int kShift> ANON_HF_INLINE F lookup(const Table& t, I index) {
-    const I low_bits = kShift ? _mm256_srli_epi32(index, kShift) : index;
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.first, low_bits), _mm256_permutevar8x32_ps(t.second, low_bits),
-                            from_bits(_mm256_slli_epi32(index, 28 - kShift)));
+  ANON_HF_INLINE void store_s_codes(const I (&rounded)[4], const M (&positive)[4], uint8_t* out) {
+    I half[2];
+    for (int h = 0; h < 2; ++h) {
+      const I code = _mm256_sub_epi16(_mm256_packs_epi32(rounded[2 * h], rounded[2 * h + 1]), _mm256_set1_epi16(kSBase));
+      const I keep = _mm256_packs_epi32(bits(positive[2 * h]), bits(positive[2 * h + 1]));
+      half[h] = _mm256_and_si256(keep, _mm256_max_epi16(code, _mm256_set1_epi16(1)));
+    }
+    store_bytes32(_mm256_packus_epi16(half[0], half[1]), out);
+  }
+  // Two packs of 4 vectors a, b, c, d leave dword k of lane h holding elements 8k + 4h .. 8k + 4h + 3.
+  template <typename Code> ANON_HF_INLINE void store_bytes32(I packed, Code* out) {
+    const I order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(packed, order));
+  }
+  ANON_HF_INLINE void precond(const PrecondTables& tables, Precond& out) {
+    byte_planes(tables.high, out.high);
+    byte_planes(tables.low, out.low);
+  }
+  // planes[k]: byte k of each of the 16 floats of `entries`, in both 128-bit lanes (vpshufb's tables).
+  ANON_HF_INLINE void byte_planes(const float* entries, I (&planes)[4]) {
+    const I by_plane = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2,
+                                        6, 10, 14, 3, 7, 11, 15);
+    const I order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const I first = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(bits(load(entries)), by_plane), order);
+    const I second = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(bits(load(entries + 8)), by_plane), order);
+    const I even = _mm256_unpacklo_epi64(first, second), odd = _mm256_unpackhi_epi64(first, second);  // planes 0 2, 1 3
+    planes[0] = _mm256_permute2x128_si256(even, even, 0x00);
+    planes[1] = _mm256_permute2x128_si256(odd, odd, 0x00);
+    planes[2] = _mm256_permute2x128_si256(even, even, 0x11);
+    planes[3] = _mm256_permute2x128_si256(odd, odd, 0x11);
+  }
+  // Avx512's decode_precond32 by byte: vpshufb looks up each byte of a 16-entry table by the low 4 bits of an index
+  // byte (0 where its bit 7 is set), and two rounds of unpacks rebuild the floats, in the order that
+  // a vpermd of the codes sets up (dword k of lane h of vector j is read from codes 8j + 4h + k..).
+  ANON_HF_INLINE bool decode_precond32(const Precond& t, const uint8_t* codes, F (&v)[4]) {
+    const I raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+    const I code = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    const I unseen = _mm256_cmpeq_epi8(code, _mm256_setzero_si256());
+    const I index = _mm256_sub_epi8(code, _mm256_set1_epi8(1)), nibble = _mm256_set1_epi8(0x0F);
+    // Bits 4-7 and 0-3 of c - 1, with bit 7 set for code 0 (unseen is 0xFF there).
+    const I high_index = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(index, 4), nibble), unseen);
+    const I low_index = _mm256_or_si256(_mm256_and_si256(index, nibble), unseen);
+    F high[4], low[4];
+    lookup_planes(t.high, high_index, high);
+    lookup_planes(t.low, low_index, low);
+    for (int part = 0; part < 4; ++part) v[part] = mul(high[part], low[part]);
+    return _mm256_movemask_epi8(unseen) != 0;
+  }
+  ANON_HF_INLINE void lookup_planes(const I (&planes)[4], I index, F (&out)[4]) {
+    I b[4];
+    for (int k = 0; k < 4; ++k) b[k] = _mm256_shuffle_epi8(planes[k], index);
+    const I low01 = _mm256_unpacklo_epi8(b[0], b[1]), high01 = _mm256_unpackhi_epi8(b[0], b[1]);
+    const I low23 = _mm256_unpacklo_epi8(b[2], b[3]), high23 = _mm256_unpackhi_epi8(b[2], b[3]);
+    out[0] = from_bits(_mm256_unpacklo_epi16(low01, low23));
+    out[1] = from_bits(_mm256_unpackhi_epi16(low01, low23));
+    out[2] = from_bits(_mm256_unpacklo_epi16(high01, high23));
+    out[3] = from_bits(_mm256_unpackhi_epi16(high01, high23));
   }
   ANON_HF_INLINE float reduce_max(F a) {
     __m128 y = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -497,10 +583,11 @@ struct BlockConstants {
 // The step rule's v for one vector (run_block's, anon_kernel.h's StepRule): the late-seen rule computed only in the
 // vectors with a code 0, the limit only in those where a lane may bind, rare where gradients are stationary.
 template <class T, Estimate kEstimate>
-inline typename T::F rule_simd(typename T::F v, typename T::F sj, typename T::M unseen, const BlockConstants<T>& c,
-                               const Settings& st) {
+inline typename T::F rule_simd(typename T::F v, typename T::F sj, const uint8_t* codes, bool any_unseen,
+                               const BlockConstants<T>& c, const Settings& st) {
   using F = typename T::F;
-  if (kEstimate != kNoEstimate && st.late_seen && T::any(unseen)) {
+  const typename T::M unseen = T::is_zero(any_unseen ? T::load_codes(codes) : c.one);
+  if (kEstimate != kNoEstimate && any_unseen && T::any(unseen)) {
     const F sigma = T::fma(sj, c.inv_bias2, c.eps);
     const F root = T::sqrt(sigma);
     const F est = kEstimate == kEstimateOne ? T::div(T::set(1.0f), root)
@@ -529,10 +616,9 @@ inline typename T::F rule_simd(typename T::F v, typename T::F sj, typename T::M 
 // buffers, and raises the running maxima of |m| and s.
 template <class T, Estimate kEstimate, bool kL2, bool kBounds>
 __attribute__((always_inline)) inline void step_simd(float* p, const float* g, const int8_t* mc, const uint8_t* sc,
-                                                     const uint8_t* vc, const typename T::Table& high,
-                                                     const typename T::Table& low, const BlockConstants<T>& c,
-                                                     const Settings& st, float* m, float* s, typename T::F& m_top,
-                                                     typename T::F& s_top, int64_t j) {
+                                                     const uint8_t* vc, typename T::F v, bool any_unseen,
+                                                     const BlockConstants<T>& c, const Settings& st, float* m, float* s,
+                                                     typename T::F& m_top, typename T::F& s_top, int64_t j) {
   using F = typename T::F;
   using I = typename T::I;
   // Decode: a code's magnitude bits, zero where the code is 0, then (for m) the code's sign bit.
@@ -543,15 +629,12 @@ __attribute__((always_inline)) inline void step_simd(float* p, const float* g, c
   const I cs = T::load_codes(sc + j);
   const I s_bits = T::template shl<kSShift>(T::add_i(cs, c.s_base));
   const F s_old = T::mul_nonzero(cs, T::from_bits(s_bits), c.s_scale);
-  const I cv = T::load_codes(vc + j);
-  const I index = T::sub_i(cv, c.one);  // c - 1: its bits 4-7 index high, 0-3 low
-  F v = T::mul_nonzero(cv, T::template lookup<4>(high, index), T::template lookup<0>(low, index));
   // Update.
   const F pj = T::loadu(p + j);
   const F gj = kL2 ? T::fma(T::loadu(g + j), c.sign, T::mul(pj, c.l2)) : T::mul(T::loadu(g + j), c.sign);
   const F mj = T::fma(T::sub(gj, m_old), c.weight1, m_old);
   const F sj = T::fma(s_old, c.beta2, T::mul(T::mul(gj, gj), c.weight2));
-  v = rule_simd<T, kEstimate>(v, sj, T::is_zero(cv), c, st);
+  v = rule_simd<T, kEstimate>(v, sj, vc + j, any_unseen, c, st);
   const F updated = T::fma(pj, c.decay, T::mul(T::mul(mj, v), c.nss));
   // min/max pass a NaN through here (their second operand), as in run_block.
   T::storeu(p + j, kBounds ? T::min(c.hi, T::max(c.lo, updated)) : updated);
@@ -566,27 +649,27 @@ template <class T>
 void encode_simd(const float* m, const float* s, float m_top, float s_top, int8_t* mc, uint8_t* sc) {
   using F = typename T::F;
   using I = typename T::I;
-  constexpr int kParts = 16 / T::kWidth;  // vectors per 16 codes
+  using M = typename T::M;
+  constexpr int kParts = 32 / T::kWidth;  // vectors per 32 codes
   const F m_inverse = T::set(m_top > 0.0f ? 1.0f / m_top : 0.0f), s_inverse = T::set(s_top > 0.0f ? 1.0f / s_top : 0.0f);
   const F half_smallest = T::set(as_float((1 + kMBase) << kMShift) * 0.5f), zero = T::zero();
-  const I half_unit = T::set_i(1 << (kMShift - 1)), one = T::set_i(1), m_base = T::set_i(kMBase);
-  const I s_base = T::set_i(kSBase), m_top_code = T::set_i(kMTop), s_top_code = T::set_i(kSTop);
-  for (int64_t j = 0; j < kBlock; j += 16) {
-    I m_codes[kParts], s_codes[kParts];
+  const I half_unit = T::set_i(1 << (kMShift - 1));
+  static_assert(kMShift == kSShift, "one rounding constant for both");
+  for (int64_t j = 0; j < kBlock; j += 32) {
+    I m_rounded[kParts], s_rounded[kParts];
+    M small[kParts], negative[kParts], positive[kParts];
     for (int part = 0; part < kParts; ++part) {
       const F mj = T::load(m + j + part * T::kWidth);
       const F x = T::mul(T::abs(mj), m_inverse);
-      const I rounded = T::sub_i(T::template shr<kMShift>(T::add_i(T::bits(x), half_unit)), m_base);
-      const I small = T::keep_i(T::ge(x, half_smallest), one);
-      const I magnitude = T::max_i(T::min_i(rounded, m_top_code), small);
-      m_codes[part] = T::negate_where(T::lt(mj, zero), magnitude);
+      m_rounded[part] = T::template shr<kMShift>(T::add_i(T::bits(x), half_unit));
+      small[part] = T::ge(x, half_smallest);
+      negative[part] = T::lt(mj, zero);
       const F sj = T::load(s + j + part * T::kWidth);
-      const F y = T::mul(sj, s_inverse);
-      const I s_rounded = T::sub_i(T::template shr<kSShift>(T::add_i(T::bits(y), half_unit)), s_base);
-      s_codes[part] = T::keep_i(T::gt(sj, zero), T::min_i(T::max_i(s_rounded, one), s_top_code));
+      s_rounded[part] = T::template shr<kSShift>(T::add_i(T::bits(T::mul(sj, s_inverse)), half_unit));
+      positive[part] = T::gt(sj, zero);
     }
-    T::store_codes16(m_codes, mc + j);
-    T::store_codes16(s_codes, sc + j);
+    T::store_m_codes(m_rounded, small, negative, mc + j);
+    T::store_s_codes(s_rounded, positive, sc + j);
   }
 }
 
@@ -604,13 +687,18 @@ void simd_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __re
   alignas(64) float s[kBlock];
   PrecondTables tables;
   precond_tables(*v_lo, (*v_hi - *v_lo) * (1.0f / kVLevels), tables);
-  const T::Table high = T::table(tables.high), low = T::table(tables.low);
+  T::Precond precond;
+  T::precond(tables, precond);
   const BlockConstants<T> c(st, neg_step_size, *m_absmax, *s_max);
   T::F m_top = T::zero(), s_top = T::zero();
-  for (int64_t j = 0; j < kBlock; j += 16) {  // a cache line of p and g per iteration
+  for (int64_t j = 0; j < kBlock; j += 32) {  // two cache lines of p and g per iteration
     prefetch_ahead(p, g, mc, sc, vc, j);
-    for (int64_t lane = 0; lane < 16; lane += T::kWidth) {
-      step_simd<T, kEstimate, kL2, kBounds>(p, g, mc, sc, vc, high, low, c, st, m, s, m_top, s_top, j + lane);
+    prefetch_ahead(p, g, mc, sc, vc, j + 16);
+    T::F v[32 / T::kWidth];
+    const bool any_unseen = T::decode_precond32(precond, vc + j, v) && st.late_seen;
+    for (int part = 0; part < 32 / T::kWidth; ++part) {
+      step_simd<T, kEstimate, kL2, kBounds>(p, g, mc, sc, vc, v[part], any_unseen, c, st, m, s, m_top, s_top,
+                                            j + part * T::kWidth);
     }
   }
   const float m_top_value = T::reduce_max(m_top), s_top_value = T::reduce_max(s_top);
