@@ -56,7 +56,7 @@ constexpr int64_t kBlock = 256;
 constexpr int32_t kMShift = 20, kMBase = 889, kMTop = 127;
 constexpr int32_t kSShift = 20, kSBase = 761, kSTop = 255;
 constexpr float kVLevels = 254.0f;
-// Blocks per thread's part at least (2**15 elements, as anon_cpu.cpp's grain).
+// Blocks per chunk that a thread takes (2**15 elements, as anon_cpu.cpp's grain).
 constexpr int64_t kGrainBlocks = 128;
 // How a step computes est = sigma**(-gamma / 2) for its StepRule (anon_hf.refresh): not at all (no limit, no
 // late-seen rule), gamma == 1 (a square root), or any other gamma (exp2 and log2).
@@ -811,8 +811,8 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const WholeBlock whole_block = preconditioned ? whole_block_for(kind, l2, bounds) : nullptr;
 #endif
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
-    // Whole blocks per thread: results do not depend on the thread count.
-    for_each_part(blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    // Whole blocks per chunk: results do not depend on the thread count or on which thread takes a chunk.
+    for_each_chunk(blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t start = b * kBlock;
         const int64_t n = std::min(kBlock, numel - start);
