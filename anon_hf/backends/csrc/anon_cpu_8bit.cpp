@@ -25,12 +25,12 @@
 // 32 exp2 per block instead of 256 (exp2 a degree-6 polynomial, Cephes' exp2f); decoded preconditioners are within
 // 2e-6 relative of torch.exp2(lo + (c - 1) * step).
 //
-// Three implementations of the step, the same operations in the same order (the loops spell their multiply-adds as
+// Two implementations of the step, the same operations in the same order (the loops spell their multiply-adds as
 // std::fma, so the compiler does not pick others): plain C++ loops written for the compiler's vectorizer (-O3
-// -fopenmp-simd; every tail block, and whole blocks in builds for neither ISA below), AVX-512 intrinsics for whole
-// blocks where the build targets AVX-512, and AVX2 + FMA intrinsics for whole blocks where it targets AVX2 but not
-// AVX-512. The intrinsics run 2x (AVX-512) and 2.4x (AVX2) faster than what GCC 12 makes of the loops (masked
-// polynomials, spilled constants) and prefetch p, g and the codes 4 blocks ahead: without that the step waits on
+// -fopenmp-simd; every tail block, and whole blocks in builds for neither AVX-512 nor AVX2), and simd_block for whole
+// blocks, written once over a small traits struct per instruction set (Avx512, Avx2: the intrinsics each operation
+// takes there). simd_block runs 2x (AVX-512) and 2.4x (AVX2) faster than what GCC 12 makes of the loops (masked
+// polynomials, spilled constants) and prefetches p, g and the codes 4 blocks ahead: without that the step waits on
 // memory for a third of its time, the hardware prefetcher not keeping up with eight streams. Elementwise per block:
 // results do not depend on how blocks are split between threads.
 
@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace {
 
@@ -55,7 +56,7 @@ constexpr int64_t kBlock = 256;
 constexpr int32_t kMShift = 20, kMBase = 889, kMTop = 127;
 constexpr int32_t kSShift = 20, kSBase = 761, kSTop = 255;
 constexpr float kVLevels = 254.0f;
-// Blocks per thread's part at least (2**15 elements, as anon_cpu.cpp's grain).
+// Blocks per chunk that a thread takes (2**15 elements, as anon_cpu.cpp's grain).
 constexpr int64_t kGrainBlocks = 128;
 // How a step computes est = sigma**(-gamma / 2) for its StepRule (anon_hf.refresh): not at all (no limit, no
 // late-seen rule), gamma == 1 (a square root), or any other gamma (exp2 and log2).
@@ -245,8 +246,14 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
   *s_max = s_top;
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-// How far ahead of the current vector the intrinsics versions prefetch: 4 blocks, longer ahead than a DRAM access
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define ANON_HF_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ANON_HF_AVX2 1
+#endif
+
+#if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
+// How far ahead of the current vector the whole-block step prefetches: 4 blocks, longer ahead than a DRAM access
 // takes at this kernel's speed (measured: 2 blocks left stalls, 8 gained nothing).
 constexpr int64_t kPrefetchAhead = 4 * kBlock;
 
@@ -266,411 +273,448 @@ inline void prefetch_ahead(const float* p, const float* g, const int8_t* mc, con
     prefetch(vc + j + kPrefetchAhead);
   }
 }
-
-// A whole block's step (run_block_avx512 or run_block_avx2), picked per tensor for its limit, L2 decay and bounds.
-using WholeBlock = void (*)(float*, const float*, int8_t*, float*, uint8_t*, float*, const uint8_t*, const float*,
-                            const float*, float, const Settings&);
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-#define ANON_HF_AVX512 1
+// The instruction sets of the whole-block step: each traits struct supplies the operations the step is written in
+// (simd_block below), one or two instructions each. Where AVX-512 has mask registers, AVX2 spells the same result
+// otherwise: a code of 0 zeroes its value by vpsignd (a compare and an andnot in one instruction), v's 16-entry
+// tables are read by two vpermps on their halves and a blend on the index's bit 3, and int32 codes are narrowed by
+// saturating packs (the clamps before them keep the saturation from deciding anything). Both give the same bits.
+#ifdef ANON_HF_AVX512
+#define ANON_HF_INLINE static inline __attribute__((always_inline))
+struct Avx512 {
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;  // one bit per lane
+  static constexpr int kWidth = 16;
+  struct Precond {  // v's decode tables (PrecondTables)
+    F high, low;
+  };
 
-inline __m512i load_codes(const int8_t* codes) {
-  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  ANON_HF_INLINE F set(float x) { return _mm512_set1_ps(x); }
+  ANON_HF_INLINE I set_i(int32_t x) { return _mm512_set1_epi32(x); }
+  ANON_HF_INLINE F zero() { return _mm512_setzero_ps(); }
+  ANON_HF_INLINE F load(const float* x) { return _mm512_load_ps(x); }
+  ANON_HF_INLINE F loadu(const float* x) { return _mm512_loadu_ps(x); }
+  ANON_HF_INLINE void store(float* x, F a) { _mm512_store_ps(x, a); }
+  ANON_HF_INLINE void storeu(float* x, F a) { _mm512_storeu_ps(x, a); }
+  ANON_HF_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
+  ANON_HF_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  ANON_HF_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  ANON_HF_INLINE F div(F a, F b) { return _mm512_div_ps(a, b); }
+  ANON_HF_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // max/min return their second operand where one is NaN, as x > y ? x : y does.
+  ANON_HF_INLINE F min(F a, F b) { return _mm512_min_ps(a, b); }
+  ANON_HF_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
+  ANON_HF_INLINE F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  ANON_HF_INLINE F abs(F a) { return _mm512_abs_ps(a); }
+  ANON_HF_INLINE I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  ANON_HF_INLINE I sub_i(I a, I b) { return _mm512_sub_epi32(a, b); }
+  ANON_HF_INLINE I min_i(I a, I b) { return _mm512_min_epi32(a, b); }
+  ANON_HF_INLINE I max_i(I a, I b) { return _mm512_max_epi32(a, b); }
+  ANON_HF_INLINE I abs_i(I a) { return _mm512_abs_epi32(a); }
+  template <int kBits> ANON_HF_INLINE I shl(I a) { return _mm512_slli_epi32(a, kBits); }
+  template <int kBits> ANON_HF_INLINE I shr(I a) { return _mm512_srai_epi32(a, kBits); }  // arithmetic
+  ANON_HF_INLINE I bits(F a) { return _mm512_castps_si512(a); }
+  ANON_HF_INLINE F from_bits(I a) { return _mm512_castsi512_ps(a); }
+  ANON_HF_INLINE F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  ANON_HF_INLINE M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  ANON_HF_INLINE M ge(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  ANON_HF_INLINE M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  ANON_HF_INLINE M is_zero(I a) { return _mm512_testn_epi32_mask(a, a); }
+  ANON_HF_INLINE bool any(M m) { return m != 0; }
+  ANON_HF_INLINE F select(M m, F a, F b) { return _mm512_mask_mov_ps(a, m, b); }  // b where m, else a
+  ANON_HF_INLINE F keep(M m, F a) { return _mm512_maskz_mov_ps(m, a); }           // a where m, else +0
+  ANON_HF_INLINE I keep_i(M m, I a) { return _mm512_maskz_mov_epi32(m, a); }
+  ANON_HF_INLINE I negate_where(M m, I a) { return _mm512_mask_sub_epi32(a, m, _mm512_setzero_si512(), a); }
+  // a * b where the code (>= 0) is nonzero, else +0.
+  ANON_HF_INLINE F mul_nonzero(I code, F a, F b) { return _mm512_maskz_mul_ps(_mm512_test_epi32_mask(code, code), a, b); }
+  // magnitude | (code's sign bit): 0xF8 is a | (b & c).
+  ANON_HF_INLINE F with_sign_of(F magnitude, I code, I sign_bit) {
+    return from_bits(_mm512_ternarylogic_epi32(bits(magnitude), code, sign_bit, 0xF8));
+  }
+  ANON_HF_INLINE I load_codes(const int8_t* codes) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  }
+  ANON_HF_INLINE I load_codes(const uint8_t* codes) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  }
+  // encode_exp_avg's codes from rounded = (bits(x) + half a code) >> kMShift, where x >= half the smallest code
+  // (`small`) and m < 0 (`negative`), per vector: clamped, signed, narrowed and stored.
+  template <int kParts> ANON_HF_INLINE void store_m_codes(const I (&rounded)[kParts], const M (&small)[kParts],
+                                                           const M (&negative)[kParts], int8_t* out) {
+    for (int part = 0; part < kParts; ++part) {
+      const I code = _mm512_min_epi32(_mm512_sub_epi32(rounded[part], set_i(kMBase)), set_i(kMTop));
+      const I magnitude = _mm512_max_epi32(code, _mm512_maskz_mov_epi32(small[part], set_i(1)));
+      const I signed_code = _mm512_mask_sub_epi32(magnitude, negative[part], _mm512_setzero_si512(), magnitude);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * part), _mm512_cvtepi32_epi8(signed_code));
+    }
+  }
+  // encode_exp_avg_sq's codes from rounded (as above) where s > 0 (`positive`).
+  template <int kParts>
+  ANON_HF_INLINE void store_s_codes(const I (&rounded)[kParts], const M (&positive)[kParts], uint8_t* out) {
+    for (int part = 0; part < kParts; ++part) {
+      const I code = _mm512_max_epi32(_mm512_sub_epi32(rounded[part], set_i(kSBase)), set_i(1));
+      const I clamped = _mm512_maskz_mov_epi32(positive[part], _mm512_min_epi32(code, set_i(kSTop)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * part), _mm512_cvtepi32_epi8(clamped));
+    }
+  }
+  ANON_HF_INLINE void precond(const PrecondTables& tables, Precond& out) {
+    out = {_mm512_load_ps(tables.high), _mm512_load_ps(tables.low)};
+  }
+  // decode_precond for the 32 codes from `codes`: high[(c - 1) >> 4] * low[(c - 1) & 15], 0 for code 0; vpermps reads
+  // the low 4 bits of its index.
+  // Also returns whether a code is 0.
+  ANON_HF_INLINE bool decode_precond32(const Precond& t, const uint8_t* codes, F (&v)[2]) {
+    M seen = 0xFFFF;
+    for (int part = 0; part < 2; ++part) {
+      const I code = load_codes(codes + 16 * part);
+      const I index = _mm512_sub_epi32(code, _mm512_set1_epi32(1));
+      const M nonzero = _mm512_test_epi32_mask(code, code);
+      v[part] = _mm512_maskz_mul_ps(nonzero, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), t.high),
+                                    _mm512_permutexvar_ps(index, t.low));
+      seen &= nonzero;
+    }
+    return seen != 0xFFFF;
+  }
+  ANON_HF_INLINE float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
+};
+using Isa = Avx512;
+#endif
+
+#ifdef ANON_HF_AVX2
+#define ANON_HF_INLINE static inline __attribute__((always_inline))
+struct Avx2 {
+  using F = __m256;
+  using I = __m256i;
+  using M = __m256;  // all bits of a lane set or clear
+  static constexpr int kWidth = 8;
+  struct Precond {  // v's decode tables (PrecondTables) as byte planes (byte_planes)
+    I high[4], low[4];
+  };
+
+  ANON_HF_INLINE F set(float x) { return _mm256_set1_ps(x); }
+  ANON_HF_INLINE I set_i(int32_t x) { return _mm256_set1_epi32(x); }
+  ANON_HF_INLINE F zero() { return _mm256_setzero_ps(); }
+  ANON_HF_INLINE F load(const float* x) { return _mm256_load_ps(x); }
+  ANON_HF_INLINE F loadu(const float* x) { return _mm256_loadu_ps(x); }
+  ANON_HF_INLINE void store(float* x, F a) { _mm256_store_ps(x, a); }
+  ANON_HF_INLINE void storeu(float* x, F a) { _mm256_storeu_ps(x, a); }
+  ANON_HF_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
+  ANON_HF_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  ANON_HF_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  ANON_HF_INLINE F div(F a, F b) { return _mm256_div_ps(a, b); }
+  ANON_HF_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  ANON_HF_INLINE F min(F a, F b) { return _mm256_min_ps(a, b); }
+  ANON_HF_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
+  ANON_HF_INLINE F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  ANON_HF_INLINE F abs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MAX))); }
+  ANON_HF_INLINE I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
+  ANON_HF_INLINE I sub_i(I a, I b) { return _mm256_sub_epi32(a, b); }
+  ANON_HF_INLINE I min_i(I a, I b) { return _mm256_min_epi32(a, b); }
+  ANON_HF_INLINE I max_i(I a, I b) { return _mm256_max_epi32(a, b); }
+  ANON_HF_INLINE I abs_i(I a) { return _mm256_abs_epi32(a); }
+  template <int kBits> ANON_HF_INLINE I shl(I a) { return _mm256_slli_epi32(a, kBits); }
+  template <int kBits> ANON_HF_INLINE I shr(I a) { return _mm256_srai_epi32(a, kBits); }
+  ANON_HF_INLINE I bits(F a) { return _mm256_castps_si256(a); }
+  ANON_HF_INLINE F from_bits(I a) { return _mm256_castsi256_ps(a); }
+  ANON_HF_INLINE F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  ANON_HF_INLINE M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  ANON_HF_INLINE M ge(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+  ANON_HF_INLINE M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  ANON_HF_INLINE M is_zero(I a) { return from_bits(_mm256_cmpeq_epi32(a, _mm256_setzero_si256())); }
+  ANON_HF_INLINE bool any(M m) { return _mm256_movemask_ps(m) != 0; }
+  ANON_HF_INLINE F select(M m, F a, F b) { return _mm256_blendv_ps(a, b, m); }
+  ANON_HF_INLINE F keep(M m, F a) { return _mm256_and_ps(m, a); }
+  ANON_HF_INLINE I keep_i(M m, I a) { return _mm256_and_si256(bits(m), a); }
+  ANON_HF_INLINE I negate_where(M m, I a) { return _mm256_sub_epi32(_mm256_xor_si256(a, bits(m)), bits(m)); }
+  ANON_HF_INLINE F mul_nonzero(I code, F a, F b) { return from_bits(_mm256_sign_epi32(bits(mul(a, b)), code)); }
+  ANON_HF_INLINE F with_sign_of(F magnitude, I code, I sign_bit) {
+    return _mm256_or_ps(magnitude, from_bits(_mm256_and_si256(code, sign_bit)));
+  }
+  ANON_HF_INLINE I load_codes(const int8_t* codes) {
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  }
+  ANON_HF_INLINE I load_codes(const uint8_t* codes) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  }
+  // store_m_codes and store_s_codes of Avx512 for 32 elements, narrowed first: rounded (in [-2048, 2047]) and the
+  // masks fit int16, so the clamps and signs run on 16 lanes; saturating packs to bytes (their saturation decides
+  // nothing for m, and clamps s's codes to 255) and one vpermd put the packs' lane-wise order right.
+  ANON_HF_INLINE void store_m_codes(const I (&rounded)[4], const M (&small)[4], const M (&negative)[4], int8_t* out) {
+    I half[2];
+    for (int h = 0; h < 2; ++h) {
+      const I code = _mm256_sub_epi16(_mm256_packs_epi32(rounded[2 * h], rounded[2 * h + 1]), _mm256_set1_epi16(kMBase));
+      const I small_code = _mm256_abs_epi16(_mm256_packs_epi32(bits(small[2 * h]), bits(small[2 * h + 1])));  // 1 or 0
+      const I magnitude = _mm256_max_epi16(_mm256_min_epi16(code, _mm256_set1_epi16(kMTop)), small_code);
+      const I sign = _mm256_packs_epi32(bits(negative[2 * h]), bits(negative[2 * h + 1]));  // -1 or 0
+      half[h] = _mm256_sub_epi16(_mm256_xor_si256(magnitude, sign), sign);
+    }
+    store_bytes32(_mm256_packs_epi16(half[0], half[1]), out);
+  }
+  ANON_HF_INLINE void store_s_codes(const I (&rounded)[4], const M (&positive)[4], uint8_t* out) {
+    I half[2];
+    for (int h = 0; h < 2; ++h) {
+      const I code = _mm256_sub_epi16(_mm256_packs_epi32(rounded[2 * h], rounded[2 * h + 1]), _mm256_set1_epi16(kSBase));
+      const I keep = _mm256_packs_epi32(bits(positive[2 * h]), bits(positive[2 * h + 1]));
+      half[h] = _mm256_and_si256(keep, _mm256_max_epi16(code, _mm256_set1_epi16(1)));
+    }
+    store_bytes32(_mm256_packus_epi16(half[0], half[1]), out);
+  }
+  // Two packs of 4 vectors a, b, c, d leave dword k of lane h holding elements 8k + 4h .. 8k + 4h + 3.
+  template <typename Code> ANON_HF_INLINE void store_bytes32(I packed, Code* out) {
+    const I order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(packed, order));
+  }
+  ANON_HF_INLINE void precond(const PrecondTables& tables, Precond& out) {
+    byte_planes(tables.high, out.high);
+    byte_planes(tables.low, out.low);
+  }
+  // planes[k]: byte k of each of the 16 floats of `entries`, in both 128-bit lanes (vpshufb's tables).
+  ANON_HF_INLINE void byte_planes(const float* entries, I (&planes)[4]) {
+    const I by_plane = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2,
+                                        6, 10, 14, 3, 7, 11, 15);
+    const I order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const I first = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(bits(load(entries)), by_plane), order);
+    const I second = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(bits(load(entries + 8)), by_plane), order);
+    const I even = _mm256_unpacklo_epi64(first, second), odd = _mm256_unpackhi_epi64(first, second);  // planes 0 2, 1 3
+    planes[0] = _mm256_permute2x128_si256(even, even, 0x00);
+    planes[1] = _mm256_permute2x128_si256(odd, odd, 0x00);
+    planes[2] = _mm256_permute2x128_si256(even, even, 0x11);
+    planes[3] = _mm256_permute2x128_si256(odd, odd, 0x11);
+  }
+  // Avx512's decode_precond32 by byte: vpshufb looks up each byte of a 16-entry table by the low 4 bits of an index
+  // byte (0 where its bit 7 is set), and two rounds of unpacks rebuild the floats, in the order that
+  // a vpermd of the codes sets up (dword k of lane h of vector j is read from codes 8j + 4h + k..).
+  ANON_HF_INLINE bool decode_precond32(const Precond& t, const uint8_t* codes, F (&v)[4]) {
+    const I raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+    const I code = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    const I unseen = _mm256_cmpeq_epi8(code, _mm256_setzero_si256());
+    const I index = _mm256_sub_epi8(code, _mm256_set1_epi8(1)), nibble = _mm256_set1_epi8(0x0F);
+    // Bits 4-7 and 0-3 of c - 1, with bit 7 set for code 0 (unseen is 0xFF there).
+    const I high_index = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(index, 4), nibble), unseen);
+    const I low_index = _mm256_or_si256(_mm256_and_si256(index, nibble), unseen);
+    F high[4], low[4];
+    lookup_planes(t.high, high_index, high);
+    lookup_planes(t.low, low_index, low);
+    for (int part = 0; part < 4; ++part) v[part] = mul(high[part], low[part]);
+    return _mm256_movemask_epi8(unseen) != 0;
+  }
+  ANON_HF_INLINE void lookup_planes(const I (&planes)[4], I index, F (&out)[4]) {
+    I b[4];
+    for (int k = 0; k < 4; ++k) b[k] = _mm256_shuffle_epi8(planes[k], index);
+    const I low01 = _mm256_unpacklo_epi8(b[0], b[1]), high01 = _mm256_unpackhi_epi8(b[0], b[1]);
+    const I low23 = _mm256_unpacklo_epi8(b[2], b[3]), high23 = _mm256_unpackhi_epi8(b[2], b[3]);
+    out[0] = from_bits(_mm256_unpacklo_epi16(low01, low23));
+    out[1] = from_bits(_mm256_unpackhi_epi16(low01, low23));
+    out[2] = from_bits(_mm256_unpacklo_epi16(high01, high23));
+    out[3] = from_bits(_mm256_unpackhi_epi16(high01, high23));
+  }
+  ANON_HF_INLINE float reduce_max(F a) {
+    __m128 y = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    y = _mm_max_ps(y, _mm_movehl_ps(y, y));
+    y = _mm_max_ss(y, _mm_movehdup_ps(y));
+    return _mm_cvtss_f32(y);
+  }
+};
+using Isa = Avx2;
+#endif
+
+#if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
+// exp2_poly, log2_poly and log2_from_bits on T's lanes: the same operations as the scalar versions.
+template <class T>
+inline typename T::F exp2_simd(typename T::F x) {
+  using F = typename T::F;
+  using I = typename T::I;
+  const F round = T::set(12582912.0f);
+  x = T::min(T::max(x, T::set(-126.0f)), T::set(126.0f));
+  const F shifted = T::add(x, round);
+  const I n = T::sub_i(T::bits(shifted), T::bits(round));
+  const F f = T::sub(x, T::sub(shifted, round));
+  F p = T::fma(f, T::set(1.535336188319500e-4f), T::set(1.339887440266574e-3f));
+  for (const float c : {9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f,
+                        1.0f}) {
+    p = T::fma(p, f, T::set(c));
+  }
+  return T::from_bits(T::add_i(T::bits(p), T::template shl<23>(n)));
 }
 
-inline __m512i load_codes(const uint8_t* codes) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-}
-
-inline void store_codes(__m512i codes, void* out) {
-  _mm_storeu_si128(static_cast<__m128i*>(out), _mm512_cvtepi32_epi8(codes));
-}
-
-inline __m512 fma16(__m512 a, float b, float c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), _mm512_set1_ps(c)); }
-
-// exp2_poly, log2_poly and power_limit on 16 lanes: the same operations.
-inline __m512 exp2_poly16(__m512 x) {
-  const __m512 round = _mm512_set1_ps(12582912.0f);
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
-  const __m512 shifted = _mm512_add_ps(x, round);
-  const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_castps_si512(round));
-  const __m512 f = _mm512_sub_ps(x, _mm512_sub_ps(shifted, round));
-  __m512 p = fma16(f, 1.535336188319500e-4f, 1.339887440266574e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  const __m512 r = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(r), _mm512_slli_epi32(n, 23)));
-}
-
-inline __m512 log2_poly16(__m512 x) {
-  const __m512i tiny = _mm512_set1_epi32(as_int(std::numeric_limits<float>::min()));
-  const __m512i bits = _mm512_max_epi32(_mm512_castps_si512(x), tiny);  // at_least_tiny
-  const __m512i exponent = _mm512_srai_epi32(_mm512_sub_epi32(bits, _mm512_set1_epi32(0x3f3504f3)), 23);
-  const __m512 f = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_sub_epi32(bits, _mm512_slli_epi32(exponent, 23))),
-                                 _mm512_set1_ps(1.0f));
-  const __m512 z = _mm512_mul_ps(f, f);
-  __m512 y = fma16(f, 7.0376836292e-2f, -1.1514610310e-1f);
+template <class T>
+inline typename T::F log2_simd(typename T::F x) {
+  using F = typename T::F;
+  using I = typename T::I;
+  const I bits = T::max_i(T::bits(x), T::set_i(as_int(std::numeric_limits<float>::min())));  // at_least_tiny
+  const I exponent = T::template shr<23>(T::sub_i(bits, T::set_i(0x3f3504f3)));
+  const F f = T::sub(T::from_bits(T::sub_i(bits, T::template shl<23>(exponent))), T::set(1.0f));
+  const F z = T::mul(f, f);
+  F y = T::fma(f, T::set(7.0376836292e-2f), T::set(-1.1514610310e-1f));
   for (const float c : {1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f,
                         -2.4999993993e-1f, 3.3333331174e-1f}) {
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c));
+    y = T::fma(y, f, T::set(c));
   }
-  const __m512 tail = _mm512_fmadd_ps(_mm512_mul_ps(y, f), z, _mm512_mul_ps(_mm512_set1_ps(-0.5f), z));
-  const __m512 ln = _mm512_add_ps(f, tail);
-  return _mm512_fmadd_ps(ln, _mm512_set1_ps(1.44269504088896341f), _mm512_cvtepi32_ps(exponent));
+  const F ln = T::add(f, T::fma(T::mul(y, f), z, T::mul(T::set(-0.5f), z)));
+  return T::fma(ln, T::set(1.44269504088896341f), T::to_float(exponent));
 }
 
 // log2(x) from the bits, exponent + mantissa - 1: below log2(x) by at most 0.0861 (0 for x == 0: -127).
-inline __m512 log2_from_bits16(__m512 x) {
-  return fma16(_mm512_cvtepi32_ps(_mm512_castps_si512(x)), 1.0f / (1 << 23), -127.0f);
+template <class T>
+inline typename T::F log2_from_bits_simd(typename T::F x) {
+  return T::fma(T::to_float(T::bits(x)), T::set(1.0f / (1 << 23)), T::set(-127.0f));
 }
 
-// run_block<true, kEstimate> for a whole block, 16 lanes at a time: the same operations in the same order, with l2 decay
-// and bounds compiled in only where they are set.
+// A whole block's constants on T's lanes.
+template <class T>
+struct BlockConstants {
+  using F = typename T::F;
+  using I = typename T::I;
+  BlockConstants(const Settings& st, float neg_step_size, float m_absmax, float s_max)
+      : decay(T::set(st.s[kDecay])), weight1(T::set(st.s[kWeight1])), sign(T::set(st.s[kSign])),
+        l2(T::set(st.s[kL2])), lo(T::set(st.s[kLo])), hi(T::set(st.s[kHi])), beta2(T::set(st.s[kBeta2])),
+        weight2(T::set(st.s[kWeight2])), inv_bias2(T::set(st.inv_bias2)), eps(T::set(st.s[kEps])),
+        max_ratio(T::set(st.s[kMaxRatio])), nss(T::set(neg_step_size)), max_ratio_sq(T::mul(max_ratio, max_ratio)),
+        gamma(T::set(st.s[kGamma])), neg_half_gamma(T::set(-0.5f * st.s[kGamma])), power_cutoff(T::set(st.power_cutoff)),
+        m_scale(T::set(m_absmax)), s_scale(T::set(s_max)) {}
+  F decay, weight1, sign, l2, lo, hi, beta2, weight2, inv_bias2, eps, max_ratio, nss, max_ratio_sq, gamma,
+      neg_half_gamma, power_cutoff, m_scale, s_scale;
+  I one = T::set_i(1), m_base = T::set_i(kMBase), s_base = T::set_i(kSBase);
+  I sign_bit = T::set_i(std::numeric_limits<int32_t>::min());
+};
+
+// The step rule's v for one vector (run_block's, anon_kernel.h's StepRule): the late-seen rule computed only in the
+// vectors with a code 0, the limit only in those where a lane may bind, rare where gradients are stationary.
+template <class T, Estimate kEstimate>
+inline typename T::F rule_simd(typename T::F v, typename T::F sj, const uint8_t* codes, bool any_unseen,
+                               const BlockConstants<T>& c, const Settings& st) {
+  using F = typename T::F;
+  const typename T::M unseen = T::is_zero(any_unseen ? T::load_codes(codes) : c.one);
+  if (kEstimate != kNoEstimate && any_unseen && T::any(unseen)) {
+    const F sigma = T::fma(sj, c.inv_bias2, c.eps);
+    const F root = T::sqrt(sigma);
+    const F est = kEstimate == kEstimateOne ? T::div(T::set(1.0f), root)
+                                            : exp2_simd<T>(T::mul(c.neg_half_gamma, log2_simd<T>(sigma)));
+    const F limit = kEstimate == kEstimateOne ? T::div(c.max_ratio, root) : T::mul(c.max_ratio, est);
+    if (st.limit) v = T::min(v, limit);
+    return T::select(unseen, v, T::keep(T::gt(sj, T::zero()), est));
+  }
+  if (kEstimate == kEstimateOne && st.limit) {  // v > r / sqrt(sigma) <=> v * v * sigma > r * r: exact
+    const F sigma = T::fma(sj, c.inv_bias2, c.eps);
+    if (T::any(T::gt(T::mul(T::mul(v, v), sigma), c.max_ratio_sq))) v = T::min(v, T::div(c.max_ratio, T::sqrt(sigma)));
+  } else if (kEstimate == kEstimatePower && st.limit) {
+    // 2 log2(v) + gamma log2(sigma) > 2 log2(r), log2 read from the bits: each term errs low by at most 0.0861,
+    // which power_cutoff allows for, so a vector skipped has no binding lane.
+    const F sigma = T::fma(sj, c.inv_bias2, c.eps);
+    const F guess = T::fma(log2_from_bits_simd<T>(sigma), c.gamma,
+                           T::add(log2_from_bits_simd<T>(v), log2_from_bits_simd<T>(v)));
+    if (T::any(T::gt(guess, c.power_cutoff))) {
+      v = T::min(v, T::mul(c.max_ratio, exp2_simd<T>(T::mul(c.neg_half_gamma, log2_simd<T>(sigma)))));
+    }
+  }
+  return v;
+}
+
+// run_block's decode, update and step rule for the T::kWidth elements from j: writes p, and m and s to the block's
+// buffers, and raises the running maxima of |m| and s.
+template <class T, Estimate kEstimate, bool kL2, bool kBounds>
+__attribute__((always_inline)) inline void step_simd(float* p, const float* g, const int8_t* mc, const uint8_t* sc,
+                                                     const uint8_t* vc, typename T::F v, bool any_unseen,
+                                                     const BlockConstants<T>& c, const Settings& st, float* m, float* s,
+                                                     typename T::F& m_top, typename T::F& s_top, int64_t j) {
+  using F = typename T::F;
+  using I = typename T::I;
+  // Decode: a code's magnitude bits, zero where the code is 0, then (for m) the code's sign bit.
+  const I cm = T::load_codes(mc + j);
+  const I cm_magnitude = T::abs_i(cm);
+  const I m_bits = T::template shl<kMShift>(T::add_i(cm_magnitude, c.m_base));
+  const F m_old = T::with_sign_of(T::mul_nonzero(cm_magnitude, T::from_bits(m_bits), c.m_scale), cm, c.sign_bit);
+  const I cs = T::load_codes(sc + j);
+  const I s_bits = T::template shl<kSShift>(T::add_i(cs, c.s_base));
+  const F s_old = T::mul_nonzero(cs, T::from_bits(s_bits), c.s_scale);
+  // Update.
+  const F pj = T::loadu(p + j);
+  const F gj = kL2 ? T::fma(T::loadu(g + j), c.sign, T::mul(pj, c.l2)) : T::mul(T::loadu(g + j), c.sign);
+  const F mj = T::fma(T::sub(gj, m_old), c.weight1, m_old);
+  const F sj = T::fma(s_old, c.beta2, T::mul(T::mul(gj, gj), c.weight2));
+  v = rule_simd<T, kEstimate>(v, sj, vc + j, any_unseen, c, st);
+  const F updated = T::fma(pj, c.decay, T::mul(T::mul(mj, v), c.nss));
+  // min/max pass a NaN through here (their second operand), as in run_block.
+  T::storeu(p + j, kBounds ? T::min(c.hi, T::max(c.lo, updated)) : updated);
+  T::store(m + j, mj);
+  T::store(s + j, sj);
+  m_top = T::max(m_top, T::abs(mj));
+  s_top = T::max(s_top, sj);
+}
+
+// encode_exp_avg and encode_exp_avg_sq on T's lanes, for a whole block of m and s (maxima m_top and s_top).
+template <class T>
+void encode_simd(const float* m, const float* s, float m_top, float s_top, int8_t* mc, uint8_t* sc) {
+  using F = typename T::F;
+  using I = typename T::I;
+  using M = typename T::M;
+  constexpr int kParts = 32 / T::kWidth;  // vectors per 32 codes
+  const F m_inverse = T::set(m_top > 0.0f ? 1.0f / m_top : 0.0f), s_inverse = T::set(s_top > 0.0f ? 1.0f / s_top : 0.0f);
+  const F half_smallest = T::set(as_float((1 + kMBase) << kMShift) * 0.5f), zero = T::zero();
+  const I half_unit = T::set_i(1 << (kMShift - 1));
+  static_assert(kMShift == kSShift, "one rounding constant for both");
+  for (int64_t j = 0; j < kBlock; j += 32) {
+    I m_rounded[kParts], s_rounded[kParts];
+    M small[kParts], negative[kParts], positive[kParts];
+    for (int part = 0; part < kParts; ++part) {
+      const F mj = T::load(m + j + part * T::kWidth);
+      const F x = T::mul(T::abs(mj), m_inverse);
+      m_rounded[part] = T::template shr<kMShift>(T::add_i(T::bits(x), half_unit));
+      small[part] = T::ge(x, half_smallest);
+      negative[part] = T::lt(mj, zero);
+      const F sj = T::load(s + j + part * T::kWidth);
+      s_rounded[part] = T::template shr<kSShift>(T::add_i(T::bits(T::mul(sj, s_inverse)), half_unit));
+      positive[part] = T::gt(sj, zero);
+    }
+    T::store_m_codes(m_rounded, small, negative, mc + j);
+    T::store_s_codes(s_rounded, positive, sc + j);
+  }
+}
+
+// run_block<true, kEstimate> for a whole block on the build's instruction set (Isa), the same operations in the same
+// order, with L2 decay and bounds compiled in only where they are set; p, g and the codes are prefetched 4 blocks
+// ahead (without that the step waits on memory for a third of its time, the hardware prefetcher not keeping up with
+// eight streams).
 template <Estimate kEstimate, bool kL2, bool kBounds>
-void run_block_avx512(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc,
-                      float* __restrict__ m_absmax, uint8_t* __restrict__ sc, float* __restrict__ s_max,
-                      const uint8_t* __restrict__ vc, const float* __restrict__ v_lo, const float* __restrict__ v_hi,
-                      float neg_step_size, const Settings& st) {
+void simd_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc,
+                float* __restrict__ m_absmax, uint8_t* __restrict__ sc, float* __restrict__ s_max,
+                const uint8_t* __restrict__ vc, const float* __restrict__ v_lo, const float* __restrict__ v_hi,
+                float neg_step_size, const Settings& st) {
+  using T = Isa;
   alignas(64) float m[kBlock];
   alignas(64) float s[kBlock];
   PrecondTables tables;
   precond_tables(*v_lo, (*v_hi - *v_lo) * (1.0f / kVLevels), tables);
-  const __m512 v_high = _mm512_load_ps(tables.high), v_low = _mm512_load_ps(tables.low);
-  const __m512i one = _mm512_set1_epi32(1), m_base = _mm512_set1_epi32(kMBase), s_base = _mm512_set1_epi32(kSBase);
-  const __m512i sign_bit = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
-  const __m512 decay = _mm512_set1_ps(st.s[kDecay]), weight1 = _mm512_set1_ps(st.s[kWeight1]);
-  // Slot::kL2: the template parameter kL2 (a bool, 1) hides the slot's name here.
-  const __m512 sign = _mm512_set1_ps(st.s[kSign]), l2 = _mm512_set1_ps(st.s[Slot::kL2]);
-  const __m512 lo = _mm512_set1_ps(st.s[kLo]), hi = _mm512_set1_ps(st.s[kHi]);
-  const __m512 beta2 = _mm512_set1_ps(st.s[kBeta2]), weight2 = _mm512_set1_ps(st.s[kWeight2]);
-  const __m512 inv_bias2 = _mm512_set1_ps(st.inv_bias2), eps = _mm512_set1_ps(st.s[kEps]);
-  const __m512 max_ratio = _mm512_set1_ps(st.s[kMaxRatio]), nss = _mm512_set1_ps(neg_step_size);
-  const __m512 max_ratio_sq = _mm512_mul_ps(max_ratio, max_ratio);
-  const __m512 gamma = _mm512_set1_ps(st.s[kGamma]), neg_half_gamma = _mm512_set1_ps(-0.5f * st.s[kGamma]);
-  const __m512 power_cutoff = _mm512_set1_ps(st.power_cutoff);
-  const __m512 m_scale = _mm512_set1_ps(*m_absmax), s_scale = _mm512_set1_ps(*s_max);
-  __m512 m_top = _mm512_setzero_ps(), s_top = _mm512_setzero_ps();
-  for (int64_t j = 0; j < kBlock; j += 16) {
+  T::Precond precond;
+  T::precond(tables, precond);
+  const BlockConstants<T> c(st, neg_step_size, *m_absmax, *s_max);
+  T::F m_top = T::zero(), s_top = T::zero();
+  for (int64_t j = 0; j < kBlock; j += 32) {  // two cache lines of p and g per iteration
     prefetch_ahead(p, g, mc, sc, vc, j);
-    // Decode: a code's magnitude bits, zero where the code is 0, then (for m) the code's sign bit.
-    const __m512i cm = load_codes(mc + j);
-    const __m512i m_bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_abs_epi32(cm), m_base), kMShift);
-    const __m512 m_magnitude =
-        _mm512_maskz_mul_ps(_mm512_test_epi32_mask(cm, cm), _mm512_castsi512_ps(m_bits), m_scale);
-    const __m512 m_old = _mm512_castsi512_ps(  // 0xF8: magnitude | (code & sign bit)
-        _mm512_ternarylogic_epi32(_mm512_castps_si512(m_magnitude), cm, sign_bit, 0xF8));
-    const __m512i cs = load_codes(sc + j);
-    const __m512i s_bits = _mm512_slli_epi32(_mm512_add_epi32(cs, s_base), kSShift);
-    const __m512 s_old = _mm512_maskz_mul_ps(_mm512_test_epi32_mask(cs, cs), _mm512_castsi512_ps(s_bits), s_scale);
-    const __m512i cv = load_codes(vc + j);
-    const __m512i index = _mm512_sub_epi32(cv, one);  // permutexvar reads the low 4 bits: (c - 1) & 15
-    const __mmask16 seen = _mm512_test_epi32_mask(cv, cv);
-    __m512 v = _mm512_maskz_mul_ps(seen, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), v_high),
-                                   _mm512_permutexvar_ps(index, v_low));
-    // Update.
-    const __m512 pj = _mm512_loadu_ps(p + j);
-    const __m512 gj = kL2 ? _mm512_fmadd_ps(_mm512_loadu_ps(g + j), sign, _mm512_mul_ps(pj, l2))
-                          : _mm512_mul_ps(_mm512_loadu_ps(g + j), sign);
-    const __m512 mj = _mm512_fmadd_ps(_mm512_sub_ps(gj, m_old), weight1, m_old);
-    const __m512 sj = _mm512_fmadd_ps(s_old, beta2, _mm512_mul_ps(_mm512_mul_ps(gj, gj), weight2));
-    // The late-seen rule is computed only in the vectors with a code 0, the limit only in those where a lane may
-    // bind, rare where gradients are stationary.
-    const __mmask16 unseen = st.late_seen ? static_cast<__mmask16>(~seen) : 0;
-    if (kEstimate != kNoEstimate && unseen) {
-      const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
-      const __m512 root = _mm512_sqrt_ps(sigma);
-      const __m512 est = kEstimate == kEstimateOne ? _mm512_div_ps(_mm512_set1_ps(1.0f), root)
-                                                   : exp2_poly16(_mm512_mul_ps(neg_half_gamma, log2_poly16(sigma)));
-      const __m512 limit = kEstimate == kEstimateOne ? _mm512_div_ps(max_ratio, root) : _mm512_mul_ps(max_ratio, est);
-      if (st.limit) v = _mm512_min_ps(v, limit);
-      const __m512 fresh = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sj, _mm512_setzero_ps(), _CMP_GT_OQ), est);
-      v = _mm512_mask_mov_ps(v, unseen, fresh);
-    } else if (kEstimate == kEstimateOne && st.limit) {  // v > r / sqrt(sigma) <=> v * v * sigma > r * r: exact
-      const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
-      const __mmask16 binds = _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_mul_ps(v, v), sigma), max_ratio_sq, _CMP_GT_OQ);
-      if (binds) v = _mm512_min_ps(v, _mm512_div_ps(max_ratio, _mm512_sqrt_ps(sigma)));
-    } else if (kEstimate == kEstimatePower && st.limit) {
-      // 2 log2(v) + gamma log2(sigma) > 2 log2(r), log2 read from the bits: each term errs low by at most 0.0861,
-      // which power_cutoff allows for, so a vector skipped has no binding lane.
-      const __m512 sigma = _mm512_fmadd_ps(sj, inv_bias2, eps);
-      const __m512 guess =
-          _mm512_fmadd_ps(log2_from_bits16(sigma), gamma, _mm512_add_ps(log2_from_bits16(v), log2_from_bits16(v)));
-      if (_mm512_cmp_ps_mask(guess, power_cutoff, _CMP_GT_OQ)) {
-        const __m512 power = exp2_poly16(_mm512_mul_ps(neg_half_gamma, log2_poly16(sigma)));
-        v = _mm512_min_ps(v, _mm512_mul_ps(max_ratio, power));
-      }
+    prefetch_ahead(p, g, mc, sc, vc, j + 16);
+    T::F v[32 / T::kWidth];
+    const bool any_unseen = T::decode_precond32(precond, vc + j, v) && st.late_seen;
+    for (int part = 0; part < 32 / T::kWidth; ++part) {
+      step_simd<T, kEstimate, kL2, kBounds>(p, g, mc, sc, vc, v[part], any_unseen, c, st, m, s, m_top, s_top,
+                                            j + part * T::kWidth);
     }
-    const __m512 updated = _mm512_fmadd_ps(pj, decay, _mm512_mul_ps(_mm512_mul_ps(mj, v), nss));
-    // max/min return their second operand where one is NaN: NaN stays NaN, as in run_block.
-    _mm512_storeu_ps(p + j, kBounds ? _mm512_min_ps(hi, _mm512_max_ps(lo, updated)) : updated);
-    _mm512_store_ps(m + j, mj);
-    _mm512_store_ps(s + j, sj);
-    m_top = _mm512_max_ps(m_top, _mm512_abs_ps(mj));
-    s_top = _mm512_max_ps(s_top, sj);
   }
-  const float m_top_value = _mm512_reduce_max_ps(m_top), s_top_value = _mm512_reduce_max_ps(s_top);
-  // Encode, as encode_exp_avg and encode_exp_avg_sq.
-  const __m512 m_inverse = _mm512_set1_ps(m_top_value > 0.0f ? 1.0f / m_top_value : 0.0f);
-  const __m512 s_inverse = _mm512_set1_ps(s_top_value > 0.0f ? 1.0f / s_top_value : 0.0f);
-  const __m512 half_smallest = _mm512_set1_ps(as_float((1 + kMBase) << kMShift) * 0.5f);
-  const __m512i half_unit = _mm512_set1_epi32(1 << (kMShift - 1));
-  const __m512i m_top_code = _mm512_set1_epi32(kMTop), s_top_code = _mm512_set1_epi32(kSTop);
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t j = 0; j < kBlock; j += 16) {
-    const __m512 mj = _mm512_load_ps(m + j);
-    const __m512 x = _mm512_mul_ps(_mm512_abs_ps(mj), m_inverse);
-    const __m512i rounded =
-        _mm512_sub_epi32(_mm512_srai_epi32(_mm512_add_epi32(_mm512_castps_si512(x), half_unit), kMShift), m_base);
-    const __m512i small = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, half_smallest, _CMP_GE_OQ), one);
-    const __m512i magnitude = _mm512_max_epi32(_mm512_min_epi32(rounded, m_top_code), small);
-    const __mmask16 negative = _mm512_cmp_ps_mask(mj, zero, _CMP_LT_OQ);
-    store_codes(_mm512_mask_sub_epi32(magnitude, negative, _mm512_setzero_si512(), magnitude), mc + j);
-    const __m512 sj = _mm512_load_ps(s + j);
-    const __m512 y = _mm512_mul_ps(sj, s_inverse);
-    const __m512i s_rounded =
-        _mm512_sub_epi32(_mm512_srai_epi32(_mm512_add_epi32(_mm512_castps_si512(y), half_unit), kSShift), s_base);
-    const __m512i s_code = _mm512_min_epi32(_mm512_max_epi32(s_rounded, one), s_top_code);
-    store_codes(_mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(sj, zero, _CMP_GT_OQ), s_code), sc + j);
-  }
+  const float m_top_value = T::reduce_max(m_top), s_top_value = T::reduce_max(s_top);
+  encode_simd<T>(m, s, m_top_value, s_top_value, mc, sc);
   *m_absmax = m_top_value;
   *s_max = s_top_value;
 }
 
-template <Estimate kEstimate, bool kL2, bool kBounds>
-constexpr WholeBlock kWholeBlock = run_block_avx512<kEstimate, kL2, kBounds>;
-#endif  // AVX-512
+// A whole block's step, picked per tensor for its limit, L2 decay and bounds.
+using WholeBlock = void (*)(float*, const float*, int8_t*, float*, uint8_t*, float*, const uint8_t*, const float*,
+                            const float*, float, const Settings&);
 
-#if !defined(ANON_HF_AVX512) && defined(__AVX2__) && defined(__FMA__)
-#define ANON_HF_AVX2 1
-
-// Whole blocks in AVX2 builds (CPUs without AVX-512, or ATEN_CPU_CAPABILITY=avx2): run_block_avx512's operations on
-// 8 lanes, 32 vectors a block. AVX2 has no mask registers: codes of 0 zero their value by vpsignd (one instruction for
-// a compare and an andnot), v's 16-entry tables are read by two vpermps on their halves and a blend on bit 3 of the
-// index, and the int32 codes are narrowed by saturating packs (the clamps before them keep the saturation from
-// deciding anything). As for AVX-512, p, g and the codes are prefetched 4 blocks ahead. What GCC 12 makes of
-// run_block's loops for AVX2 took 4.3x fused AdamW's step time (Llama-style 20M shapes, one thread); this, 1.8x.
-
-// 8 codes widened to int32.
-inline __m256i load_codes8(const int8_t* codes) {
-  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
-}
-
-inline __m256i load_codes8(const uint8_t* codes) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
-}
-
-// The int16 lanes of two 8-lane int32 vectors a, b in order a0..a7 b0..b7 (packs works within 128-bit halves).
-inline __m128i pack_pair(__m256i a, __m256i b, __m128i* high) {
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // 0, 2, 1, 3
-  *high = _mm256_extracti128_si256(packed, 1);
-  return _mm256_castsi256_si128(packed);
-}
-
-// Signed int8 codes (m, in [-127, 127]) of a0..a7 b0..b7.
-inline void store_codes16(__m256i a, __m256i b, int8_t* out) {
-  __m128i high;
-  const __m128i low = pack_pair(a, b, &high);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(low, high));
-}
-
-// Unsigned uint8 codes (s, in [0, 255]) of a0..a7 b0..b7.
-inline void store_codes16(__m256i a, __m256i b, uint8_t* out) {
-  __m128i high;
-  const __m128i low = pack_pair(a, b, &high);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(low, high));
-}
-
-// table[index & 7 | (select < 0 ? 8 : 0)] for a 16-entry table held as its halves (entries 0-7, 8-15): vpermps
-// reads bits 0-2 of the index, blendv the sign bit of `select`, where the caller shifts the index's bit 3.
-inline __m256 lookup16(__m256 first, __m256 second, __m256i index, __m256i select) {
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(first, index), _mm256_permutevar8x32_ps(second, index),
-                          _mm256_castsi256_ps(select));
-}
-
-// x where the int32 code (>= 0) is nonzero, else +0: vpsignd, one instruction for a compare and an andnot.
-inline __m256 where_nonzero(__m256i code, __m256 x) {
-  return _mm256_castsi256_ps(_mm256_sign_epi32(_mm256_castps_si256(x), code));
-}
-
-inline __m256 fma8(__m256 a, float b, float c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), _mm256_set1_ps(c)); }
-
-inline float reduce_max8(__m256 x) {
-  __m128 y = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  y = _mm_max_ps(y, _mm_movehl_ps(y, y));
-  y = _mm_max_ss(y, _mm_movehdup_ps(y));
-  return _mm_cvtss_f32(y);
-}
-
-// exp2_poly, log2_poly and power_limit on 8 lanes: the same operations.
-inline __m256 exp2_poly8(__m256 x) {
-  const __m256 round = _mm256_set1_ps(12582912.0f);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
-  const __m256 shifted = _mm256_add_ps(x, round);
-  const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_castps_si256(round));
-  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, round));
-  __m256 p = fma8(f, 1.535336188319500e-4f, 1.339887440266574e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  const __m256 r = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(r), _mm256_slli_epi32(n, 23)));
-}
-
-inline __m256 log2_poly8(__m256 x) {
-  const __m256i bits =
-      _mm256_max_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(as_int(std::numeric_limits<float>::min())));
-  const __m256i exponent = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f3504f3)), 23);
-  const __m256 f = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(exponent, 23))),
-                                 _mm256_set1_ps(1.0f));
-  const __m256 z = _mm256_mul_ps(f, f);
-  __m256 y = fma8(f, 7.0376836292e-2f, -1.1514610310e-1f);
-  for (const float c : {1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f,
-                        -2.4999993993e-1f, 3.3333331174e-1f}) {
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c));
-  }
-  const __m256 tail = _mm256_fmadd_ps(_mm256_mul_ps(y, f), z, _mm256_mul_ps(_mm256_set1_ps(-0.5f), z));
-  const __m256 ln = _mm256_add_ps(f, tail);
-  return _mm256_fmadd_ps(ln, _mm256_set1_ps(1.44269504088896341f), _mm256_cvtepi32_ps(exponent));
-}
-
-// As log2_from_bits16.
-inline __m256 log2_from_bits8(__m256 x) {
-  return fma8(_mm256_cvtepi32_ps(_mm256_castps_si256(x)), 1.0f / (1 << 23), -127.0f);
-}
-
-// run_block_avx512 on 8 lanes: the same operations in the same order.
-template <Estimate kEstimate, bool kL2, bool kBounds>
-void run_block_avx2(float* __restrict__ p, const float* __restrict__ g, int8_t* __restrict__ mc,
-                    float* __restrict__ m_absmax, uint8_t* __restrict__ sc, float* __restrict__ s_max,
-                    const uint8_t* __restrict__ vc, const float* __restrict__ v_lo, const float* __restrict__ v_hi,
-                    float neg_step_size, const Settings& st) {
-  alignas(64) float m[kBlock];
-  alignas(64) float s[kBlock];
-  PrecondTables tables;
-  precond_tables(*v_lo, (*v_hi - *v_lo) * (1.0f / kVLevels), tables);
-  const __m256 v_high0 = _mm256_load_ps(tables.high), v_high1 = _mm256_load_ps(tables.high + 8);
-  const __m256 v_low0 = _mm256_load_ps(tables.low), v_low1 = _mm256_load_ps(tables.low + 8);
-  const __m256i one = _mm256_set1_epi32(1), m_base = _mm256_set1_epi32(kMBase), s_base = _mm256_set1_epi32(kSBase);
-  const __m256i sign_bit = _mm256_set1_epi32(std::numeric_limits<int32_t>::min()), zero_codes = _mm256_setzero_si256();
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(std::numeric_limits<int32_t>::max()));
-  const __m256 decay = _mm256_set1_ps(st.s[kDecay]), weight1 = _mm256_set1_ps(st.s[kWeight1]);
-  // Slot::kL2: the template parameter kL2 (a bool, 1) hides the slot's name here.
-  const __m256 sign = _mm256_set1_ps(st.s[kSign]), l2 = _mm256_set1_ps(st.s[Slot::kL2]);
-  const __m256 lo = _mm256_set1_ps(st.s[kLo]), hi = _mm256_set1_ps(st.s[kHi]);
-  const __m256 beta2 = _mm256_set1_ps(st.s[kBeta2]), weight2 = _mm256_set1_ps(st.s[kWeight2]);
-  const __m256 inv_bias2 = _mm256_set1_ps(st.inv_bias2), eps = _mm256_set1_ps(st.s[kEps]);
-  const __m256 max_ratio = _mm256_set1_ps(st.s[kMaxRatio]), nss = _mm256_set1_ps(neg_step_size);
-  const __m256 max_ratio_sq = _mm256_mul_ps(max_ratio, max_ratio);
-  const __m256 gamma = _mm256_set1_ps(st.s[kGamma]), neg_half_gamma = _mm256_set1_ps(-0.5f * st.s[kGamma]);
-  const __m256 power_cutoff = _mm256_set1_ps(st.power_cutoff);
-  const __m256 m_scale = _mm256_set1_ps(*m_absmax), s_scale = _mm256_set1_ps(*s_max);
-  __m256 m_top = _mm256_setzero_ps(), s_top = _mm256_setzero_ps();
-  // 8 lanes from element j: decode, update, limit (as run_block_avx512's, per 8 lanes), store p, m and s.
-  const auto step8 = [&](int64_t j) __attribute__((always_inline)) {
-    // Decode: a code's magnitude bits, zero where the code is 0, then (for m) the code's sign bit.
-    const __m256i cm = load_codes8(mc + j);
-    const __m256i cm_magnitude = _mm256_abs_epi32(cm);
-    const __m256i m_bits = _mm256_slli_epi32(_mm256_add_epi32(cm_magnitude, m_base), kMShift);
-    const __m256 m_magnitude = where_nonzero(cm_magnitude, _mm256_mul_ps(_mm256_castsi256_ps(m_bits), m_scale));
-    const __m256 m_old =
-        _mm256_or_ps(m_magnitude, _mm256_castsi256_ps(_mm256_and_si256(cm, sign_bit)));
-    const __m256i cs = load_codes8(sc + j);
-    const __m256i s_bits = _mm256_slli_epi32(_mm256_add_epi32(cs, s_base), kSShift);
-    const __m256 s_old = where_nonzero(cs, _mm256_mul_ps(_mm256_castsi256_ps(s_bits), s_scale));
-    const __m256i cv = load_codes8(vc + j);
-    const __m256i index = _mm256_sub_epi32(cv, one);  // (c - 1) >> 4 and (c - 1) & 15 by lookup16
-    const int unseen = st.late_seen ? _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(cv, zero_codes))) : 0;
-    __m256 v = where_nonzero(
-        cv, _mm256_mul_ps(lookup16(v_high0, v_high1, _mm256_srli_epi32(index, 4), _mm256_slli_epi32(index, 24)),
-                          lookup16(v_low0, v_low1, index, _mm256_slli_epi32(index, 28))));
-    // Update.
-    const __m256 pj = _mm256_loadu_ps(p + j);
-    const __m256 gj = kL2 ? _mm256_fmadd_ps(_mm256_loadu_ps(g + j), sign, _mm256_mul_ps(pj, l2))
-                          : _mm256_mul_ps(_mm256_loadu_ps(g + j), sign);
-    const __m256 mj = _mm256_fmadd_ps(_mm256_sub_ps(gj, m_old), weight1, m_old);
-    const __m256 sj = _mm256_fmadd_ps(s_old, beta2, _mm256_mul_ps(_mm256_mul_ps(gj, gj), weight2));
-    if (kEstimate != kNoEstimate && unseen) {  // as run_block_avx512
-      const __m256 sigma = _mm256_fmadd_ps(sj, inv_bias2, eps);
-      const __m256 root = _mm256_sqrt_ps(sigma);
-      const __m256 est = kEstimate == kEstimateOne ? _mm256_div_ps(_mm256_set1_ps(1.0f), root)
-                                                   : exp2_poly8(_mm256_mul_ps(neg_half_gamma, log2_poly8(sigma)));
-      const __m256 limit = kEstimate == kEstimateOne ? _mm256_div_ps(max_ratio, root) : _mm256_mul_ps(max_ratio, est);
-      if (st.limit) v = _mm256_min_ps(v, limit);
-      const __m256 fresh = _mm256_and_ps(_mm256_cmp_ps(sj, _mm256_setzero_ps(), _CMP_GT_OQ), est);
-      v = _mm256_blendv_ps(v, fresh, _mm256_castsi256_ps(_mm256_cmpeq_epi32(cv, zero_codes)));
-    } else if (kEstimate == kEstimateOne && st.limit) {
-      const __m256 sigma = _mm256_fmadd_ps(sj, inv_bias2, eps);
-      const __m256 binds = _mm256_cmp_ps(_mm256_mul_ps(_mm256_mul_ps(v, v), sigma), max_ratio_sq, _CMP_GT_OQ);
-      if (_mm256_movemask_ps(binds)) v = _mm256_min_ps(v, _mm256_div_ps(max_ratio, _mm256_sqrt_ps(sigma)));
-    } else if (kEstimate == kEstimatePower && st.limit) {
-      const __m256 sigma = _mm256_fmadd_ps(sj, inv_bias2, eps);
-      const __m256 guess =
-          _mm256_fmadd_ps(log2_from_bits8(sigma), gamma, _mm256_add_ps(log2_from_bits8(v), log2_from_bits8(v)));
-      if (_mm256_movemask_ps(_mm256_cmp_ps(guess, power_cutoff, _CMP_GT_OQ))) {
-        const __m256 power = exp2_poly8(_mm256_mul_ps(neg_half_gamma, log2_poly8(sigma)));
-        v = _mm256_min_ps(v, _mm256_mul_ps(max_ratio, power));
-      }
-    }
-    const __m256 updated = _mm256_fmadd_ps(pj, decay, _mm256_mul_ps(_mm256_mul_ps(mj, v), nss));
-    _mm256_storeu_ps(p + j, kBounds ? _mm256_min_ps(hi, _mm256_max_ps(lo, updated)) : updated);
-    _mm256_store_ps(m + j, mj);
-    _mm256_store_ps(s + j, sj);
-    m_top = _mm256_max_ps(m_top, _mm256_and_ps(mj, abs_mask));
-    s_top = _mm256_max_ps(s_top, sj);
-  };
-  for (int64_t j = 0; j < kBlock; j += 16) {  // a cache line of p and g per iteration
-    prefetch_ahead(p, g, mc, sc, vc, j);
-    step8(j);
-    step8(j + 8);
-  }
-  const float m_top_value = reduce_max8(m_top), s_top_value = reduce_max8(s_top);
-  // Encode, as encode_exp_avg and encode_exp_avg_sq.
-  const __m256 m_inverse = _mm256_set1_ps(m_top_value > 0.0f ? 1.0f / m_top_value : 0.0f);
-  const __m256 s_inverse = _mm256_set1_ps(s_top_value > 0.0f ? 1.0f / s_top_value : 0.0f);
-  const __m256 half_smallest = _mm256_set1_ps(as_float((1 + kMBase) << kMShift) * 0.5f);
-  const __m256i half_unit = _mm256_set1_epi32(1 << (kMShift - 1));
-  const __m256i m_top_code = _mm256_set1_epi32(kMTop), s_top_code = _mm256_set1_epi32(kSTop);
-  const __m256 zero = _mm256_setzero_ps();
-  const auto m_code8 = [&](int64_t j) __attribute__((always_inline)) {
-    const __m256 mj = _mm256_load_ps(m + j);
-    const __m256 x = _mm256_mul_ps(_mm256_and_ps(mj, abs_mask), m_inverse);
-    const __m256i rounded =
-        _mm256_sub_epi32(_mm256_srai_epi32(_mm256_add_epi32(_mm256_castps_si256(x), half_unit), kMShift), m_base);
-    const __m256i small = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, half_smallest, _CMP_GE_OQ)), one);
-    const __m256i magnitude = _mm256_max_epi32(_mm256_min_epi32(rounded, m_top_code), small);
-    const __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(mj, zero, _CMP_LT_OQ));  // -1 or 0
-    return _mm256_sub_epi32(_mm256_xor_si256(magnitude, negative), negative);
-  };
-  const auto s_code8 = [&](int64_t j) __attribute__((always_inline)) {
-    const __m256 sj = _mm256_load_ps(s + j);
-    const __m256 y = _mm256_mul_ps(sj, s_inverse);
-    const __m256i s_rounded =
-        _mm256_sub_epi32(_mm256_srai_epi32(_mm256_add_epi32(_mm256_castps_si256(y), half_unit), kSShift), s_base);
-    const __m256i s_code = _mm256_min_epi32(_mm256_max_epi32(s_rounded, one), s_top_code);
-    return _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(sj, zero, _CMP_GT_OQ)), s_code);
-  };
-  for (int64_t j = 0; j < kBlock; j += 16) {
-    store_codes16(m_code8(j), m_code8(j + 8), mc + j);
-    store_codes16(s_code8(j), s_code8(j + 8), sc + j);
-  }
-  *m_absmax = m_top_value;
-  *s_max = s_top_value;
-}
-
-template <Estimate kEstimate, bool kL2, bool kBounds>
-constexpr WholeBlock kWholeBlock = run_block_avx2<kEstimate, kL2, kBounds>;
-#endif  // AVX2
-
-#if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
-// The build's whole-block step (kWholeBlock, AVX-512 or AVX2) compiled for this limit, L2 decay and bounds.
 template <Estimate kEstimate>
 WholeBlock whole_block_for(bool l2, bool bounds) {
-  if (l2) return bounds ? kWholeBlock<kEstimate, true, true> : kWholeBlock<kEstimate, true, false>;
-  return bounds ? kWholeBlock<kEstimate, false, true> : kWholeBlock<kEstimate, false, false>;
+  if (l2) return bounds ? simd_block<kEstimate, true, true> : simd_block<kEstimate, true, false>;
+  return bounds ? simd_block<kEstimate, false, true> : simd_block<kEstimate, false, false>;
 }
 
 WholeBlock whole_block_for(Estimate limit, bool l2, bool bounds) {
@@ -767,8 +811,8 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const WholeBlock whole_block = preconditioned ? whole_block_for(kind, l2, bounds) : nullptr;
 #endif
     const int64_t blocks = (numel + kBlock - 1) / kBlock;
-    // Whole blocks per thread: results do not depend on the thread count.
-    for_each_part(blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    // Whole blocks per chunk: results do not depend on the thread count or on which thread takes a chunk.
+    for_each_chunk(blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t start = b * kBlock;
         const int64_t n = std::min(kBlock, numel - start);
@@ -900,12 +944,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.attr("BLOCK") = kBlock;
 #ifdef ANON_HF_AVX512
-  module.attr("AVX512_STEP") = true;  // whole blocks take run_block_avx512
+  module.attr("AVX512_STEP") = true;  // whole blocks take simd_block over Avx512
 #else
   module.attr("AVX512_STEP") = false;
 #endif
 #ifdef ANON_HF_AVX2
-  module.attr("AVX2_STEP") = true;  // whole blocks take run_block_avx2
+  module.attr("AVX2_STEP") = true;  // whole blocks take simd_block over Avx2
 #else
   module.attr("AVX2_STEP") = false;
 #endif

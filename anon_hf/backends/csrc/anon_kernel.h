@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -129,6 +130,28 @@ void run_in_parts(int64_t n, int64_t parts, const F& body) {
   };
   GOMP_parallel(run_part, &task, static_cast<unsigned>(parts), 0);
 }
+
+// body(begin, end) over [0, n) in chunks of `grain` units that the threads of an OpenMP team of `threads` take in turn
+// from a shared counter: a thread that runs faster (its core not shared with another job) takes more chunks, where
+// run_in_parts' equal parts wait for the slowest thread.
+template <typename F>
+void run_in_chunks(int64_t n, int64_t grain, int64_t threads, const F& body) {
+  struct Task {
+    const F* body;
+    int64_t n;
+    int64_t grain;
+    std::atomic<int64_t> next;
+  };
+  Task task{&body, n, grain, {0}};
+  const auto run_chunks = [](void* data) {
+    Task* t = static_cast<Task*>(data);
+    for (int64_t begin = t->next.fetch_add(t->grain, std::memory_order_relaxed); begin < t->n;
+         begin = t->next.fetch_add(t->grain, std::memory_order_relaxed)) {
+      (*t->body)(begin, std::min(t->n, begin + t->grain));
+    }
+  };
+  GOMP_parallel(run_chunks, &task, static_cast<unsigned>(threads), 0);
+}
 #endif
 
 // body(begin, end) over [0, n) units (elements or blocks): in one part per torch thread when n is at least two grains
@@ -140,6 +163,20 @@ void for_each_part(int64_t n, int64_t grain, const F& body) {
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && n >= 2 * grain && !at::in_parallel_region()) {
     run_in_parts(n, std::min(threads, n / grain), body);
+    return;
+  }
+#endif
+  if (n > 0) body(0, n);
+}
+
+// for_each_part's split, but in chunks of `grain` units taken in turn by torch's threads (run_in_chunks), for a body
+// whose results do not depend on which thread runs a chunk.
+template <typename F>
+void for_each_chunk(int64_t n, int64_t grain, const F& body) {
+#ifdef ANON_HF_OPENMP_ABI
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && n >= 2 * grain && !at::in_parallel_region()) {
+    run_in_chunks(n, grain, std::min(threads, n / grain), body);
     return;
   }
 #endif
