@@ -257,10 +257,11 @@ struct OrdinaryScalars {
 
 // One block of an ordinary step of a preconditioned tensor (a step between refreshes: nearly every step), computed
 // as block<..., false> computes it, in the same order of operations, but with every load before the first store.
-// Returns false, having written nothing, where the step rule needs est on a lane of the block (see step_precond);
-// the caller then runs block on it, out of line, so that the loop over the common blocks has no call in it and keeps
-// its vectors and scalars in registers (block's step_precond is a call, made for every block whenever the group has
-// a step rule, as at the defaults, with the block's vectors spilled around it).
+// Where the step rule needs est on a lane of the block (see step_precond), est is computed here for gamma == 1 (a
+// reciprocal square root); for the other modes (exp and log, library calls) it returns false, having written nothing,
+// and the caller runs block on it, out of line. So the loop over the blocks has no call in it and keeps its vectors
+// and scalars in registers (block's step_precond is a call, made for every block whenever the group has a step rule,
+// as at the defaults, with the block's vectors spilled around it).
 template <typename P, typename M, typename V>
 inline bool ordinary_block(P* p, const P* g, M* m, M* s, const V* v, int64_t i, const OrdinaryScalars& c,
                            const Settings& st) {
@@ -287,7 +288,10 @@ inline bool ordinary_block(P* p, const P* g, M* m, M* s, const V* v, int64_t i, 
     if (any_unseen(v0, rule) || any_unseen(v1, rule) ||
         (rule.limit && (limit_binds(sigma0, v0, rule.estimate, st.s, rule.cutoff) ||
                         limit_binds(sigma1, v1, rule.estimate, st.s, rule.cutoff)))) {
-      return false;
+      // est as estimate() computes it for gamma == 1.
+      if (rule.estimate != Mode::kOne) return false;
+      v0 = rule_precond(s0, v0, sigma0.rsqrt(), rule, st.s);
+      v1 = rule_precond(s1, v1, sigma1.rsqrt(), rule, st.s);
     }
   }
   FloatVec n0 = p0 * c.decay + m0 * v0 * c.step_size;
