@@ -20,7 +20,9 @@
 // arrives as an argument and the kernel never picks one. The scalars, modes, moment updates and step rule are
 // anon_kernel.h's, shared with the 8-bit kernel.
 //
-// Elementwise only: results do not depend on the number of threads.
+// Elementwise only: results do not depend on the number of threads. An ordinary step of a preconditioned tensor runs
+// ordinary_range, a loop without calls that hands the rare blocks where the step rule computes est to the general
+// block; refreshes, their checks and the tails run block.
 
 #include "anon_kernel.h"
 
@@ -243,6 +245,89 @@ struct Storage {
   V* v;
 };
 
+// An ordinary step's scalars as vectors, broadcast once per range: read from Settings in the loop, they would be
+// loaded again for every block, since the compiler cannot tell that a store to p, m or s leaves them unchanged.
+struct OrdinaryScalars {
+  FloatVec sign, l2, weight1, beta2, weight2, inv_bias2, eps, decay, step_size, lo, hi;
+  OrdinaryScalars(const Settings& st, float neg_step_size)
+      : sign(st.s[kSign]), l2(st.s[kL2]), weight1(st.s[kWeight1]), beta2(st.s[kBeta2]), weight2(st.s[kWeight2]),
+        inv_bias2(st.inv_bias2), eps(st.s[kEps]), decay(st.s[kDecay]), step_size(neg_step_size), lo(st.s[kLo]),
+        hi(st.s[kHi]) {}
+};
+
+// One block of an ordinary step of a preconditioned tensor (a step between refreshes: nearly every step), computed
+// as block<..., false> computes it, in the same order of operations, but with every load before the first store.
+// Where the step rule needs est on a lane of the block (see step_precond), est is computed here for gamma == 1 (a
+// reciprocal square root); for the other modes (exp and log, library calls) it returns false, having written nothing,
+// and the caller runs block on it, out of line. So the loop over the blocks has no call in it and keeps its vectors
+// and scalars in registers (block's step_precond is a call, made for every block whenever the group has a step rule,
+// as at the defaults, with the block's vectors spilled around it).
+template <typename P, typename M, typename V>
+inline bool ordinary_block(P* p, const P* g, M* m, M* s, const V* v, int64_t i, const OrdinaryScalars& c,
+                           const Settings& st) {
+  FloatVec p0, p1, g0, g1, m0, m1, s0, s1, v0, v1;
+  load2(g + i, g0, g1);
+  load2(p + i, p0, p1);
+  load2(m + i, m0, m1);
+  load2(s + i, s0, s1);
+  load2(v + i, v0, v1);
+  g0 = g0 * c.sign;
+  g1 = g1 * c.sign;
+  if (st.l2) {
+    g0 = g0 + p0 * c.l2;
+    g1 = g1 + p1 * c.l2;
+  }
+  m0 = first_moment(m0, g0, c.weight1);
+  m1 = first_moment(m1, g1, c.weight1);
+  s0 = accumulator(s0, g0, c.beta2, c.weight2);
+  s1 = accumulator(s1, g1, c.beta2, c.weight2);
+  const StepRule& rule = st.rule;
+  if (rule.estimate != Mode::kNone) {
+    const FloatVec sigma0 = at::vec::fmadd(s0, c.inv_bias2, c.eps);
+    const FloatVec sigma1 = at::vec::fmadd(s1, c.inv_bias2, c.eps);
+    if (any_unseen(v0, rule) || any_unseen(v1, rule) ||
+        (rule.limit && (limit_binds(sigma0, v0, rule.estimate, st.s, rule.cutoff) ||
+                        limit_binds(sigma1, v1, rule.estimate, st.s, rule.cutoff)))) {
+      // est as estimate() computes it for gamma == 1.
+      if (rule.estimate != Mode::kOne) return false;
+      v0 = rule_precond(s0, v0, sigma0.rsqrt(), rule, st.s);
+      v1 = rule_precond(s1, v1, sigma1.rsqrt(), rule, st.s);
+    }
+  }
+  FloatVec n0 = p0 * c.decay + m0 * v0 * c.step_size;
+  FloatVec n1 = p1 * c.decay + m1 * v1 * c.step_size;
+  if (st.bounds) {
+    n0 = at::vec::clamp(n0, c.lo, c.hi);
+    n1 = at::vec::clamp(n1, c.lo, c.hi);
+  }
+  store2(m + i, m0, m1);
+  store2(s + i, s0, s1);
+  store2(p + i, n0, n1);
+  return true;
+}
+
+// block, kept out of line: what an ordinary step runs on the blocks ordinary_block declines.
+template <typename P, typename M, typename V>
+__attribute__((noinline)) void ordinary_block_with_rule(P* p, const P* g, M* m, M* s, V* v, int64_t i,
+                                                        float neg_step_size, const Settings& st) {
+  FloatVec unused(0.0f);
+  block<P, M, V, false>(p, g, m, s, v, i, neg_step_size, true, st, &unused);
+}
+
+// An ordinary step's full blocks from index i to end; returns where the tail starts. Flattened: the step rule's checks
+// (anon_kernel.h) are inlined into the loop rather than called, and only ordinary_block_with_rule stays a call.
+template <typename P, typename M, typename V>
+__attribute__((flatten)) int64_t ordinary_range(P* p, const P* g, M* m, M* s, V* v, int64_t i, int64_t end,
+                                                float neg_step_size, const Settings& st) {
+  const OrdinaryScalars scalars(st, neg_step_size);
+  for (; i + kBlock <= end; i += kBlock) {
+    if (!ordinary_block<P, M, V>(p, g, m, s, v, i, scalars, st)) {
+      ordinary_block_with_rule<P, M, V>(p, g, m, s, v, i, neg_step_size, st);
+    }
+  }
+  return i;
+}
+
 // The tail of a range, count < kBlock elements from index i, through zero-padded copies (s and v padded with ones so
 // that a refresh check sees finite values there).
 template <typename P, typename M, typename V, bool Check>
@@ -276,6 +361,11 @@ template <typename P, typename M, typename V, bool Check>
 bool run_range(Storage<P, M, V> t, int64_t begin, int64_t end, float neg_step_size, bool keep, const Settings& st) {
   FloatVec bad(0.0f);
   int64_t i = begin;
+  if constexpr (!Check) {
+    if (st.preconditioned && st.refresh == Mode::kNone) {
+      i = ordinary_range(t.p, t.g, t.m, t.s, t.v, i, end, neg_step_size, st);
+    }
+  }
   for (; i + kBlock <= end; i += kBlock) block<P, M, V, Check>(t.p, t.g, t.m, t.s, t.v, i, neg_step_size, keep, st, &bad);
   if (i < end) tail<P, M, V, Check>(t, i, end - i, neg_step_size, keep, st, &bad);
   if (!Check) return true;
