@@ -475,13 +475,22 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """An ``Anon8bit`` state dict as the fp32 state dict :class:`anon_hf.Anon` loads (a new dict; the input is kept).
 
-    Each 8-bit entry becomes an fp32 tensor shaped like its codes; full-precision entries, steps and param groups are
+    Each 8-bit entry becomes an fp32 tensor shaped like its codes (under FSDP2, from :meth:`Anon8bit.state_dict`: an
+    fp32 DTensor placed like its codes, this rank's shard decoded); full-precision entries, steps and param groups are
     copied as they are (``min_8bit_size`` is dropped from the groups). The reverse needs no function:
     :meth:`Anon8bit.load_state_dict` takes an ``Anon`` state dict and quantizes it.
     """
-    state = {key: _decoded(value) if isinstance(value, dict) else value for key, value in state_dict["state"].items()}
+    state = {
+        key: _decoded_entries(value) if isinstance(value, dict) else value
+        for key, value in state_dict["state"].items()
+    }
     groups = [{k: v for k, v in group.items() if k != "min_8bit_size"} for group in state_dict["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def _decoded_entries(entries: dict[str, Any]) -> dict[str, Any]:
+    """One tensor's state in a state dict, decoded: the FSDP2 DTensor form by its rows, other 8-bit state by blocks."""
+    return shard8.dequantize_rows(entries) if shard8.ROWS_KEY in entries else _decoded(entries)
 
 
 # Anon's keywords that only full-precision state has: refused when given (_refuse_full_precision_options) and left

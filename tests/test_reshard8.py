@@ -78,6 +78,8 @@ def test_fsdp2_8bit_state_resumes_bitwise_through_dcp_on_the_world_size_that_wro
         assert result["steps"] == [6], rank
         assert result["params_bitwise"], rank
         assert result["full_state_dict_mismatches"] == [], rank
+        # dequantize_state_dict decodes each shard of the DTensor form (into fp32 DTensors that Anon loads).
+        assert result["dequantized_mismatches"] == [], rank
         for name, moment in result["moments"].items():
             assert moment["bitwise"], (rank, name, moment)
         assert result["state_mismatches"] == [], rank
@@ -93,6 +95,7 @@ def test_fsdp2_8bit_state_reshards_through_dcp(reshard8, saved, loaded):
         assert result["params_bitwise"], rank
         # The gathered form (full_state_dict=True, broadcast from rank 0) gives the same state as dcp.load.
         assert result["full_state_dict_mismatches"] == [], rank
+        assert result["dequantized_mismatches"] == [], rank
         for name, moment in result["moments"].items():
             assert moment["zeros_kept"], (rank, name)
             assert moment["within_one_rounding"], (rank, name, moment)

@@ -140,6 +140,15 @@ def test_rows_of_another_shard_are_refused_naming_both():
     assert "torch.distributed.checkpoint" in message
 
 
+def test_codes_of_the_wrong_size_are_refused():
+    shape = (200, 48)
+    _, saved = write(full_state(shape), shape, 1)
+    (layout,) = shards(shape, 1)
+    saved["exp_avg"] = saved["exp_avg"][:, :40]
+    with pytest.raises(ValueError, match=r"State 'exp_avg' of param 0 holds 8000 codes on this rank, but its rows"):
+        read(saved, layout)
+
+
 def test_side_values_of_the_wrong_width_are_refused():
     shape = (200, 48)
     _, saved = write(full_state(shape), shape, 1)
@@ -147,3 +156,29 @@ def test_side_values_of_the_wrong_width_are_refused():
     saved["exp_avg_absmax"] = saved["exp_avg_absmax"][:, :1]
     with pytest.raises(ValueError, match=r"State 'exp_avg_absmax' of param 0 must be \(200, 2\) on this rank"):
         read(saved, layout)
+
+
+@pytest.mark.parametrize("worlds", [(2, 2), (2, 1)], ids=["2to2", "2to1"])
+def test_state_with_only_exp_avg_moves_too(worlds):
+    # gamma = 0 keeps no exp_avg_sq or precond: only the keys present are moved.
+    shape, (saved_world, loaded_world) = (200, 48), worlds
+    m = full_state(shape)["exp_avg"]
+    written, rows = [], []
+    for layout in shards(shape, saved_world):
+        state = {
+            "step": torch.tensor(6.0),
+            **quant8.quantize("exp_avg", m[layout.start : layout.start + layout.count]),
+        }
+        written.append(quant8.dequantize("exp_avg", state))
+        rows.append(shard8.to_rows(state, layout))
+    saved = {key: torch.cat([r[key] for r in rows]) for key in rows[0] if key != "step"}
+    assert set(saved) == {"exp_avg", "exp_avg_absmax", shard8.ROWS_KEY}
+    saved_decoded = torch.cat(written)
+    for layout in shards(shape, loaded_world):
+        state = read(saved, layout)
+        assert set(state) == {"step", "exp_avg", "exp_avg_absmax"}
+        mine = quant8.dequantize("exp_avg", state)
+        reference = saved_decoded[layout.start : layout.start + layout.count]
+        if saved_world == loaded_world:
+            assert torch.equal(mine, reference)
+        assert_within_one_rounding("exp_avg", mine, reference)

@@ -46,6 +46,7 @@ __all__ = [
     "as_dtensors",
     "as_local",
     "check_shard",
+    "dequantize_rows",
     "from_rows",
     "row_width",
     "rows_of",
@@ -153,11 +154,16 @@ def _dtensor(local_rows: Tensor, like: Tensor, rows: int) -> Tensor:
     )
 
 
-def _slots(layout: Rows, offsets: Tensor) -> Tensor:
-    """For each element of this rank's rows (``offsets``: where each row starts in its block), the index of its block
-    among the blocks its row touches, flat (int64)."""
-    within = torch.arange(layout.row_numel, device=offsets.device)
-    return ((offsets.unsqueeze(1) + within) // quant8.BLOCK).reshape(-1)
+def _decode_rows(plain: dict[str, Any], key: str, offsets: Tensor, row_numel: int) -> Tensor:
+    """The fp32 values of state ``key`` of this shard's rows in the DTensor form (plain local tensors; ``offsets``:
+    where each row starts in its block), each element decoded with the side values of the block it was encoded in."""
+    codes = plain[key]
+    count = offsets.numel()
+    within = torch.arange(row_numel, device=offsets.device)
+    slot = ((offsets.unsqueeze(1) + within) // quant8.BLOCK).reshape(-1)
+    row = torch.arange(count, device=offsets.device).repeat_interleave(row_numel)
+    sides = tuple(plain[side][row, slot].reshape(codes.shape).float() for side in quant8.QUANTIZED_KEYS[key])
+    return quant8.dequantize_elements(key, codes, sides)
 
 
 def _local_offsets(layout: Rows, device: torch.device) -> Tensor:
@@ -250,6 +256,11 @@ def from_rows(tensor_state: dict[str, Any], layout: Rows, saved_id: Any = None) 
     _check_rows(record, layout, saved_id)
     plain = {key: value for key, value in tensor_state.items() if key != ROWS_KEY}
     for key, value in plain.items():
+        if key in quant8.QUANTIZED_KEYS and value.numel() != layout.count * layout.row_numel:
+            raise ValueError(
+                f"State '{key}' of param {saved_id} holds {value.numel()} codes on this rank, but its rows hold "
+                f"{layout.count * layout.row_numel} elements: the state dict belongs to another model, or is corrupted."
+            )
         if key in _SIDE_KEYS and tuple(value.shape) != (layout.count, layout.width):
             raise ValueError(
                 f"State '{key}' of param {saved_id} must be {(layout.count, layout.width)} on this rank (the side "
@@ -266,14 +277,27 @@ def from_rows(tensor_state: dict[str, Any], layout: Rows, saved_id: Any = None) 
         for side in _SIDE_KEYS & set(plain):
             out[side] = plain[side].reshape(-1)[blocks].to(torch.float32)
         return out
-    slot = _slots(layout, offsets)
-    row = torch.arange(layout.count, device=offsets.device).repeat_interleave(layout.row_numel)
     for key, sides in quant8.QUANTIZED_KEYS.items():
-        if key not in plain or not all(side in plain for side in sides):
-            continue
-        codes = plain[key]
-        per_element = tuple(plain[side][row, slot].reshape(codes.shape).float() for side in sides)
-        out.update(quant8.quantize(key, quant8.dequantize_elements(key, codes, per_element)))
+        if key in plain and all(side in plain for side in sides):
+            out.update(quant8.quantize(key, _decode_rows(plain, key, offsets, layout.row_numel)))
+    return out
+
+
+def dequantize_rows(tensor_state: dict[str, Any]) -> dict[str, Any]:
+    """Entries of the DTensor form (this rank's, as :func:`as_dtensors` gives them) decoded: each 8-bit key an fp32
+    DTensor with its codes' shape and placements, as ``anon_hf.Anon`` keeps its state under FSDP2; side values and
+    the record dropped. No collective. A new dict."""
+    from torch.distributed.tensor import DTensor
+
+    offsets = local(tensor_state[ROWS_KEY])[:, _OFFSET].to(torch.int64)
+    plain = {key: local(value) for key, value in tensor_state.items()}
+    out = {key: value for key, value in tensor_state.items() if key not in _SIDE_KEYS and key != ROWS_KEY}
+    for key in quant8.QUANTIZED_KEYS.keys() & tensor_state.keys():
+        codes = tensor_state[key]
+        values = _decode_rows(plain, key, offsets, codes.numel() // codes.shape[0])
+        out[key] = DTensor.from_local(
+            values, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape, stride=codes.stride()
+        )
     return out
 
 

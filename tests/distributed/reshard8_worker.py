@@ -296,13 +296,27 @@ def run_load(rank, world, out_dir, report, source_world: int) -> None:
             if not torch.equal(opt.state[p][key], value):
                 mismatched.append(f"{name}.{key}")
     result["state_mismatches"] = mismatched
+    # dequantize_state_dict of the DTensor form: each shard's decoded state, as fp32 DTensors that Anon loads.
+    from anon_hf import Anon, dequantize_state_dict
+
+    fp32 = dequantize_state_dict(opt.state_dict())
+    ids = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    result["dequantized_mismatches"] = [
+        f"{name}.{key}"
+        for name, p in eightbit(opt, model).items()
+        for key in KEYS
+        if not torch.equal(
+            fp32["state"][ids[name]][key].to_local(),
+            quant8.dequantize(key, opt.state[p]).reshape(p.to_local().shape),
+        )
+    ]
+    Anon(model.parameters(), **KWARGS).load_state_dict(fp32)
     # A second optimizer, loaded per rank with the reference state (full-precision tensors: as DCP loaded them).
     twin = sharded(1)
     set_model_state_dict(twin, state["model"])
     twin_opt = Anon8bit(twin.parameters(), **KWARGS)
     plain = opt.state_dict()
     plain["state"] = {i: {k: v.clone() for k, v in entries.items()} for i, entries in plain["state"].items()}
-    ids = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     for name, p in eightbit(opt, model).items():
         plain["state"][ids[name]] = {"step": opt.state[p]["step"].clone(), **references[name]}
     twin_opt.load_state_dict(plain)
