@@ -171,8 +171,15 @@ def dequantize(key: str, entries: dict[str, Tensor]) -> Tensor:
 def dequantize_elements(key: str, codes: Tensor, sides: tuple[Tensor, ...]) -> Tensor:
     """:func:`dequantize` with the side values given per element: ``sides`` (those of :data:`QUANTIZED_KEYS` [key], in
     order) shaped like ``codes``, each element's holding the side value of the block it was encoded in. The same
-    arithmetic per element as :func:`dequantize`, for codes whose blocks are not this tensor's own (another shard's)."""
-    return _ELEMENT_DECODERS[key](codes.to(torch.int32), *sides)
+    arithmetic per element as :func:`dequantize`, for codes whose blocks are not this tensor's own (another shard's).
+
+    The elements are laid out in rows of :data:`BLOCK` as :func:`dequantize` lays them out: torch's CPU ``exp2`` can
+    round a last bit differently in its scalar tail than in its vector body, and so v decodes to the same bits here
+    as there (with one thread; several split a large tensor at other places, and a last bit of v may then differ).
+    """
+    blocks = _blocks(codes.reshape(-1)).to(torch.int32)
+    values = _ELEMENT_DECODERS[key](blocks, *(_blocks(side.reshape(-1).float()) for side in sides))
+    return _unblocked(values, codes)
 
 
 def state_bytes(numel: int) -> int:
