@@ -7,7 +7,8 @@ What each load must give (the in-process checks of every layout are ``tests/test
   one bitwise;
 * the gathered form (``full_state_dict=True``, saved with ``torch.save`` on rank 0 and broadcast from it) gives the
   same state as ``dcp.load`` on either world size; a per-rank file of the form written before the state resharded
-  (scales one row per rank) still loads with ``load_state_dict``;
+  (scales one row per rank) still loads with ``load_state_dict``, and a DCP checkpoint of that form loads on another
+  world size once ``shard8.upgrade_dcp_checkpoint`` has rewritten it (same state as the current form's);
 * on another world size, tensors whose rows are multiples of 256 elements bitwise (their blocks lie inside rows);
   the others decoded exactly and encoded in the new shards' blocks: equal bitwise to ``quant8.quantize`` of the saved
   decoded moments cut to the new shard (a reference built without ``anon_hf.storage.shard8``), hence within one
@@ -29,10 +30,13 @@ import types
 import pytest
 from test_distributed import read_reports, torchrun
 
+from anon_hf.storage import shard8
+
 RESHARD_ATOL = 1e-2
 EIGHTBIT = ["a", "b", "c", "d", "e", "u"]  # every parameter but the small "norm"
 ROW_ALIGNED = ["a", "c", "u"]  # rows of 256 and 4,608 elements
-LOADS = [(2, 2), (2, 1), (1, 2)]  # (saved on, loaded on)
+# (saved on, checkpoint suffix, loaded on); "_upgraded": the 2-rank state saved in the older form, then upgraded
+LOADS = [(2, "", 2), (2, "", 1), (1, "", 2), (2, "_upgraded", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +45,16 @@ def reshard8(tmp_path_factory):
     runs = {}
     for world in (2, 1):
         runs[f"save_w{world}"] = (torchrun("reshard8_worker.py", out_dir, "save", nproc=world), world)
-    for saved, loaded in LOADS:
-        command = torchrun("reshard8_worker.py", out_dir, "load", str(saved), nproc=loaded)
-        runs[f"load_w{loaded}_from_w{saved}"] = (command, loaded)
+    # The 2-rank state as a DCP checkpoint of the older form, upgraded here (one process, no process group).
+    upgraded = shard8.upgrade_dcp_checkpoint(out_dir / "ckpt_w2_older", out_dir / "ckpt_w2_upgraded")
+    for saved, suffix, loaded in LOADS:
+        command = torchrun(
+            "reshard8_worker.py", out_dir, "load", str(saved), *([suffix] if suffix else []), nproc=loaded
+        )
+        runs[f"load_w{loaded}_from_w{saved}{suffix}"] = (command, loaded)
     reports = {name: read_reports(out_dir, f"reshard8_{name}", world) for name, (_, world) in runs.items()}
     outputs = {name: run[0][1] for name, run in runs.items()}
-    return types.SimpleNamespace(reports=reports, outputs=outputs)
+    return types.SimpleNamespace(reports=reports, outputs=outputs, upgraded=upgraded)
 
 
 def _results(run, name: str, key: str) -> list[dict]:
@@ -69,6 +77,7 @@ def test_the_model_mixes_row_aligned_and_straddling_8bit_tensors(reshard8):
             assert result["aligned"] == ROW_ALIGNED
             # A per-rank file of the form written before resharding (scales one row per rank) still loads bitwise.
             assert result["older_form_mismatches"] == []
+    assert sorted(reshard8.upgraded) == [f"optim.state.{name}" for name in EIGHTBIT]
 
 
 @pytest.mark.slow
@@ -86,11 +95,12 @@ def test_fsdp2_8bit_state_resumes_bitwise_through_dcp_on_the_world_size_that_wro
         assert result["vs_uninterrupted"] == 0.0, rank
 
 
-@pytest.mark.parametrize("saved, loaded", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+@pytest.mark.parametrize("saved, suffix, loaded", LOADS[1:], ids=["2to1", "1to2", "2to1_upgraded"])
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_8bit_state_reshards_through_dcp(reshard8, saved, loaded):
-    for rank, result in enumerate(_results(reshard8, f"load_w{loaded}_from_w{saved}", f"load_from_w{saved}")):
+def test_fsdp2_8bit_state_reshards_through_dcp(reshard8, saved, suffix, loaded):
+    name, key = f"load_w{loaded}_from_w{saved}{suffix}", f"load_from_w{saved}{suffix}"
+    for rank, result in enumerate(_results(reshard8, name, key)):
         assert result["steps"] == [6], rank
         assert result["params_bitwise"], rank
         # The gathered form (full_state_dict=True, broadcast from rank 0) gives the same state as dcp.load.

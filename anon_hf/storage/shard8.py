@@ -31,6 +31,9 @@ one dimension with ``Shard(0)`` keep plain per-rank tensors and the :data:`SHARD
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -52,6 +55,7 @@ __all__ = [
     "rows_of",
     "shard_identity",
     "to_rows",
+    "upgrade_dcp_checkpoint",
 ]
 
 #: The state key of the shard record (int64 ``[mesh coordinate..., mesh shape..., local numel]``) in the optimizer's
@@ -348,3 +352,72 @@ def _older_form_as_local(tensor_state: dict[str, Any], param: Tensor) -> dict[st
             value = value.reshape(-1)
         out[key] = value
     return out
+
+
+def upgrade_dcp_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Rewrite a ``torch.distributed.checkpoint`` directory whose Anon8bit FSDP2 state has the older form (side
+    values and the :data:`SHARD_KEY` record as one row per rank, written before the state resharded) into the current
+    form at ``target``, which then loads on any world size. Everything else is copied as it is. Returns the state
+    entries upgraded (their paths in the state dict). One process, no process group; it holds the whole checkpoint in
+    memory and writes a temporary copy of it beside ``target``.
+
+    Raises:
+        ValueError: for an older-form entry whose record does not describe torch.chunk's split of its rows.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    target = os.fspath(target)
+    os.makedirs(target, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as scratch:
+        whole = os.path.join(scratch, "whole.pt")
+        dcp_to_torch_save(source, whole)
+        state_dict = torch.load(whole, weights_only=False)  # written just now by torch's own converter
+        upgraded = []
+        for path, entries in _older_form_entries(state_dict, ()):
+            entries.update(_upgraded(entries, path))
+            entries.pop(SHARD_KEY)
+            upgraded.append(".".join(map(str, path)))
+        torch.save(state_dict, whole)
+        torch_save_to_dcp(whole, target)
+    return upgraded
+
+
+def _older_form_entries(node: Any, path: tuple) -> Iterator[tuple[tuple, dict[str, Any]]]:
+    """Each dict under ``node`` that holds 8-bit state in the older form (a ``(world, 3)`` :data:`SHARD_KEY`)."""
+    if not isinstance(node, dict):
+        return
+    record = node.get(SHARD_KEY)
+    if isinstance(record, Tensor) and record.dim() == 2 and record.shape[1] == 3 and _SIDE_KEYS & set(node):
+        yield path, node
+        return
+    for key, value in node.items():
+        yield from _older_form_entries(value, (*path, key))
+
+
+def _upgraded(entries: dict[str, Any], path: tuple) -> dict[str, Tensor]:
+    """The side values and :data:`ROWS_KEY` of the current form for whole older-form ``entries``: each rank's row of
+    side values cut to its blocks and spread over its rows by :func:`to_rows`, the ranks' rows in order."""
+    record = entries[SHARD_KEY]
+    codes = next(entries[key] for key in quant8.QUANTIZED_KEYS if key in entries)
+    world = int(record[0, 1])
+    parts = []
+    for coordinate in range(world):
+        layout = rows_of(tuple(codes.shape), coordinate, world)
+        numel = layout.count * layout.row_numel if layout is not None else -1
+        if layout is None or record[coordinate].tolist() != [coordinate, world, numel]:
+            raise ValueError(
+                f"Anon8bit state {'.'.join(map(str, path))} in the older form records the shards "
+                f"{record.tolist()}, not torch.chunk's split of {tuple(codes.shape)} over {world} ranks: it cannot "
+                "be upgraded."
+            )
+        blocks = -(-numel // quant8.BLOCK)
+        local_state = {key: value[coordinate, :blocks] for key, value in entries.items() if key in _SIDE_KEYS}
+        local_state.update(
+            {
+                key: entries[key][layout.start : layout.start + layout.count]
+                for key in quant8.QUANTIZED_KEYS
+                if key in entries
+            }
+        )
+        parts.append(to_rows(local_state, layout))
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0] if key in _SIDE_KEYS or key == ROWS_KEY}

@@ -6,7 +6,9 @@ raw FSDP2 for ``SAVE_AT`` steps, saves model and optimizer with DCP to ``OUT_DIR
 decoded moments at the save, gathered whole, the codes and block scales of the tensors whose rows are multiples of
 256 elements gathered whole too, and the final parameters of the uninterrupted run.
 
-``torchrun --nproc_per_node W ... OUT_DIR load S`` loads ``ckpt_wS`` into a fresh model and optimizer on W ranks and
+``torchrun --nproc_per_node W ... OUT_DIR load S [_upgraded]`` loads ``ckpt_wS`` (or ``ckpt_wS_upgraded``: the same
+state saved in the form written before the state resharded, ``ckpt_wS_older``, then upgraded by
+``shard8.upgrade_dcp_checkpoint``) into a fresh model and optimizer on W ranks and
 reports, per 8-bit tensor and state key, whether the decoded moments equal the saved ones (and by how much they
 differ), whether its 8-bit state equals a reference built here without ``anon_hf.storage.shard8`` (the saved codes of
 row-aligned tensors cut to this shard's rows; the saved decoded moments of the others encoded by ``quant8`` in this
@@ -138,6 +140,11 @@ def run_save(rank, world, out_dir, report) -> None:
     if rank == 0:
         torch.save(full, path + ".full.pt")
     older = older_form_reloaded(model, opt, os.path.join(out_dir, f"older_w{world}.rank{rank}.pt"))
+    # The same state as a DCP checkpoint of the older form (upgraded by the test, then loaded as "2_upgraded").
+    older_state = dcp_state(model, opt)
+    for name, p in eightbit(opt, model).items():
+        older_state["optim"]["state"][name] = older_form(opt.state[p], p)
+    dcp.save(older_state, checkpoint_id=path + "_older")
     reference = {"params": full_params(model), "decoded": decoded_whole(opt, model), "codes": {}}
     for name, p in eightbit(opt, model).items():
         if aligned(p):  # blocks lie inside rows: the whole tensor's codes and scales are the shards' in row order
@@ -247,12 +254,13 @@ def within_one_rounding(key: str, loaded: torch.Tensor, saved: torch.Tensor) -> 
     return True
 
 
-def run_load(rank, world, out_dir, report, source_world: int) -> None:
+def run_load(rank, world, out_dir, report, source_world: int, suffix: str = "") -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    path = os.path.join(out_dir, f"ckpt_w{source_world}")
-    reference = torch.load(path + ".reference.pt", weights_only=True)
+    base = os.path.join(out_dir, f"ckpt_w{source_world}")
+    reference = torch.load(base + ".reference.pt", weights_only=True)
+    path = base + suffix  # "_upgraded": the older-form checkpoint of the same state, after upgrade_dcp_checkpoint
     data = batches()
     model = sharded(1)
     opt = Anon8bit(model.parameters(), **KWARGS)
@@ -266,7 +274,7 @@ def run_load(rank, world, out_dir, report, source_world: int) -> None:
 
     gathered = sharded(1)
     gathered_opt = Anon8bit(gathered.parameters(), **KWARGS)
-    full = torch.load(path + ".full.pt", weights_only=True) if rank == 0 else {"model": {}, "optim": {}}
+    full = torch.load(base + ".full.pt", weights_only=True) if rank == 0 else {"model": {}, "optim": {}}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(gathered, full["model"], options=options)
     set_optimizer_state_dict(gathered, gathered_opt, full["optim"], options=options)
@@ -326,17 +334,19 @@ def run_load(rank, world, out_dir, report, source_world: int) -> None:
     result["vs_uninterrupted"] = max((final[n] - reference["final"][n]).abs().max().item() for n in final)
     result["vs_reference"] = max((final[n] - twin_final[n]).abs().max().item() for n in final)
     result["refresh_history"] = opt.refresh_history
-    report[f"load_from_w{source_world}"] = result
+    report[f"load_from_w{source_world}{suffix}"] = result
 
 
 def main(out_dir: str, mode: str, *args: str) -> None:
     rank, world = init_process_group()
-    name = f"reshard8_{mode}_w{world}" + (f"_from_w{args[0]}" if args else "")
+    source = "".join(args)  # "2", or "2_upgraded"
+    name = f"reshard8_{mode}_w{world}" + (f"_from_w{source}" if args else "")
     report = Report(out_dir, name, rank)
     if mode == "save":
         runs = {"save": lambda: run_save(rank, world, out_dir, report)}
     else:
-        runs = {f"load_from_w{args[0]}": lambda: run_load(rank, world, out_dir, report, int(args[0]))}
+        suffix = source[len(args[0]) :]
+        runs = {f"load_from_w{source}": lambda: run_load(rank, world, out_dir, report, int(args[0]), suffix)}
     run_cases(runs, [], report)
 
 
