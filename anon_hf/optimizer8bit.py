@@ -73,12 +73,18 @@ class Anon8bit(Anon):
             (default: 4096)
 
     The other arguments are :class:`anon_hf.Anon`'s, except ``precond_dtype`` and ``moments_dtype`` (the state is
-    8-bit) and ``keep_unseen`` (always on). Under FSDP2 a tensor's 8-bit state describes this rank's local shard and
-    records which (``local_shard``, int64: mesh coordinates, mesh shape, local numel); :meth:`state_dict` gives it as
-    DTensors, so ``torch.distributed.checkpoint`` saves every rank's own and resumes bitwise on the same world size;
-    loading it on another shard is refused (blocks cannot be resharded). ``state_dict()`` holds the codes and side values (it loads with ``torch.load(weights_only=True)`` and
-    resumes bitwise); :meth:`load_state_dict` also takes an fp32 ``Anon`` state dict, quantizing it, and
-    :func:`anon_hf.dequantize_state_dict` turns an ``Anon8bit`` state dict into one ``Anon`` loads.
+    8-bit) and ``keep_unseen`` (always on). ``state_dict()`` holds the codes and side values (it loads with
+    ``torch.load(weights_only=True)`` and resumes bitwise); :meth:`load_state_dict` also takes an fp32 ``Anon`` state
+    dict, quantizing it, and :func:`anon_hf.dequantize_state_dict` turns an ``Anon8bit`` state dict into one ``Anon``
+    loads.
+
+    Under FSDP2 a tensor's 8-bit state describes this rank's local shard (``local_shard``, int64: mesh coordinates,
+    mesh shape, local numel). :meth:`state_dict` gives it as DTensors whose global shapes do not depend on the world
+    size (``anon_hf.storage.shard8``), so ``torch.distributed.checkpoint`` saves every rank's own and loads it on any
+    number of ranks: bitwise on the world size that wrote it, and bitwise on any other for tensors whose rows are a
+    multiple of 256 elements; other tensors' blocks straddle rows and are encoded again in the new shards' blocks
+    (one more rounding: ``docs/distributed.md``, "Resizing a job"). A per-rank file loaded on another rank is
+    refused.
 
     Example:
         >>> optimizer = anon_hf.Anon8bit(model.parameters(), lr=1e-3, gamma=1.0, fused=True)
@@ -221,7 +227,7 @@ class Anon8bit(Anon):
         rank's plain tensors (a shallow copy; the caller's dict is kept)."""
         state = dict(state_dict.get("state", {}))
         for param, saved_id, entries in self._sharded_8bit_entries(state_dict, state):
-            state[saved_id] = shard8.as_local(entries, param)
+            state[saved_id] = shard8.as_local(entries, param, saved_id)
         return {**state_dict, "state": state}
 
     def _sharded_8bit_entries(
@@ -265,8 +271,9 @@ class Anon8bit(Anon):
         return done
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`torch.optim.Optimizer.state_dict`, with the 8-bit entries of FSDP2 shards as DTensors
-        (``anon_hf.storage.shard8``), so that ``torch.distributed.checkpoint`` saves every rank's own codes and scales."""
+        """:meth:`torch.optim.Optimizer.state_dict`, with the 8-bit entries of FSDP2 shards as DTensors of a global
+        shape that does not depend on the world size (``anon_hf.storage.shard8``): ``torch.distributed.checkpoint``
+        saves every rank's own codes and scales and reshards them to another world size."""
         state_dict = super().state_dict()
         state = state_dict["state"]
         for param, saved_id, entries in self._sharded_8bit_entries(state_dict, state):
@@ -277,10 +284,13 @@ class Anon8bit(Anon):
         """Load a state dict written by :meth:`state_dict`, or an fp32 one written by :class:`Anon` (quantized here).
 
         8-bit entries come back bitwise (``torch.optim.Optimizer`` would cast codes and side values to the param's
-        dtype), so a run resumes exactly.
+        dtype), so a run resumes exactly. The DTensor entries of FSDP2 shards (:meth:`state_dict`, loaded through
+        ``torch.distributed.checkpoint`` on any world size) become this rank's: bitwise where the blocks are the
+        writer's, encoded again in this shard's blocks where they straddle rows cut elsewhere.
 
         Raises:
-            ValueError: as :meth:`Anon.load_state_dict`, and for 8-bit entries of the wrong dtype or size.
+            ValueError: as :meth:`Anon.load_state_dict`, and for 8-bit entries of the wrong dtype or size, or of
+                another shard than this rank's (a per-rank file loaded on another rank).
         """
         state_dict = self._with_local_shards(state_dict)
         self._validate_saved(state_dict, _validate_saved)
@@ -381,7 +391,8 @@ def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
 
 def _without_8bit_bookkeeping(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` less the block side values and the shard record: what remains once the codes are decoded."""
-    return {key: value for key, value in state.items() if key not in _SIDE_KEYS and key != shard8.SHARD_KEY}
+    bookkeeping = {shard8.SHARD_KEY, shard8.ROWS_KEY}
+    return {key: value for key, value in state.items() if key not in _SIDE_KEYS and key not in bookkeeping}
 
 
 def _decoded(state: dict[str, Any]) -> dict[str, Any]:
@@ -426,6 +437,12 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
     if not isinstance(tensor_state, dict) or not (_SIDE_KEYS & set(tensor_state)):
         _validate_tensor_state(tensor_state, param, saved_id)
         return
+    if shard8.ROWS_KEY in tensor_state:  # the FSDP2 form, left as it is because this param is no DTensor
+        raise ValueError(
+            f"State of param {saved_id} is FSDP2 8-bit state (key '{shard8.ROWS_KEY}'), but this parameter is not a "
+            "DTensor: load it into the model sharded with fully_shard (torch.distributed.checkpoint reshards it to "
+            "any world size)."
+        )
     unknown = set(tensor_state) - STATE_KEYS - _SIDE_KEYS - {shard8.SHARD_KEY}
     if unknown:
         raise ValueError(f"State of param {saved_id} has keys {sorted(unknown)} that Anon8bit does not use.")
@@ -458,13 +475,22 @@ def _validate_saved(tensor_state: Any, param: Tensor, saved_id: Any) -> None:
 def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """An ``Anon8bit`` state dict as the fp32 state dict :class:`anon_hf.Anon` loads (a new dict; the input is kept).
 
-    Each 8-bit entry becomes an fp32 tensor shaped like its codes; full-precision entries, steps and param groups are
+    Each 8-bit entry becomes an fp32 tensor shaped like its codes (under FSDP2, from :meth:`Anon8bit.state_dict`: an
+    fp32 DTensor placed like its codes, this rank's shard decoded); full-precision entries, steps and param groups are
     copied as they are (``min_8bit_size`` is dropped from the groups). The reverse needs no function:
     :meth:`Anon8bit.load_state_dict` takes an ``Anon`` state dict and quantizes it.
     """
-    state = {key: _decoded(value) if isinstance(value, dict) else value for key, value in state_dict["state"].items()}
+    state = {
+        key: _decoded_entries(value) if isinstance(value, dict) else value
+        for key, value in state_dict["state"].items()
+    }
     groups = [{k: v for k, v in group.items() if k != "min_8bit_size"} for group in state_dict["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def _decoded_entries(entries: dict[str, Any]) -> dict[str, Any]:
+    """One tensor's state in a state dict, decoded: the FSDP2 DTensor form by its rows, other 8-bit state by blocks."""
+    return shard8.dequantize_rows(entries) if shard8.ROWS_KEY in entries else _decoded(entries)
 
 
 # Anon's keywords that only full-precision state has: refused when given (_refuse_full_precision_options) and left

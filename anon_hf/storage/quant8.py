@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "MIN_NUMEL", "QUANTIZED_KEYS", "dequantize", "quantize", "state_bytes"]
+__all__ = ["BLOCK", "MIN_NUMEL", "QUANTIZED_KEYS", "dequantize", "dequantize_elements", "quantize", "state_bytes"]
 
 #: Elements per block; one set of fp32 side values (scale, or log range) per block, as torchao and bitsandbytes.
 BLOCK = 256
@@ -91,11 +91,15 @@ def _quantize_exp_avg(m: Tensor) -> tuple[Tensor, Tensor]:
     return _unblocked(code.to(torch.int8), m), absmax
 
 
+def _exp_avg_values(code: Tensor, absmax: Tensor) -> Tensor:
+    """Values of int32 ``code`` against ``absmax`` (broadcast to it: per block, or per element)."""
+    magnitude = _float_value(code.abs().clamp(min=1), _M_SHIFT, _M_BASE)
+    return torch.where(code == 0, 0.0, torch.where(code < 0, -magnitude, magnitude)) * absmax
+
+
 def _dequantize_exp_avg(code: Tensor, absmax: Tensor) -> Tensor:
     blocks = _blocks(code.reshape(-1)).to(torch.int32)
-    magnitude = _float_value(blocks.abs().clamp(min=1), _M_SHIFT, _M_BASE)
-    value = torch.where(blocks == 0, 0.0, torch.where(blocks < 0, -magnitude, magnitude))
-    return _unblocked(value * absmax.unsqueeze(1), code)
+    return _unblocked(_exp_avg_values(blocks, absmax.unsqueeze(1)), code)
 
 
 def _quantize_exp_avg_sq(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,10 +111,13 @@ def _quantize_exp_avg_sq(s: Tensor) -> tuple[Tensor, Tensor]:
     return _unblocked(code.to(torch.uint8), s), top
 
 
+def _exp_avg_sq_values(code: Tensor, top: Tensor) -> Tensor:
+    return torch.where(code == 0, 0.0, _float_value(code.clamp(min=1), _S_SHIFT, _S_BASE)) * top
+
+
 def _dequantize_exp_avg_sq(code: Tensor, top: Tensor) -> Tensor:
     blocks = _blocks(code.reshape(-1)).to(torch.int32)
-    value = torch.where(blocks == 0, 0.0, _float_value(blocks.clamp(min=1), _S_SHIFT, _S_BASE))
-    return _unblocked(value * top.unsqueeze(1), code)
+    return _unblocked(_exp_avg_sq_values(blocks, top.unsqueeze(1)), code)
 
 
 def _quantize_precond(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,11 +135,14 @@ def _quantize_precond(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _unblocked(code.to(torch.uint8), v), low, high
 
 
+def _precond_values(code: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    step = (high - low) * (1.0 / _V_LEVELS)
+    return torch.where(code == 0, 0.0, torch.exp2(low + (code - 1).float() * step))
+
+
 def _dequantize_precond(code: Tensor, low: Tensor, high: Tensor) -> Tensor:
     blocks = _blocks(code.reshape(-1)).to(torch.int32)
-    step = (high - low) * (1.0 / _V_LEVELS)
-    log_v = low.unsqueeze(1) + (blocks - 1).float() * step.unsqueeze(1)
-    return _unblocked(torch.where(blocks == 0, 0.0, torch.exp2(log_v)), code)
+    return _unblocked(_precond_values(blocks, low.unsqueeze(1), high.unsqueeze(1)), code)
 
 
 _CODECS = {
@@ -140,6 +150,7 @@ _CODECS = {
     "exp_avg_sq": (_quantize_exp_avg_sq, _dequantize_exp_avg_sq),
     "precond": (_quantize_precond, _dequantize_precond),
 }
+_ELEMENT_DECODERS = {"exp_avg": _exp_avg_values, "exp_avg_sq": _exp_avg_sq_values, "precond": _precond_values}
 
 
 def quantize(key: str, value: Tensor) -> dict[str, Tensor]:
@@ -155,6 +166,20 @@ def quantize(key: str, value: Tensor) -> dict[str, Tensor]:
 def dequantize(key: str, entries: dict[str, Tensor]) -> Tensor:
     """The fp32 tensor that the 8-bit entries of state ``key`` stand for (shaped like its codes)."""
     return _CODECS[key][1](*(entries[name] for name in (key, *QUANTIZED_KEYS[key])))
+
+
+def dequantize_elements(key: str, codes: Tensor, sides: tuple[Tensor, ...]) -> Tensor:
+    """:func:`dequantize` with the side values given per element: ``sides`` (those of :data:`QUANTIZED_KEYS` [key], in
+    order) shaped like ``codes``, each element's holding the side value of the block it was encoded in. The same
+    arithmetic per element as :func:`dequantize`, for codes whose blocks are not this tensor's own (another shard's).
+
+    The elements are laid out in rows of :data:`BLOCK` as :func:`dequantize` lays them out: torch's CPU ``exp2`` can
+    round a last bit differently in its scalar tail than in its vector body, and so v decodes to the same bits here
+    as there (with one thread; several split a large tensor at other places, and a last bit of v may then differ).
+    """
+    blocks = _blocks(codes.reshape(-1)).to(torch.int32)
+    values = _ELEMENT_DECODERS[key](blocks, *(_blocks(side.reshape(-1).float()) for side in sides))
+    return _unblocked(values, codes)
 
 
 def state_bytes(numel: int) -> int:
