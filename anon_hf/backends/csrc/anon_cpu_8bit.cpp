@@ -276,10 +276,11 @@ inline void prefetch_ahead(const float* p, const float* g, const int8_t* mc, con
 #endif
 
 // The instruction sets of the whole-block step: each traits struct supplies the operations the step is written in
-// (simd_block below), one or two instructions each. Where AVX-512 has mask registers, AVX2 spells the same result
-// otherwise: a code of 0 zeroes its value by vpsignd (a compare and an andnot in one instruction), v's 16-entry
-// tables are read by two vpermps on their halves and a blend on the index's bit 3, and int32 codes are narrowed by
-// saturating packs (the clamps before them keep the saturation from deciding anything). Both give the same bits.
+// (simd_block below), one or a few instructions each. Where AVX-512 has mask registers and two-table permutes, AVX2
+// spells the same result otherwise: a code of 0 zeroes its value by vpsignd (a compare and an andnot in one
+// instruction), v's 16-entry tables are read by vpshufb on their byte planes (cross-lane vpermps saturate one pipe
+// on Zen 3), and codes are narrowed to int16 for their clamps and signs, then to bytes by saturating packs (for s the
+// pack's saturation is the clamp to 255). Both give the same bits.
 #ifdef ANON_HF_AVX512
 #define ANON_HF_INLINE static inline __attribute__((always_inline))
 struct Avx512 {
