@@ -114,6 +114,8 @@ def test_a_row_that_raises_becomes_a_failed_row_and_the_table_goes_on(monkeypatc
 
     sections = [("parity", fine), ("step time", broken), ("step time", missing), ("trainer", fine)]
     monkeypatch.setattr(gpu_check, "sections", lambda ctx: iter(sections))
+    # main() on CPU sets ANON_HF_CPU_KERNEL=0 for its process; here that is pytest's, so it is restored afterwards.
+    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0")
     assert gpu_check.main(["--device", "cpu", "--tiny"]) == 1
     out = capsys.readouterr().out
     table = out[out.index("| check |") :].split("\n\n")[0].splitlines()
@@ -126,6 +128,7 @@ def test_a_row_that_raises_becomes_a_failed_row_and_the_table_goes_on(monkeypatc
 
 def test_the_budget_skips_what_is_left(monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "sections", lambda ctx: iter([("step time", lambda: [])]))
+    monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0")  # restored afterwards (main() sets it for its process)
     assert gpu_check.main(["--device", "cpu", "--tiny", "--budget-s", "0"]) == 0
     assert "| step time | - | time budget of 0 s spent |" in capsys.readouterr().out
 
