@@ -185,7 +185,7 @@ def _with_rule_inputs(tensors: _Tensors, options: _Options) -> _Tensors:
     (:func:`anon_hf.refresh.unseen_flags`, cached per refresh interval) and its inverse bias correction."""
     if not tensors.preconds or options.rule.estimate_mode is None:
         return tensors
-    piece_numel = _PIECE_NUMEL if tensors.params[0].device.type == "cpu" else None
+    piece_numel = _piece_numel(tensors.params[0])
     if options.rule.late_seen:
         unseen = unseen_flags(tensors.preconds, piece_numel)
     else:
@@ -195,12 +195,18 @@ def _with_rule_inputs(tensors: _Tensors, options: _Options) -> _Tensors:
     return tensors._replace(unseen=unseen, inv_bias2s=inv_bias2s)
 
 
+def _piece_numel(param: Tensor) -> int | None:
+    """The piece size for tensors on ``param``'s device: :data:`_PIECE_NUMEL` on CPU, ``None`` (whole tensors)
+    elsewhere, where a GPU's foreach kernels want few, large launches."""
+    return _PIECE_NUMEL if param.device.type == "cpu" else None
+
+
 def _pieces(tensors: _Tensors) -> Iterator[_Tensors]:
-    """``tensors`` in batches of about :data:`_PIECE_NUMEL` elements on CPU (large contiguous tensors cut into flat
-    views, small ones gathered), or whole elsewhere: a GPU's foreach kernels want few, large launches."""
+    """``tensors`` in batches of about :func:`_piece_numel` elements (large contiguous tensors cut into flat views,
+    small ones gathered), or whole where it is ``None``."""
     if not tensors.params:
         return
-    if tensors.params[0].device.type != "cpu":
+    if _piece_numel(tensors.params[0]) is None:
         yield tensors
         return
     batch: list[tuple] = []
