@@ -19,6 +19,8 @@ from .distributed.dtensor import agreed_verdicts, device_meshes, local_shards, s
 from .hyper import HYPERPARAMETERS, NONFINITE_POLICIES
 from .refresh import NonFinitePreconditionerError, refresh_verdicts
 from .schedule import is_refresh_step
+from .storage.blockwise8 import Blockwise8
+from .storage.quant8 import QUANTIZED_KEYS
 
 __all__ = ["NonFinitePreconditionerError", "anon"]
 
@@ -36,6 +38,7 @@ def anon(
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
+    storage: Blockwise8 | None = None,
     **hyper: Any,
 ) -> list[int]:
     r"""Functional API that performs the Anon computation; see :class:`anon_hf.Anon` for the math.
@@ -53,6 +56,10 @@ def anon(
     ``fused=True`` updates each tensor in one pass (``anon_hf.backends.fused``: a C++ kernel on CPU,
     ``torch.compile``'d graphs elsewhere), falling back to foreach where it cannot; ``None`` never builds or compiles
     anything (see :class:`anon_hf.Anon`). DTensor (FSDP2) tensors step on their local shards.
+
+    ``storage=Blockwise8(sides)`` (``anon_hf.storage.blockwise8``, what :class:`anon_hf.Anon8bit` passes) says the
+    state is 8-bit: the state lists hold codes, every tensor with a preconditioner or none does, and the steps are
+    those of fp32 state decoded from the codes (see :func:`_run_8bit`).
     """
     hyper = _with_defaults(hyper)
     if preconds and len(preconds) != len(params):
@@ -64,6 +71,8 @@ def anon(
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     backend = _backend(params, foreach, fused)
+    if storage is not None:
+        return _run_8bit(backend, [params, grads, exp_avgs, exp_avg_sqs, preconds], state_steps, hyper, storage)
     meshes = device_meshes(params)
     if not meshes:
         return _run(backend, [params, grads, exp_avgs, exp_avg_sqs, preconds], state_steps, hyper)
@@ -108,6 +117,61 @@ def _run(backend: str, lists: list[list[Tensor]], state_steps: list[Tensor], hyp
     picked = [[tensors[i] for i in left_over] if tensors else [] for tensors in lists]
     refreshed_eager = _multi_tensor_anon(*picked, [state_steps[i] for i in left_over], **hyper)
     return sorted(set(refreshed) | set(refreshed_eager))
+
+
+def _run_8bit(
+    backend: str, lists: list[list[Tensor]], state_steps: list[Tensor], hyper: dict[str, Any], storage: Blockwise8
+) -> list[int]:
+    """Step tensors with 8-bit state. With the fused backend, the tensors its 8-bit kernel and graphs take step there
+    between refreshes, on their local shards (no collective is needed then); every other tensor is decoded to fp32
+    temporaries, stepped by :func:`anon` and encoded again, one tensor at a time, so the extra memory is one tensor's
+    fp32 state."""
+    left_over: list[int] = list(range(len(lists[0])))
+    if backend == "fused" and left_over:
+        from .backends.fused import _fused_anon_8bit  # as in _run: imported on the first fused step
+
+        left_over = _fused_anon_8bit(*(local_shards(t) for t in lists), state_steps, storage, **hyper)
+    refreshed: list[int] = []
+    for i in left_over:
+        refreshed += _step_decoded(i, lists, state_steps, hyper, storage, fused=backend == "fused")
+    return sorted(set(refreshed))
+
+
+def _step_decoded(i, lists, state_steps, hyper, storage: Blockwise8, *, fused: bool) -> list[int]:
+    """Tensor ``i`` of 8-bit ``lists``: decode, step through :func:`anon` (DTensors agree on a refresh's verdict
+    there), encode. With ``fused``, CPU state is decoded and encoded by the 8-bit C++ extension's codecs and stepped by
+    the fused backend; otherwise by ``anon_hf.storage.quant8``'s torch maps and the for-loop."""
+    params, grads, *state = lists
+    codes = storage.codes_of(i, state)
+    codec = _cpu_codec() if fused and codes["exp_avg"].device.type == "cpu" else None
+    decoded = storage.decoded(i, codes, codec)
+    fp32_state = [[decoded[key]] if key in decoded else [] for key in QUANTIZED_KEYS]
+    try:
+        refreshed = anon(
+            [params[i]],
+            [grads[i]],
+            *fp32_state,
+            [state_steps[i]],
+            foreach=False if codec is None else None,
+            fused=codec is not None,
+            **hyper,
+        )
+    except NonFinitePreconditionerError as err:  # name the tensor by its place in these lists
+        err.tensor_index = i
+        err.args = (err.step, i, err.shape, err.group_index)
+        raise
+    # Between refreshes v is only read: its codes stay as they are, as in the kernel.
+    for key, value in decoded.items():
+        if key != "precond" or refreshed:
+            storage.encode_(i, key, codes[key], value, codec)
+    return refreshed
+
+
+def _cpu_codec():
+    """The 8-bit C++ extension if it runs here (its codecs decode and encode CPU state), else ``None``."""
+    from .backends import cpu_kernel
+
+    return cpu_kernel.kernel8() if cpu_kernel.kernel8_unavailable_reason() is None else None
 
 
 def _backend(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:

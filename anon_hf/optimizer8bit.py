@@ -1,14 +1,13 @@
 """``anon_hf.Anon8bit``: Anon with its state stored blockwise in 8 bits, a thin face over :class:`anon_hf.Anon`.
 
-The update is Anon's, unchanged: per tensor the 8-bit state is decoded to fp32 temporaries, :func:`anon_hf.anon`
-steps them (so the refresh rule, the bias corrections and the checks are the ones of ``functional``), and the result
-is encoded again (``_quant8``). With ``fused=True``, steps that refresh nothing run a C++ kernel on CPU that does the
-same in one pass per block (``csrc/anon_cpu_8bit.cpp``); refresh steps, O(log T) of them, always take the path above.
+The update is Anon's, unchanged, and so is its dispatcher: the 8-bit tensors step through :func:`anon_hf.anon` with
+``storage=Blockwise8(...)`` (``anon_hf.storage.blockwise8``), which runs the 8-bit kernel or graph between refreshes
+with ``fused=True`` and otherwise steps fp32 temporaries decoded from the codes. This module keeps what is the
+optimizer's: which tensors get 8-bit state, creating it, and its state dict (FSDP2 shards included).
 """
 
 from __future__ import annotations
 
-import collections
 import inspect
 import typing
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backends.fused.scalars import per_tensor_scalars, step_scalars_from
 from .distributed.dtensor import is_dtensor, local
 from .functional import NonFinitePreconditionerError, anon
 from .hyper import update_kwargs
@@ -28,16 +26,12 @@ from .optimizer import (
     _cast_state,
     _validate_tensor_state,
 )
-from .refresh import step_rule
-from .schedule import RefreshSchedule, is_refresh_step
 from .storage import quant8, shard8
+from .storage.blockwise8 import Blockwise8
 
 __all__ = ["Anon8bit", "dequantize_state_dict"]
 
 _SIDE_KEYS = frozenset(key for keys in quant8.QUANTIZED_KEYS.values() for key in keys)
-
-#: Calls of the 8-bit C++ kernel (``"kernel"``) in this process, for tests and benchmarks.
-stats: collections.Counter = collections.Counter()
 
 
 class Anon8bit(Anon):
@@ -120,7 +114,8 @@ class Anon8bit(Anon):
         return param.numel() >= group["min_8bit_size"] and not torch.is_complex(param)
 
     def _step_group(self, group: dict[str, Any]) -> list[int]:
-        """Full-precision tensors through :class:`Anon`, then the 8-bit ones (the kernel, or one at a time)."""
+        """Full-precision tensors through :class:`Anon`, then the 8-bit ones through :func:`anon_hf.anon` with
+        8-bit storage (one call for those with a preconditioner, one for those without)."""
         small, large = [], []
         for param in group["params"]:
             if param.grad is not None:
@@ -129,20 +124,29 @@ class Anon8bit(Anon):
         if small:
             with _positions_in(group, small):
                 refreshed += super()._step_group({**group, "params": small})
-        if not large:
-            return refreshed
         for param in large:
             self._ensure_state(param, group)
-        kwargs = update_kwargs(group)
-        fused = set()
-        if group["fused"]:
-            fused = self._kernel_step(group, large, kwargs)
-            fused |= self._graph_step(group, [p for p in large if p not in fused], kwargs)
-        for param in large:
-            if param not in fused:
-                with _positions_in(group, [param]):
-                    refreshed += self._reference_step(param, kwargs, fused=bool(group["fused"]))
+        for preconditioned in (True, False):
+            subset = [p for p in large if ("precond" in self.state[p]) == preconditioned]
+            if subset:
+                with _positions_in(group, subset):
+                    refreshed += self._step_8bit(group, subset)
         return sorted(set(refreshed))
+
+    def _step_8bit(self, group: dict[str, Any], params: list[Tensor]) -> list[int]:
+        """Step ``params`` (8-bit state, all with a preconditioner or all without) through the one dispatcher."""
+        states = [self.state[p] for p in params]
+        codes = [[state[key] for state in states] if key in states[0] else [] for key in quant8.QUANTIZED_KEYS]
+        return anon(
+            params,
+            [p.grad for p in params],
+            *codes,
+            [state["step"] for state in states],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            storage=Blockwise8([{key: state[key] for key in _SIDE_KEYS if key in state} for state in states]),
+            **update_kwargs(group),
+        )
 
     def _ensure_state(self, param: Tensor, group: dict[str, Any]) -> None:
         """Create the missing state of an 8-bit tensor with :class:`Anon`'s own rule, then quantize it."""
@@ -153,74 +157,6 @@ class Anon8bit(Anon):
         self.state[param] = _decoded(state)
         super()._init_group({**group, "params": [param]}, [], [], [], [], [], [])
         self.state[param] = _encoded(self.state[param], param)
-
-    def _reference_step(self, param: Tensor, kwargs: dict[str, Any], fused: bool = False) -> list[int]:
-        """One tensor: decode to fp32 temporaries, step them with :func:`anon_hf.anon`, encode the result.
-
-        With ``fused`` (the refresh steps of ``fused=True``) the C++ codecs decode and encode CPU state and
-        ``anon(fused=True)`` steps the temporaries; otherwise torch ops and ``anon(foreach=False)``.
-        """
-        state = self.state[param]
-        codec = _cpu_codec() if fused and state["exp_avg"].device.type == "cpu" else None
-        decoded = _decoded(state) if codec is None else _decoded_by(codec, state)
-        preconditioned = "precond" in decoded
-        # A DTensor param and grad: anon() steps their local shards, and agrees with the other ranks on a refresh's
-        # verdict (the 8-bit state is this rank's shard already).
-        refreshed = anon(
-            [param],
-            [param.grad],
-            [decoded["exp_avg"]],
-            [decoded["exp_avg_sq"]] if preconditioned else [],
-            [decoded["precond"]] if preconditioned else [],
-            [state["step"]],
-            foreach=False if codec is None else None,
-            fused=codec is not None,
-            **kwargs,
-        )
-        # Between refreshes the codes of v stay as they are, as in the kernel.
-        keys = ["exp_avg"] + (["exp_avg_sq"] + (["precond"] if refreshed else []) if preconditioned else [])
-        for key in keys:
-            if codec is None:
-                state.update(quant8.quantize(key, decoded[key]))
-            else:
-                _encode_by(codec, key, decoded[key], state)
-        return refreshed
-
-    def _kernel_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
-        """Step with the C++ kernel the tensors it takes this step (no refresh due); returns them."""
-        from .backends import cpu_kernel
-
-        picked = [p for p in params if _kernel_takes(p, self.state[p], group["refresh"])]
-        if not picked or cpu_kernel.kernel8_unavailable_reason() is not None:
-            return set()
-        rule = step_rule(group["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], kwargs["keep_unseen"])
-        estimate = 0 if rule.estimate_mode is None else cpu_kernel.kernel8().REFRESH_MODES[rule.estimate_mode]
-        weight_decay, decoupled = kwargs["weight_decay"], kwargs["decoupled_weight_decay"]
-        scalars = step_scalars_from(kwargs, averaged=False)
-        for preconditioned in (True, False):
-            chosen = [p for p in picked if ("precond" in self.state[p]) == preconditioned]
-            if not chosen:
-                continue
-            states = [self.state[p] for p in chosen]
-            keys = ["exp_avg", "exp_avg_absmax"]
-            keys += ["exp_avg_sq", "exp_avg_sq_max", "precond", "precond_log2_min", "precond_log2_max"]
-            lists = [[s[key] for s in states] if preconditioned or n < 2 else [] for n, key in enumerate(keys)]
-            steps = [int(s["step"].item()) + 1 for s in states]
-            neg_step_sizes, inv_bias2s = per_tensor_scalars(steps, kwargs)
-            cpu_kernel.kernel8().anon8_step(
-                [local(p) for p in chosen],
-                [local(p.grad) for p in chosen],
-                *lists,
-                [s["step"] for s in states],
-                neg_step_sizes,
-                inv_bias2s,
-                scalars,
-                not decoupled and weight_decay != 0,
-                kwargs["bounds"] is not None,
-                *((estimate, rule.limit, rule.late_seen) if preconditioned else (0, False, False)),
-            )
-            stats["kernel"] += 1
-        return set(picked)
 
     def _with_local_shards(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with the DTensor 8-bit entries that :meth:`state_dict` wrote for FSDP2 shards back as this
@@ -242,33 +178,6 @@ class Anon8bit(Anon):
             entries = state.get(saved_id)
             if is_dtensor(param) and isinstance(entries, dict) and _SIDE_KEYS & set(entries):
                 yield param, saved_id, entries
-
-    def _graph_step(self, group: dict[str, Any], params: list[Tensor], kwargs: dict[str, Any]) -> set[Tensor]:
-        """Step with the compiled graphs (``anon_hf.backends.fused.graphs.step_8bit``) the tensors they take this step: no
-        refresh due, contiguous (DTensors step their local shards); on CPU only those the C++ kernel left (``ANON_HF_CPU_KERNEL=0``, or its
-        build failed). Returns them; a compiler failure leaves the rest to the reference path."""
-        from .backends.fused import graphs
-
-        picked = [p for p in params if _graphs_take(p, self.state[p], group["refresh"])]
-        if not picked or graphs.fused_unavailable_reason([local(p) for p in picked]) is not None:
-            return set()
-        scalar_values = step_scalars_from(kwargs, averaged=False)
-        decoupled = kwargs["decoupled_weight_decay"] or kwargs["weight_decay"] == 0
-        modes = (not decoupled, kwargs["bounds"] is not None)
-        rule = step_rule(kwargs["gamma"], kwargs["eps"], kwargs["max_precond_ratio"], kwargs["keep_unseen"])
-        rule = None if rule.estimate_mode is None else rule
-        done: set[Tensor] = set()
-        for param in picked:
-            state = self.state[param]
-            per_tensor = per_tensor_scalars([int(state["step"].item()) + 1], kwargs)
-            codes = {key: value for key, value in state.items() if key != "step"}
-            try:
-                graphs.step_8bit([local(param)], [local(param.grad)], [codes], scalar_values, per_tensor, modes, rule)
-            except graphs.CompileFailed:
-                break
-            state["step"] += 1
-            done.add(param)
-        return done
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`torch.optim.Optimizer.state_dict`, with the 8-bit entries of FSDP2 shards as DTensors of a global
@@ -335,58 +244,6 @@ def _refuse_full_precision_options(group: dict[str, Any]) -> None:
 def _validate_min_8bit_size(value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"Invalid min_8bit_size value: {value!r} (allowed: an integer >= 1; default 4096)")
-
-
-def _graphs_take(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:
-    """Whether the compiled 8-bit graph can step ``param`` now: a floating tensor whose local shard (the tensor itself
-    unless a DTensor) is dense, 8-bit state, no refresh due."""
-    return (
-        param.is_floating_point()
-        and local(param).is_contiguous()
-        and local(param.grad).is_contiguous()
-        and "exp_avg_absmax" in state
-        and not ("precond" in state and is_refresh_step(int(state["step"].item()) + 1, refresh))
-    )
-
-
-def _kernel_takes(param: Tensor, state: dict[str, Any], refresh: RefreshSchedule) -> bool:
-    """Whether the 8-bit kernel can step ``param`` now: what the graph takes (:func:`_graphs_take`), on CPU in fp32."""
-    return (
-        param.device.type == "cpu"
-        and param.dtype == torch.float32
-        and param.grad.dtype == torch.float32
-        and _graphs_take(param, state, refresh)
-    )
-
-
-_CODEC_KINDS = {"exp_avg": 0, "exp_avg_sq": 1, "precond": 2}
-
-
-def _cpu_codec():
-    """The 8-bit C++ extension if it can run (it holds fast codecs), else None."""
-    from .backends import cpu_kernel
-
-    return cpu_kernel.kernel8() if cpu_kernel.kernel8_unavailable_reason() is None else None
-
-
-def _sides(key: str, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    sides = [state[name] for name in quant8.QUANTIZED_KEYS[key]]
-    return sides[0], sides[-1]
-
-
-def _decoded_by(codec, state: dict[str, Any]) -> dict[str, Any]:
-    """:func:`_decoded` by the C++ codecs (CPU state)."""
-    out = _without_8bit_bookkeeping(state)
-    for key in quant8.QUANTIZED_KEYS:
-        if key in state:
-            out[key] = torch.empty(state[key].shape, dtype=torch.float32)
-            codec.decode(_CODEC_KINDS[key], state[key], *_sides(key, state), out[key])
-    return out
-
-
-def _encode_by(codec, key: str, value: Tensor, state: dict[str, Any]) -> None:
-    """Encode the fp32 ``value`` into the codes and side values of ``state[key]``, in place, by the C++ codecs."""
-    codec.encode(_CODEC_KINDS[key], value.contiguous(), state[key], *_sides(key, state))
 
 
 def _without_8bit_bookkeeping(state: dict[str, Any]) -> dict[str, Any]:

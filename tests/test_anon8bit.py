@@ -112,19 +112,19 @@ def test_the_compiled_8bit_graph_matches_the_literal_reference(config, monkeypat
     from anon_hf.backends.fused import stats as fused_stats
 
     monkeypatch.setenv("ANON_HF_CPU_KERNEL", "0")
-    before, kernel_before = fused_stats["compiled_8bit"], optimizer8bit_stats()["kernel"]
+    before, kernel_before = fused_stats["compiled_8bit"], kernel8_calls()
     opt, params, ref = _run(config.kwargs, "fused")
     _assert_tracks(_gaps(params, ref))
     assert opt.refresh_history == (ref.refreshes if config.kwargs.get("gamma", 1.0) != 0 else [])
     refreshes = 0 if config.kwargs.get("gamma", 1.0) == 0 else len(ref.refreshes)
     assert fused_stats["compiled_8bit"] - before == 30 - refreshes  # every step between refreshes, nothing else
-    assert optimizer8bit_stats()["kernel"] == kernel_before
+    assert kernel8_calls() == kernel_before
 
 
-def optimizer8bit_stats():
-    from anon_hf import optimizer8bit
+def kernel8_calls() -> int:
+    from anon_hf.backends.fused import stats
 
-    return optimizer8bit.stats
+    return stats["kernel_8bit"]
 
 
 def test_the_tolerance_tells_8bit_from_fp32_state():
@@ -267,12 +267,12 @@ def _kernel_beside_reference_path(kwargs, scale, steps=40):
         generator = torch.Generator().manual_seed(4)
         params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(4096 + 77,), (70, 80)]]
         opt = Anon8bit(params, lr=0.01, **kwargs, **IMPLS[impl])
-        before = optimizer8bit_stats()["kernel"]
+        before = kernel8_calls()
         for step in range(1, steps + 1):
             for param in params:
                 param.grad = torch.randn(param.shape, generator=generator) * (0.1 * scale(step))
             opt.step()
-        kernel_steps.append(optimizer8bit_stats()["kernel"] - before)
+        kernel_steps.append(kernel8_calls() - before)
         runs.append(params)
     assert kernel_steps == [0, steps - len(opt.refresh_history)]  # every step between refreshes
     for a, b in zip(*runs, strict=True):

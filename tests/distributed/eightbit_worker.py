@@ -56,14 +56,14 @@ def state_dtypes(optimizer) -> dict[str, str]:
 def run_zero(rank, world, batches, references, report, out_dir, stage, offload=False):
     import deepspeed
 
-    from anon_hf import optimizer8bit
+    from anon_hf.backends.fused import stats as fused_stats
 
     name = f"zero{stage}_offload_fused" if offload else f"zero{stage}"
     config = ds_config(stage, world, offload=offload)
     config["optimizer"]["type"] = "Anon8bit"
     if offload:  # ZeRO-Offload: the CPU partitions go through the 8-bit C++ kernel between refreshes
         config["optimizer"]["params"]["fused"] = True
-    kernel_calls = optimizer8bit.stats["kernel"]
+    kernel_calls = fused_stats["kernel_8bit"]
     model = tiny_llama()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     inner = engine.optimizer.optimizer
@@ -80,7 +80,7 @@ def run_zero(rank, world, batches, references, report, out_dir, stage, offload=F
         "parity_fp32": max_abs_diff(final, references["fp32"]),
         "refresh_history": inner.refresh_history,
         "partition_devices": sorted({str(flat.device) for flat in zero_partitions(engine, stage)}),
-        "kernel_calls": optimizer8bit.stats["kernel"] - kernel_calls,
+        "kernel_calls": fused_stats["kernel_8bit"] - kernel_calls,
     }
     del engine, inner
     resumed_model = tiny_llama(seed=1)

@@ -33,7 +33,7 @@ from ...refresh import NonFinitePreconditionerError, refresh_mode, refresh_verdi
 from ...schedule import is_refresh_step, previous_refresh_step
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
-from .kernel import KernelCall, kernel_supported
+from .kernel import KernelCall, kernel8_step, kernel_supported
 from .plan import make_plan
 from .scalars import per_tensor_scalars, step_scalars_from
 from .telemetry import log_once, stats
@@ -102,8 +102,7 @@ def _backend_calls(plan, lists, state_steps, steps: list[int], refreshing: bool,
     averaged = refreshing and hyper["beta3"] > 0.0 and previous_refresh_step(steps[0], hyper["refresh"]) > 0
     scalar_values = step_scalars_from(hyper, averaged=averaged)
     per_tensor = per_tensor_scalars(steps, hyper)
-    decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
-    modes = (not decoupled, hyper["bounds"] is not None)
+    modes = _modes(hyper)
     mode = refresh_mode(hyper["gamma"], hyper["eps"])
     rule = None if refreshing or not lists[4] else _step_rule(hyper)
     kernel = graph = None
@@ -143,6 +142,82 @@ def _check_all(kernel, graph, eager_indices, lists, step, hyper):
         if bad:
             raise NonFinitePreconditionerError(step, bad[0], tuple(lists[4][bad[0]].shape))
     return graph, eager_indices
+
+
+def _fused_anon_8bit(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    preconds: list[Tensor],
+    state_steps: list[Tensor],
+    storage,
+    **hyper: Any,
+) -> list[int]:
+    """Step, between refreshes, the tensors with 8-bit state that the 8-bit C++ kernel takes (contiguous CPU fp32),
+    then those the compiled 8-bit graph takes (other contiguous floating tensors, and CPU ones when the kernel cannot
+    run). The state lists hold codes and ``storage`` (:class:`~anon_hf.storage.blockwise8.Blockwise8`) their side
+    values; the tensors are local shards, all with a preconditioner or all without. Returns the indices left over (a
+    refresh due, a non-contiguous tensor, no kernel or compiler here), which the caller steps on decoded state."""
+    codes = (exp_avgs, exp_avg_sqs, preconds)
+    steps = [int(step.item()) + 1 for step in state_steps]
+    taken = [
+        i
+        for i, (param, grad) in enumerate(zip(params, grads, strict=True))
+        if param.is_floating_point()
+        and param.is_contiguous()
+        and grad.is_contiguous()
+        and not (preconds and is_refresh_step(steps[i], hyper["refresh"]))
+    ]
+    if not taken:
+        return list(range(len(params)))
+    entries = {i: storage.entries(i, storage.codes_of(i, codes)) for i in taken}
+    calls = (step_scalars_from(hyper, averaged=False), _modes(hyper), _step_rule(hyper) if preconds else None)
+    done = _kernel8(taken, params, grads, entries, state_steps, steps, calls, hyper)
+    done += _graphs8(
+        [i for i in taken if i not in set(done)], params, grads, entries, state_steps, steps, calls, hyper
+    )
+    return [i for i in range(len(params)) if i not in set(done)]
+
+
+def _kernel8(taken, params, grads, entries, state_steps, steps, calls, hyper) -> list[int]:
+    """Step the CPU fp32 tensors among ``taken`` with the 8-bit C++ kernel, if it runs here; returns them."""
+    from .. import cpu_kernel
+
+    picked = [
+        i for i in taken if params[i].device.type == "cpu" and params[i].dtype == grads[i].dtype == torch.float32
+    ]
+    if not picked or cpu_kernel.kernel8_unavailable_reason() is not None:
+        return []
+    per_tensor = per_tensor_scalars([steps[i] for i in picked], hyper)
+    tensors = [[values[i] for i in picked] for values in (params, grads, entries, state_steps)]
+    kernel8_step(*tensors, calls[0], per_tensor, *calls[1:])
+    stats["kernel_8bit"] += 1
+    return picked
+
+
+def _graphs8(picked, params, grads, entries, state_steps, steps, calls, hyper) -> list[int]:
+    """Step the tensors ``picked`` with the compiled 8-bit graph, one at a time, if the compiler runs here; returns
+    those stepped (a compiler failure leaves the rest)."""
+    if not picked or graphs.fused_unavailable_reason([params[i] for i in picked]) is not None:
+        return []
+    done = []
+    for i in picked:
+        per_tensor = per_tensor_scalars([steps[i]], hyper)
+        try:
+            graphs.step_8bit([params[i]], [grads[i]], [entries[i]], calls[0], per_tensor, *calls[1:])
+        except CompileFailed:
+            break
+        state_steps[i] += 1
+        done.append(i)
+    return done
+
+
+def _modes(hyper: dict) -> tuple[bool, bool]:
+    """The kernels' and graphs' ``(L2 decay, bounds)`` flags: weight decay added to the gradient (not decoupled, not
+    0), and a projection onto ``bounds``."""
+    decoupled = hyper["decoupled_weight_decay"] or hyper["weight_decay"] == 0
+    return not decoupled, hyper["bounds"] is not None
 
 
 def _left_over(indices, reason: str | None) -> list[int]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ...refresh import StepRule
 
-__all__ = ["KernelCall", "kernel_supported"]
+__all__ = ["KernelCall", "kernel8_step", "kernel_supported"]
 
 
 def kernel_supported(params, grads, exp_avgs, exp_avg_sqs, preconds) -> tuple[list[bool], str | None]:
@@ -60,3 +60,21 @@ class KernelCall:
 
     def write(self) -> None:
         self.kernel.anon_step(*self.tensors, *self.args, False, self.keep)
+
+
+def kernel8_step(params, grads, entries, state_steps, scalar_values, per_tensor, modes: tuple, rule) -> None:
+    """One step of the 8-bit C++ kernel (``csrc/anon_cpu_8bit.cpp``) between refreshes over contiguous CPU fp32
+    tensors, all with a preconditioner or all without; the kernel advances the step counters. ``entries[i]`` is tensor
+    ``i``'s 8-bit state (codes and side values, :meth:`~anon_hf.storage.blockwise8.Blockwise8.entries`);
+    ``per_tensor``, ``modes`` and ``rule`` as in :class:`KernelCall`."""
+    from ...storage.quant8 import QUANTIZED_KEYS
+    from ..cpu_kernel import kernel8
+
+    module = kernel8()
+    names = [name for key, sides in QUANTIZED_KEYS.items() for name in (key, *sides)]
+    lists = [[state[name] for state in entries] if name in entries[0] else [] for name in names]
+    if rule is None or "precond" not in entries[0]:
+        rule_args = (0, False, False)
+    else:
+        rule_args = (module.REFRESH_MODES[rule.estimate_mode], rule.limit, rule.late_seen)
+    module.anon8_step(params, grads, *lists, state_steps, *per_tensor, scalar_values, *modes, *rule_args)

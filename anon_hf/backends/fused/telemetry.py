@@ -9,10 +9,10 @@ __all__ = ["log_once", "stats"]
 
 logger = logging.getLogger("anon_hf.backends.fused")
 
-#: How often each path ran in this process: ``"kernel"`` (a C++ kernel call), ``"compiled"`` (a chunk's step or
-#: refresh graph ran), ``"refresh_eager"`` (a refresh of tensors at different steps ran the eager foreach path),
-#: ``"fallback"`` (some tensors could not take the fused path and foreach ran for them) and ``"compiles"`` (graphs
-#: built).
+#: How often each path ran in this process: ``"kernel"`` (a C++ kernel call), ``"kernel_8bit"`` (an 8-bit C++ kernel
+#: call), ``"compiled"`` (a chunk's step or refresh graph ran), ``"compiled_8bit"`` (an 8-bit graph ran),
+#: ``"refresh_eager"`` (a refresh of tensors at different steps ran the eager foreach path), ``"fallback"`` (some
+#: tensors could not take the fused path and foreach ran for them) and ``"compiles"`` (graphs built).
 stats: collections.Counter = collections.Counter()
 
 _logged: set[str] = set()
