@@ -91,14 +91,15 @@ def train(model, opt, chunk, rank, world) -> None:
 
 
 def whole(value: torch.Tensor, param) -> torch.Tensor:
-    """A local tensor shaped like ``param``'s local shard, gathered whole (rows in mesh order)."""
+    """A new local tensor shaped like ``param``'s local shard, gathered whole (rows in mesh order). A copy: on one rank
+    ``full_tensor()`` returns the shard's own storage, which the optimizer goes on updating in place."""
     from torch.distributed.tensor import DTensor
 
     shape = (param.shape[0], *value.shape[1:])
     stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     return DTensor.from_local(
         value, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride
-    ).full_tensor()
+    ).full_tensor().clone()
 
 
 def eightbit(opt, model) -> dict[str, torch.nn.Parameter]:
