@@ -188,13 +188,13 @@ def step_preconditioners(
 
 
 # How far below 1 _limit_cannot_bind keeps v**2 * x, x the value the limit takes rsqrt of. The test's w carries at
-# most 5 roundings (v*v, c/eps to the dtype, the two products of addcmul, its sum; all terms >= 0) and x at most 4,
-# each a relative 2**-24 in fp32 (6e-8; fp64's are smaller). A passing element thus has
-# v**2 * x < (1 - 1e-5) * (1 + 1e-6) < 1 - 8e-6, i.e. v < (1 - 4e-6) * x**-0.5, while torch's rsqrt (1 / sqrt: two
-# correctly rounded ops on every ISA, times the scale on the small-eps branch of _estimates) lies within 3 roundings
-# (2e-7) of x**-0.5. So v < rsqrt(x) strictly, and minimum returns v's own bits. Subnormal products err by at most
-# 2**-149 absolute, which, times x < 2**127, moves v**2 * x by under 1e-6. An element within the margin of binding
-# only sends its tensor down the full computation.
+# most 7 roundings (v*v and the floor added to it, c/eps to the dtype, the two products of addcmul and its sum, all
+# of terms >= 0; a product that falls below the smallest normal errs by at most 2**-149 against w >= 2**-126, one
+# rounding more) and x at most 4, each a relative 2**-24 in fp32 (6e-8; fp64's are smaller). A passing element
+# thus has v**2 * x < (1 - 1e-5) * (1 + 1e-6) < 1 - 8e-6, i.e. v < (1 - 4e-6) * x**-0.5, while torch's rsqrt
+# (1 / sqrt: two correctly rounded ops on every ISA) lies within 2 roundings of x**-0.5. So v < rsqrt(x) strictly,
+# and minimum returns v's own bits. An element within the margin of binding only sends its tensor down the full
+# computation.
 _UNBOUND_MARGIN = 1e-5
 
 
@@ -202,29 +202,28 @@ def _limit_cannot_bind(
     exp_avg_sqs: list[Tensor], preconds: list[Tensor], inv_bias2s: list[float], *, eps: float, scale: float
 ) -> list[bool]:
     """Per tensor, whether the limit of mode "one" (gamma == 1), ``min(v, rsqrt(x))`` with
-    ``x = (s * c + eps) / scale**2``, is exactly ``v`` in every element, so that its root and minimum can be skipped.
+    ``x = s * (c / scale**2) + eps / scale**2``, is exactly ``v`` in every element, so that its root and minimum can
+    be skipped.
 
     Parallel lists as :func:`step_preconditioners`' (``s``, ``v`` of one device and dtype, at least fp32; ``c`` the
     inverse bias corrections); reads them, writes nothing. A DTensor answers for its local shard, with no collective
     (the limit is elementwise). Costs two elementwise passes and two reductions, read back to the host.
     """
+    if eps * scale**-2 < _SMALLEST_DIRECT_EPS:  # _estimates' other form (x unscaled, times scale after the root)
+        return [False] * len(preconds)
     sqs, precs = local_shards(exp_avg_sqs), local_shards(preconds)
-    # w = v**2 * (1 + s * c / eps) = v**2 * x * scale**2 / eps: the limit binds where v**2 * x > 1. nan anywhere in s
-    # or v makes w nan, and amax and aminmax propagate it, so such a tensor is computed as before.
-    w = torch._foreach_mul(precs, precs)
+    # w = (floor + v**2) * (1 + s * c / eps) >= v**2 * x * scale**2 / eps: the limit binds where v**2 * x > 1. The
+    # floor (the smallest normal) keeps w normal, and makes w at least 4 * scale**2 / eps wherever s * c / scale**2
+    # reaches the dtype's largest value and x would be inf (so rsqrt(x) == 0 < v), even where v == 0. nan in s or v
+    # makes w nan, and amax propagates it.
+    floor = torch.tensor(torch.finfo(precs[0].dtype).tiny, dtype=precs[0].dtype, device=precs[0].device)
+    w = [torch.addcmul(floor, v, v) for v in precs]
     torch._foreach_addcmul_(w, w, sqs, [c / eps for c in inv_bias2s])
-    stats: list[float] = []
-    for q, s in zip(w, sqs, strict=True):
-        # An empty tensor has no element where the limit could bind (and amax refuses it).
-        stats += [float(value) for value in (q.amax(), *torch.aminmax(s))] if q.numel() else [0.0] * 3
-    peaks, s_lows, s_highs = stats[0::3], stats[1::3], stats[2::3]
-    # s >= 0 and s * c well inside the dtype make x finite and at least eps / scale**2 > 0 (eps >= 1e-30 in mode
-    # "one"), so rsqrt(x) is finite and positive; a negative or huge accumulator is computed as before.
-    largest = torch.finfo(w[0].dtype).max / 4
-    return [
-        low >= 0 and high * c <= largest and eps * peak <= (1 - _UNBOUND_MARGIN) * scale**2
-        for c, peak, low, high in zip(inv_bias2s, peaks, s_lows, s_highs, strict=True)
-    ]
+    # s >= 0 keeps x >= eps / scale**2 > 0 (eps >= 1e-30 in mode "one"): a negative accumulator, whose x may be
+    # negative (rsqrt nan), is computed as before. An empty tensor has no element where the limit could bind.
+    stats = [[float(q.amax()), float(s.amin())] if q.numel() else [0.0, 0.0] for q, s in zip(w, sqs, strict=True)]
+    bound = (1 - _UNBOUND_MARGIN) * scale**2 / eps
+    return [peak <= bound and low >= 0 for peak, low in stats]
 
 
 def _picker(indices: list[int], *lists: list) -> list[list]:

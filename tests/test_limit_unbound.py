@@ -29,15 +29,17 @@ def _x(s: torch.Tensor, c: float, ratio: float = RATIO) -> torch.Tensor:
 
 
 def _expected(s: torch.Tensor, v: torch.Tensor, c: float, ratio: float = RATIO) -> torch.Tensor:
+    if EPS * ratio**-2 < 1e-30:  # the bound's form where eps / ratio**2 would be tiny: the ratio after the root
+        return torch.minimum(torch.rsqrt(s * c + EPS) * ratio, v)
     return torch.minimum(torch.rsqrt(_x(s, c, ratio)), v)
 
 
-def _state(dtype=torch.float32, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+def _state(dtype=torch.float32, seed=0, c=1.5) -> tuple[torch.Tensor, torch.Tensor]:
     """An accumulator and a preconditioner where v**2 * x lies between 1e-4 and 1e-2: the limit binds nowhere."""
     generator = torch.Generator().manual_seed(seed)
     s = 10 ** (torch.rand(NUMEL, generator=generator, dtype=torch.float64) * 8 - 9)
     ratio_sq = 10 ** (torch.rand(NUMEL, generator=generator, dtype=torch.float64) * 2 - 4)  # v**2 * x
-    v = (ratio_sq / ((s * 1.5 + EPS) / RATIO**2)).sqrt()
+    v = (ratio_sq / ((s * c + EPS) / RATIO**2)).sqrt()
     return s.to(dtype), v.to(dtype)
 
 
@@ -94,40 +96,50 @@ def test_the_margin_sits_just_below_the_threshold():
 
 
 @pytest.mark.parametrize(
-    "s_value, v_value, skipped",
+    "s_value, v_value, c, skipped",
     [
-        (float("nan"), None, False),
-        (float("inf"), None, False),
-        (-float("inf"), None, False),
-        (-1e-3, None, False),  # x < 0: rsqrt is nan
-        (-1e-30, None, False),  # a negative accumulator, although x still rounds positive
-        (3e38, None, False),  # s * c overflows x to inf: rsqrt(x) == 0
-        (None, float("nan"), False),
-        (None, float("inf"), False),
-        (None, 0.0, True),
-        (None, -0.0, True),
-        (3e38, -0.0, False),  # rsqrt(x) == +0 against v == -0
-        (0.0, None, True),
-        (-0.0, None, True),
+        (float("nan"), None, 1.5, False),
+        (float("inf"), None, 1.5, False),
+        (-float("inf"), None, 1.5, False),
+        (-1e-3, None, 1.5, False),  # x < 0: rsqrt is nan
+        (-1e-30, None, 1.5, False),  # a negative accumulator, although x still rounds positive
+        (3e38, None, 1000.0, False),  # s * c / ratio**2 overflows x to inf: rsqrt(x) == 0
+        (3e38, -0.0, 1000.0, False),  # rsqrt(x) == +0 against v == -0
+        (3e38, 0.0, 1000.0, False),
+        (3e38, -0.0, 1.5, True),  # x large but finite: min(rsqrt(x), -0) is -0
+        (None, float("nan"), 1.5, False),
+        (None, float("inf"), 1.5, False),
+        (None, 0.0, 1.5, True),
+        (None, -0.0, 1.5, True),
+        (None, 1e-30, 1.5, True),  # v * v is subnormal
+        (0.0, None, 1.5, True),
+        (-0.0, None, 1.5, True),
     ],
 )
 @pytest.mark.parametrize("position", [17, NUMEL - 3], ids=["body", "tail"])
-def test_nan_inf_negative_and_zero_entries_give_the_formula_bits(s_value, v_value, skipped, position):
-    s, v = _state()
+def test_nan_inf_negative_and_zero_entries_give_the_formula_bits(s_value, v_value, c, skipped, position):
+    s, v = _state(c=c)
+    assert _check(s, v, c=c)  # no entry binds before the one changed
     if s_value is not None:
         s[position] = s_value
     if v_value is not None:
         v[position] = v_value
     # keep_unseen=False: a 0 in v takes the limit, not the late-seen rule.
-    assert _check(s, v, keep_unseen=False) == skipped
+    assert _check(s, v, c=c, keep_unseen=False) == skipped
 
 
 @pytest.mark.parametrize("ratio", [1.0, float("inf")], ids=["ratio1", "ratio-inf"])
 def test_the_edge_ratios_give_the_formula_bits(ratio):
     s, v = _state()
     _check(s, v, ratio=ratio)
-    v[9] = torch.rsqrt(_x(s, 1.5, ratio))[9] * 2 if ratio == 1.0 else float("inf")
-    _check(s, v, ratio=ratio)
+    if ratio == 1.0:
+        v[9] = torch.rsqrt(_x(s, 1.5, ratio))[9] * 2  # binds
+        assert not _check(s, v, ratio=ratio)
+    else:
+        v[9] = float("inf")
+        _check(s, v, ratio=ratio)
+        s[10] = 3e38  # s * c overflows: rsqrt(inf) * inf is nan
+        _check(s, v, c=1000.0, ratio=ratio)
 
 
 def test_each_tensor_of_a_batch_is_decided_on_its_own():
