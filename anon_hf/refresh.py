@@ -214,8 +214,8 @@ def _limit_cannot_bind(
     sqs, precs = local_shards(exp_avg_sqs), local_shards(preconds)
     # w = (floor + v**2) * (1 + s * c / eps) >= v**2 * x * scale**2 / eps: the limit binds where v**2 * x > 1. The
     # floor (the smallest normal) keeps w normal, and makes w at least 4 * scale**2 / eps wherever s * c / scale**2
-    # reaches the dtype's largest value and x would be inf (so rsqrt(x) == 0 < v), even where v == 0. nan in s or v
-    # makes w nan, and amax propagates it.
+    # reaches the dtype's largest value, x is inf and rsqrt(x) == 0 (which min would pick over v, or tie with it), even
+    # where v == 0. nan in s or v makes w nan, and amax propagates it.
     floor = torch.tensor(torch.finfo(precs[0].dtype).tiny, dtype=precs[0].dtype, device=precs[0].device)
     w = [torch.addcmul(floor, v, v) for v in precs]
     torch._foreach_addcmul_(w, w, sqs, [c / eps for c in inv_bias2s])
