@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .distributed.dtensor import full, local
+from .distributed.dtensor import full, local, local_shards
 from .hyper import NONFINITE_POLICIES
 from .schedule import RefreshSchedule, previous_refresh_step
 
@@ -139,6 +139,7 @@ def step_preconditioners(
     gamma: float,
     eps: float,
     max_ratio: float | None,
+    skip_unbound: bool = False,
 ) -> list[Tensor]:
     """What each tensor's step between refreshes multiplies its first moment by, as :class:`StepRule` defines it.
 
@@ -149,7 +150,10 @@ def step_preconditioners(
     ``v`` as it is, else a new tensor; the inputs are untouched.
 
     The work is batched: the limit is a few ``torch._foreach_*`` ops over every tensor, and the late-seen rule a few
-    more over the tensors with a 0 in ``v`` only.
+    more over the tensors with a 0 in ``v`` only. With ``skip_unbound`` (for the eager paths' CPU pieces, which hold
+    their data in cache; elsewhere the test's read-back would stall the device), the limit first tests, per tensor,
+    whether it can bind anywhere (:func:`_limit_cannot_bind`, gamma == 1 only) and leaves ``v`` itself to the tensors
+    where it cannot: the same bits, without a root per element.
     """
     used = list(preconds)
     if rule.estimate_mode is None:
@@ -157,6 +161,9 @@ def step_preconditioners(
     late = [i for i, flag in enumerate(unseen) if flag and rule.late_seen]
     limited = [i for i in range(len(preconds)) if i not in set(late)] if rule.limit else []
     estimate = dict(mode=rule.estimate_mode, gamma=gamma, eps=eps)
+    if limited and skip_unbound and rule.estimate_mode == "one":
+        unbound = _limit_cannot_bind(*_picker(limited, exp_avg_sqs, preconds, inv_bias2s), eps=eps, scale=max_ratio)
+        limited = [i for i, skip in zip(limited, unbound, strict=True) if not skip]
     if limited:
         pick = _picker(limited, exp_avg_sqs, preconds, inv_bias2s)
         bounds = _estimates(pick[0], pick[2], scale=max_ratio, **estimate)
@@ -178,6 +185,45 @@ def step_preconditioners(
         for i, value in zip(late, chosen, strict=True):
             used[i] = value
     return used
+
+
+# How far below 1 _limit_cannot_bind keeps v**2 * x, x the value the limit takes rsqrt of. The test's w carries at
+# most 7 roundings (v*v and the floor added to it, c/eps to the dtype, the two products of addcmul and its sum, all
+# of terms >= 0; a product that falls below the smallest normal errs by at most 2**-149 against w >= 2**-126, one
+# rounding more) and x at most 4, each a relative 2**-24 in fp32 (6e-8; fp64's are smaller). A passing element
+# thus has v**2 * x < (1 - 1e-5) * (1 + 1e-6) < 1 - 8e-6, i.e. v < (1 - 4e-6) * x**-0.5, while torch's rsqrt
+# (1 / sqrt: two correctly rounded ops on every ISA) lies within 2 roundings of x**-0.5. So v < rsqrt(x) strictly,
+# and minimum returns v's own bits. An element within the margin of binding only sends its tensor down the full
+# computation.
+_UNBOUND_MARGIN = 1e-5
+
+
+def _limit_cannot_bind(
+    exp_avg_sqs: list[Tensor], preconds: list[Tensor], inv_bias2s: list[float], *, eps: float, scale: float
+) -> list[bool]:
+    """Per tensor, whether the limit of mode "one" (gamma == 1), ``min(v, rsqrt(x))`` with
+    ``x = s * (c / scale**2) + eps / scale**2``, is exactly ``v`` in every element, so that its root and minimum can
+    be skipped.
+
+    Parallel lists as :func:`step_preconditioners`' (``s``, ``v`` of one device and dtype, at least fp32; ``c`` the
+    inverse bias corrections); reads them, writes nothing. A DTensor answers for its local shard, with no collective
+    (the limit is elementwise). Costs two elementwise passes and two reductions, read back to the host.
+    """
+    if eps * scale**-2 < _SMALLEST_DIRECT_EPS:  # _estimates' other form (x unscaled, times scale after the root)
+        return [False] * len(preconds)
+    sqs, precs = local_shards(exp_avg_sqs), local_shards(preconds)
+    # w = (floor + v**2) * (1 + s * c / eps) >= v**2 * x * scale**2 / eps: the limit binds where v**2 * x > 1. The
+    # floor (the smallest normal) keeps w normal, and makes w at least 4 * scale**2 / eps wherever s * c / scale**2
+    # reaches the dtype's largest value, x is inf and rsqrt(x) == 0 (which min would pick over v, or tie with it), even
+    # where v == 0. nan in s or v makes w nan, and amax propagates it.
+    floor = torch.tensor(torch.finfo(precs[0].dtype).tiny, dtype=precs[0].dtype, device=precs[0].device)
+    w = [torch.addcmul(floor, v, v) for v in precs]
+    torch._foreach_addcmul_(w, w, sqs, [c / eps for c in inv_bias2s])
+    # s >= 0 keeps x >= eps / scale**2 > 0 (eps >= 1e-30 in mode "one"): a negative accumulator, whose x may be
+    # negative (rsqrt nan), is computed as before. An empty tensor has no element where the limit could bind.
+    stats = [[float(q.amax()), float(s.amin())] if q.numel() else [0.0, 0.0] for q, s in zip(w, sqs, strict=True)]
+    bound = (1 - _UNBOUND_MARGIN) * scale**2 / eps
+    return [peak <= bound and low >= 0 for peak, low in stats]
 
 
 def _picker(indices: list[int], *lists: list) -> list[list]:
