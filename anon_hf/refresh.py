@@ -53,6 +53,7 @@ __all__ = [
     "REFRESH_MODES",
     "NonFinitePreconditionerError",
     "StepRule",
+    "as_real",
     "inverse_bias_correction",
     "limit_applies",
     "refresh_mode",
@@ -446,19 +447,21 @@ def refresh_verdicts(
     weight_decay = hyper["weight_decay"] if not hyper["decoupled_weight_decay"] else 0.0
     verdicts = {}
     for i in indices:
-        precond = _real(preconds[i])
+        precond = as_real(preconds[i])
         compute = torch.promote_types(precond.dtype, torch.float32)
-        grad = _real(grads[i]).to(compute)
+        grad = as_real(grads[i]).to(compute)
         grad = grad.neg() if hyper["maximize"] else grad
         if weight_decay != 0:
-            grad = grad.add(_real(params[i]).to(compute), alpha=weight_decay)
+            grad = grad.add(as_real(params[i]).to(compute), alpha=weight_decay)
         exp_avg_sq = (
-            _real(exp_avg_sqs[i]).to(compute).mul(hyper["beta2"]).addcmul_(grad, grad, value=1 - hyper["beta2"])
+            as_real(exp_avg_sqs[i]).to(compute).mul(hyper["beta2"]).addcmul_(grad, grad, value=1 - hyper["beta2"])
         )
         new_precond = stored_refresh(exp_avg_sq, precond, step, **refresh_kwargs)
         verdicts[i] = all_finite(exp_avg_sq) and all_finite(new_precond)
     return verdicts
 
 
-def _real(tensor: Tensor) -> Tensor:
+def as_real(tensor: Tensor) -> Tensor:
+    """A complex tensor as its real view (every rule here is elementwise over real and imaginary parts), another
+    tensor as it is."""
     return torch.view_as_real(tensor) if torch.is_complex(tensor) else tensor

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..distributed.dtensor import is_dtensor
 from ..refresh import (
     StepRule,
+    as_real,
     inverse_bias_correction,
     refresh_tensors_,
     step_preconditioners,
@@ -130,7 +131,9 @@ def _step_tensors(
     torch._foreach_add_(state_steps, 1)
     steps = [int(step.item()) for step in state_steps]
     compute = _compute_dtype(params[0], exp_avgs + exp_avg_sqs + preconds)
-    tensors = _Tensors(*map(_as_real, (params, grads, exp_avgs, exp_avg_sqs, preconds)), steps, [], [])
+    tensors = _Tensors(
+        *([as_real(t) for t in values] for values in (params, grads, exp_avgs, exp_avg_sqs, preconds)), steps, [], []
+    )
     schedule = options.hyper["refresh"]
     due = [bool(preconds) and is_refresh_step(step, schedule) for step in steps]
     refreshed = set()
@@ -295,11 +298,6 @@ def _update_params_(
             torch._foreach_clamp_min_(params, bounds[0])
         if bounds[1] is not None:
             torch._foreach_clamp_max_(params, bounds[1])
-
-
-def _as_real(tensors: list[Tensor]) -> list[Tensor]:
-    """Complex tensors as real views (the update is elementwise over real and imaginary parts)."""
-    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
 def _in_compute(tensors: list[Tensor], compute: torch.dtype | None) -> list[Tensor]:
