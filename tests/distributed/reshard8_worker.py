@@ -97,9 +97,11 @@ def whole(value: torch.Tensor, param) -> torch.Tensor:
 
     shape = (param.shape[0], *value.shape[1:])
     stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-    return DTensor.from_local(
-        value, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride
-    ).full_tensor().clone()
+    return (
+        DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride)
+        .full_tensor()
+        .clone()
+    )
 
 
 def eightbit(opt, model) -> dict[str, torch.nn.Parameter]:
