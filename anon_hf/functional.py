@@ -2,7 +2,10 @@
 dispatches to one backend, as ``torch.optim.adam.adam`` does: :func:`~anon_hf.backends.eager._single_tensor_anon`
 (a per-tensor loop), :func:`~anon_hf.backends.eager._multi_tensor_anon` (``torch._foreach_*`` kernels) or
 :func:`~anon_hf.backends.fused._fused_anon` (one pass per tensor: a C++ kernel on CPU, compiled graphs elsewhere),
-whose leftovers (what neither covers) it hands to the foreach path. No backend imports another or this module.
+whose leftovers (what neither covers) it hands to the foreach path. State stored in 8 bits arrives with its storage
+strategy (``storage=``, :class:`~anon_hf.storage.blockwise8.Blockwise8`): the fused backend steps what its 8-bit
+kernel and graph take, and the rest is decoded, stepped here as fp32 state and encoded again. No backend imports
+another or this module.
 
 Nothing here imports anything but torch.
 """
