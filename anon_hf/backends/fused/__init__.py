@@ -31,6 +31,7 @@ from torch import Tensor
 from ...distributed.dtensor import agreed_verdicts
 from ...refresh import NonFinitePreconditionerError, refresh_mode, refresh_verdicts, step_rule
 from ...schedule import is_refresh_step, previous_refresh_step
+from ...storage.blockwise8 import Blockwise8
 from . import graphs
 from .graphs import CompileFailed, GraphCalls, fused_unavailable_reason
 from .kernel import KernelCall, kernel8_step, kernel_supported
@@ -151,7 +152,7 @@ def _fused_anon_8bit(
     exp_avg_sqs: list[Tensor],
     preconds: list[Tensor],
     state_steps: list[Tensor],
-    storage,
+    storage: Blockwise8,
     **hyper: Any,
 ) -> list[int]:
     """Step, between refreshes, the tensors with 8-bit state that the 8-bit C++ kernel takes (contiguous CPU fp32),
