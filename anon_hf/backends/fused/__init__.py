@@ -173,40 +173,46 @@ def _fused_anon_8bit(
     if not taken:
         return list(range(len(params)))
     entries = {i: storage.entries(i, storage.codes_of(i, codes)) for i in taken}
-    calls = (step_scalars_from(hyper, averaged=False), _modes(hyper), _step_rule(hyper) if preconds else None)
-    done = _kernel8(taken, params, grads, entries, state_steps, steps, calls, hyper)
-    done += _graphs8(
-        [i for i in taken if i not in set(done)], params, grads, entries, state_steps, steps, calls, hyper
+    lists = (params, grads, entries, state_steps)
+    shared = dict(
+        scalar_values=step_scalars_from(hyper, averaged=False),
+        modes=_modes(hyper),
+        rule=_step_rule(hyper) if preconds else None,
     )
+    done = _kernel8(taken, lists, steps, hyper, **shared)
+    done += _graphs8([i for i in taken if i not in set(done)], lists, steps, hyper, **shared)
     return [i for i in range(len(params)) if i not in set(done)]
 
 
-def _kernel8(taken, params, grads, entries, state_steps, steps, calls, hyper) -> list[int]:
-    """Step the CPU fp32 tensors among ``taken`` with the 8-bit C++ kernel, if it runs here; returns them."""
+def _kernel8(taken, lists, steps, hyper, *, scalar_values, modes, rule) -> list[int]:
+    """Step the CPU fp32 tensors among ``taken`` with the 8-bit C++ kernel, if it runs here; returns them.
+    ``lists``: params, grads, 8-bit entries and step counters, by tensor index."""
     from .. import cpu_kernel
 
+    params, grads = lists[:2]
     picked = [
         i for i in taken if params[i].device.type == "cpu" and params[i].dtype == grads[i].dtype == torch.float32
     ]
     if not picked or cpu_kernel.kernel8_unavailable_reason() is not None:
         return []
     per_tensor = per_tensor_scalars([steps[i] for i in picked], hyper)
-    tensors = [[values[i] for i in picked] for values in (params, grads, entries, state_steps)]
-    kernel8_step(*tensors, calls[0], per_tensor, *calls[1:])
+    tensors = [[values[i] for i in picked] for values in lists]
+    kernel8_step(*tensors, scalar_values, per_tensor, modes, rule)
     stats["kernel_8bit"] += 1
     return picked
 
 
-def _graphs8(picked, params, grads, entries, state_steps, steps, calls, hyper) -> list[int]:
+def _graphs8(picked, lists, steps, hyper, *, scalar_values, modes, rule) -> list[int]:
     """Step the tensors ``picked`` with the compiled 8-bit graph, one at a time, if the compiler runs here; returns
-    those stepped (a compiler failure leaves the rest)."""
+    those stepped (a compiler failure leaves the rest). ``lists`` as in :func:`_kernel8`."""
+    params, grads, entries, state_steps = lists
     if not picked or graphs.fused_unavailable_reason([params[i] for i in picked]) is not None:
         return []
     done = []
     for i in picked:
         per_tensor = per_tensor_scalars([steps[i]], hyper)
         try:
-            graphs.step_8bit([params[i]], [grads[i]], [entries[i]], calls[0], per_tensor, *calls[1:])
+            graphs.step_8bit([params[i]], [grads[i]], [entries[i]], scalar_values, per_tensor, modes, rule)
         except CompileFailed:
             break
         state_steps[i] += 1
