@@ -89,8 +89,7 @@ def anon(
         try:
             return _run(backend, lists, state_steps, hyper)
         except NonFinitePreconditionerError as err:  # name the tensor by its whole shape, not this rank's shard's
-            err.shape = tuple(params[err.tensor_index].shape)
-            err.args = (err.step, err.tensor_index, err.shape, err.group_index)
+            err.place(shape=tuple(params[err.tensor_index].shape))
             raise
 
 
@@ -160,8 +159,7 @@ def _step_decoded(i, lists, state_steps, hyper, storage: Blockwise8, *, fused: b
             **hyper,
         )
     except NonFinitePreconditionerError as err:  # name the tensor by its place in these lists
-        err.tensor_index = i
-        err.args = (err.step, i, err.shape, err.group_index)
+        err.place(tensor_index=i)
         raise
     # Between refreshes v is only read: its codes stay as they are, as in the kernel.
     for key, value in decoded.items():

@@ -419,7 +419,7 @@ class Anon(torch.optim.Optimizer):
             try:
                 refreshed = self._step_group(group)
             except NonFinitePreconditionerError as err:
-                err.group_index = index
+                err.place(group_index=index)
                 raise
             refreshed_steps += refreshed
         if refreshed_steps:

@@ -285,7 +285,7 @@ class _positions_in:
 
     def __exit__(self, kind, err, traceback):
         if isinstance(err, NonFinitePreconditionerError) and err.tensor_index < len(self.positions):
-            err.tensor_index = self.positions[err.tensor_index]
+            err.place(tensor_index=self.positions[err.tensor_index])
         return False
 
 

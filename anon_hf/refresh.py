@@ -344,6 +344,7 @@ class NonFinitePreconditionerError(FloatingPointError):
 
     Raised before the bad preconditioner is stored (``on_nonfinite="raise"``, the default). ``group_index`` is
     filled in by :class:`anon_hf.Anon`; ``tensor_index`` is the position of the tensor in its param group.
+    ``args`` is ``(step, tensor_index, shape, group_index)``.
     """
 
     def __init__(self, step: int, tensor_index: int, shape: tuple, group_index: int | None = None):
@@ -352,6 +353,17 @@ class NonFinitePreconditionerError(FloatingPointError):
         self.shape = shape
         self.group_index = group_index
         super().__init__(step, tensor_index, shape, group_index)
+
+    def place(self, *, tensor_index: int | None = None, shape: tuple | None = None, group_index: int | None = None):
+        """Say where the tensor is in the caller's terms, as the error passes up from a sub-list, a shard or a
+        group's step: each field given replaces the one held, and ``args`` follows."""
+        if tensor_index is not None:
+            self.tensor_index = tensor_index
+        if shape is not None:
+            self.shape = shape
+        if group_index is not None:
+            self.group_index = group_index
+        self.args = (self.step, self.tensor_index, self.shape, self.group_index)
 
     def __str__(self) -> str:
         group = "?" if self.group_index is None else self.group_index

@@ -113,5 +113,6 @@ def test_a_nonfinite_refresh_names_the_8bit_tensor_by_its_place_in_the_group(fus
     with pytest.raises(NonFinitePreconditionerError) as caught:
         optimizer.step()  # step 2 refreshes
     assert (caught.value.group_index, caught.value.tensor_index, caught.value.shape) == (0, 2, (80, 96))
+    assert caught.value.args == (2, 2, (80, 96), 0)
     state = optimizer.state[second_weight]
     assert all(torch.equal(state[key], value) for key, value in codes_before.items())

@@ -34,6 +34,7 @@ def test_raise_policy_names_group_tensor_and_step_and_keeps_old_preconditioner(i
     ) as info:
         opt.step()
     assert (info.value.step, info.value.group_index, info.value.tensor_index) == (4, 1, 0)
+    assert info.value.args == (4, 0, (2, 2), 1)  # (step, tensor_index, shape, group_index), as the fields
     assert torch.equal(opt.state[bad]["precond"], precond_before)
     assert "on_nonfinite='skip'" in str(info.value)
 
