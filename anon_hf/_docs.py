@@ -46,14 +46,16 @@ maximize_doc = r"""maximize (bool, optional): maximize the objective with respec
 fused_doc = r"""fused (bool, optional): whether each tensor is updated in one pass that reads p, g, m, s, v and
             writes p, m, s once, refreshes included (a refresh checks for nan/inf first, so
             ``on_nonfinite="raise"`` raises before anything is written). On CPU this is anon_hf's C++ kernel
-            (fp32/bf16/fp16 storage), built with torch's extension loader on first use (~20 s once per machine
-            and torch version, then loaded from ``TORCH_EXTENSIONS_DIR``; needs a C++ compiler and ninja; if the
-            build fails, CPU tensors take the foreach path, with one warning); elsewhere, and on CPU when
-            ``ANON_HF_CPU_KERNEL=0`` is set, ``torch.compile``'d graphs (~10-40 s of compiling per process, Triton on
-            CUDA). DTensor (FSDP2), complex and non-contiguous params take the foreach path; one log line says which
-            path runs. Params on other devices (e.g. ``meta``) are refused before any state is created. State stays one tensor per parameter, so
-            state dicts are unchanged. ``None`` follows ``foreach`` and never builds or compiles anything. Cannot
-            be ``True`` together with ``foreach`` (default: None)"""
+            (fp32/bf16/fp16 storage), built with torch's extension loader on first use, once per machine and torch
+            version, then loaded from ``TORCH_EXTENSIONS_DIR`` (``anon-hf build-kernels`` builds it ahead of time;
+            it needs a C++ compiler and ninja; if the build fails, CPU tensors take the foreach path, with one
+            warning); elsewhere, and on CPU when ``ANON_HF_CPU_KERNEL=0`` is set, ``torch.compile``'d graphs,
+            compiled once per process (Triton on CUDA). ``docs/performance.md`` gives the build and compile times.
+            DTensor (FSDP2) params step on their local shards the same way; complex and non-contiguous params (and
+            shards) take the foreach path; one log line says which path runs. Params on other devices (e.g.
+            ``meta``) are refused before any state is created. State stays one tensor per parameter, so state dicts
+            are unchanged. ``None`` follows ``foreach`` and never builds or compiles anything. Cannot be ``True``
+            together with ``foreach`` (default: None)"""
 
 precond_dtype_doc = r"""precond_dtype (torch.dtype or str, optional): storage dtype of the preconditioner ``precond``.
             ``None`` keeps the param's dtype; ``torch.bfloat16`` (or ``"bf16"``) halves its memory, rounding

@@ -376,8 +376,8 @@ class NonFinitePreconditionerError(FloatingPointError):
 
 
 def all_finite(tensor: Tensor) -> bool:
-    """Whether every element is finite. A sum is one vectorized pass with no temporary (on CPU ~25x faster than
-    ``isfinite().all()``) and is finite whenever every element is, unless it overflows; only then, or with a nan or
+    """Whether every element is finite. A sum is one vectorized pass with no temporary (``isfinite().all()`` writes a
+    bool per element first) and is finite whenever every element is, unless it overflows; only then, or with a nan or
     inf present, does the elementwise check decide."""
     # On a DTensor a reduction is Partial: every rank must see the same verdict, so it is made whole.
     if bool(torch.isfinite(full(tensor.sum()))):

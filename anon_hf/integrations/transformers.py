@@ -1,6 +1,6 @@
 """``--optim anon`` for the transformers ``Trainer``: enum member, optimizer handler, ``optim_args`` casting.
 
-transformers has no public optimizer registry (notes §2): ``TrainingArguments.optim`` is converted with
+transformers has no public optimizer registry: ``TrainingArguments.optim`` is converted with
 ``OptimizerNames(value)``, ``HfArgumentParser`` builds ``--optim``'s choices from the enum's members, and
 ``Trainer.get_optimizer_cls_and_kwargs`` dispatches through the private dict
 ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``. So registration means:
@@ -285,7 +285,7 @@ def register() -> None:
     """Import transformers' training modules now, so the hooks above run, and raise if one could not patch.
 
     Idempotent and thread-safe; after the first success it returns at once. Does nothing when transformers is
-    not installed. ``transformers.trainer`` (the slow import, ~10 s) is imported only when the handler table
+    not installed. ``transformers.trainer`` (the slow import) is imported only when the handler table
     was missing and the fallback must be installed; otherwise its patch waits for the user's own import.
 
     Raises:

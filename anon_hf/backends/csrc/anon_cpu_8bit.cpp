@@ -29,8 +29,8 @@
 // std::fma, so the compiler does not pick others): plain C++ loops written for the compiler's vectorizer (-O3
 // -fopenmp-simd; every tail block, and whole blocks in builds for neither AVX-512 nor AVX2), and simd_block for whole
 // blocks, written once over a small traits struct per instruction set (Avx512, Avx2: the intrinsics each operation
-// takes there). simd_block runs 2x (AVX-512) and 2.4x (AVX2) faster than what GCC 12 makes of the loops (masked
-// polynomials, spilled constants) and prefetches p, g and the codes 4 blocks ahead: without that the step waits on
+// takes there). simd_block exists because GCC makes slow code of the loops (masked polynomials, spilled
+// constants; docs/performance.md has the timings), and it prefetches p, g and the codes 4 blocks ahead: without that the step waits on
 // memory for a third of its time, the hardware prefetcher not keeping up with eight streams. Elementwise per block:
 // results do not depend on how blocks are split between threads.
 
@@ -140,7 +140,7 @@ inline void precond_tables(float lo, float step, PrecondTables& tables) {
 }
 
 // 1.0f for a nonzero code, else 0.0f. Zeroing by this factor rather than by `code != 0 ? x : 0.0f` keeps run_block's
-// loop vectorizable for AVX2: GCC 12 leaves it scalar (10x slower) when a float select hangs on a byte code's test.
+// loop vectorizable for AVX2: GCC 12 leaves it scalar when a float select hangs on a byte code's test.
 inline float nonzero(int32_t code) { return static_cast<float>(code < 1 ? code : 1); }
 
 // m for its int8 code and the block's absmax: the magnitude's bits with the code's sign bit, 0 for code 0.
@@ -254,7 +254,7 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
 
 #if defined(ANON_HF_AVX512) || defined(ANON_HF_AVX2)
 // How far ahead of the current vector the whole-block step prefetches: 4 blocks, longer ahead than a DRAM access
-// takes at this kernel's speed (measured: 2 blocks left stalls, 8 gained nothing).
+// takes at this kernel's speed (2 blocks left the step waiting on memory; 8 gained nothing).
 constexpr int64_t kPrefetchAhead = 4 * kBlock;
 
 // As an instruction of its own: GCC 12 silently dropped __builtin_prefetch (and _mm_prefetch, which expands to it)
@@ -835,7 +835,7 @@ void anon8_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 
 
 // The codecs alone, for the refresh steps that take anon_hf's reference path (decode, anon(), encode): the same
-// formats and float operations as anon_hf/storage/quant8.py, per block of 256, ~50x faster than its torch ops.
+// formats and float operations as anon_hf/storage/quant8.py, per block of 256, without the torch ops' temporaries.
 // kind 0: exp_avg (int8 codes, side0 = absmax); 1: exp_avg_sq (uint8, side0 = max); 2: precond (uint8, side0 = min
 // and side1 = max of log2 v).
 void decode_block(int64_t kind, const void* codes, const float* side0, const float* side1, float* out, int64_t n) {

@@ -156,7 +156,7 @@ void run_in_chunks(int64_t n, int64_t grain, int64_t threads, const F& body) {
 
 // body(begin, end) over [0, n) units (elements or blocks): in one part per torch thread when n is at least two grains
 // and the OpenMP ABI is there, else in one call. The extensions are built without -fopenmp (the fp32 kernel's loop
-// compiled ~8% slower with it), so at::parallel_for would run serially here.
+// compiled slower with it), so at::parallel_for would run serially here.
 template <typename F>
 void for_each_part(int64_t n, int64_t grain, const F& body) {
 #ifdef ANON_HF_OPENMP_ABI

@@ -11,10 +11,10 @@ The eager paths spend one pass per op (6 to 8 ops per tensor). The package is sp
 * this module: the execution. On a refresh every backend checks, the eager part included, before any backend
   writes, so ``on_nonfinite="raise"`` leaves the whole step unwritten whatever the mix of backends.
 
-Measured before choosing this (``benchmarks/README.md``): flat state buffers written through slices inside a compiled
-graph became a ``slice_scatter`` of the whole buffer per tensor, hundreds of times slower; one static graph over all
-of a group's tensors compiled for ~0.4 s per tensor. State therefore stays one tensor per parameter, as in the eager
-paths: ``state_dict()``, ``load_state_dict()`` and ZeRO's flat partitions see exactly what they see without it.
+Why state is not flattened into one buffer per group: written through slices inside a compiled graph, such a buffer
+becomes a ``slice_scatter`` of the whole buffer per tensor, and one static graph over all of a group's tensors takes
+a compile time that grows with their number. State therefore stays one tensor per parameter, as in the eager paths:
+``state_dict()``, ``load_state_dict()`` and ZeRO's flat partitions see exactly what they see without it.
 
 Nothing here imports anything but torch and the standard library; ``torch.compile`` is first touched on the first
 fused step that needs a graph, never at import.
