@@ -220,8 +220,8 @@ void run_block(float* __restrict__ p, const float* __restrict__ g, int8_t* __res
     const float v_stored = kPrecond ? decode_precond(vc[j], tables) : 1.0f;
     const float pj = p[j];
     const float gj = std::fma(g[j], sign, pj * l2);  // l2 == 0 without L2 decay
-    const float mj = std::fma(gj - m_old, weight1, m_old);
-    const float sj = std::fma(s_old, beta2, gj * gj * weight2);
+    const float mj = first_moment(m_old, gj, weight1);
+    const float sj = accumulator(s_old, gj, beta2, weight2);
     float v = v_stored;
     if constexpr (kEstimate != kNoEstimate) {
       const float sigma = std::fma(sj, inv_bias2, eps);
@@ -633,8 +633,8 @@ __attribute__((always_inline)) inline void step_simd(float* p, const float* g, c
   // Update.
   const F pj = T::loadu(p + j);
   const F gj = kL2 ? T::fma(T::loadu(g + j), c.sign, T::mul(pj, c.l2)) : T::mul(T::loadu(g + j), c.sign);
-  const F mj = T::fma(T::sub(gj, m_old), c.weight1, m_old);
-  const F sj = T::fma(s_old, c.beta2, T::mul(T::mul(gj, gj), c.weight2));
+  const F mj = first_moment(m_old, gj, c.weight1);
+  const F sj = accumulator(s_old, gj, c.beta2, c.weight2);
   v = rule_simd<T, kEstimate>(v, sj, vc + j, any_unseen, c, st);
   const F updated = T::fma(pj, c.decay, T::mul(T::mul(mj, v), c.nss));
   // min/max pass a NaN through here (their second operand), as in run_block.

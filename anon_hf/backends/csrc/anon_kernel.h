@@ -11,6 +11,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -62,13 +66,29 @@ inline StepRule step_rule(int64_t estimate, bool limit, bool late_seen, const st
   return {static_cast<Mode>(estimate), limit, late_seen, static_cast<float>(cutoff)};
 }
 
-// The first moment and the accumulator after the gradient g: m + (g - m) * weight1 and s * beta2 + g * g * weight2.
-inline FloatVec first_moment(const FloatVec& m, const FloatVec& g, const FloatVec& weight1) {
-  return at::vec::fmadd(g - m, weight1, m);
+// a * b + c rounded once, for each type the kernels compute in: float (the 8-bit kernel's plain loops), at::vec's
+// FloatVec (the fp32 kernel) and the intrinsics vectors of the 8-bit kernel's per-ISA step.
+inline float fused_multiply_add(float a, float b, float c) { return std::fma(a, b, c); }
+inline FloatVec fused_multiply_add(const FloatVec& a, const FloatVec& b, const FloatVec& c) {
+  return at::vec::fmadd(a, b, c);
+}
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 fused_multiply_add(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+#ifdef __AVX512F__
+inline __m512 fused_multiply_add(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+#endif
+
+// The first moment and the accumulator after the gradient g: m + (g - m) * weight1 and s * beta2 + g * g * weight2,
+// written once for every type above (GCC's vector extensions give the intrinsics vectors their operators).
+template <class V>
+inline V first_moment(const V& m, const V& g, const V& weight1) {
+  return fused_multiply_add(g - m, weight1, m);
 }
 
-inline FloatVec accumulator(const FloatVec& s, const FloatVec& g, const FloatVec& beta2, const FloatVec& weight2) {
-  return at::vec::fmadd(s, beta2, g * g * weight2);
+template <class V>
+inline V accumulator(const V& s, const V& g, const V& beta2, const V& weight2) {
+  return fused_multiply_add(s, beta2, g * g * weight2);
 }
 
 // log2(x) from x's bits, as a float: exponent + mantissa fraction (Mitchell's approximation). For a normal x it is
