@@ -30,9 +30,9 @@
 // -fopenmp-simd; every tail block, and whole blocks in builds for neither AVX-512 nor AVX2), and simd_block for whole
 // blocks, written once over a small traits struct per instruction set (Avx512, Avx2: the intrinsics each operation
 // takes there). simd_block exists because GCC makes slow code of the loops (masked polynomials, spilled
-// constants; docs/performance.md has the timings), and it prefetches p, g and the codes 4 blocks ahead: without that the step waits on
-// memory for a third of its time, the hardware prefetcher not keeping up with eight streams. Elementwise per block:
-// results do not depend on how blocks are split between threads.
+// constants; docs/performance.md has the timings), and it prefetches p, g and the codes 4 blocks ahead: without that
+// the step waits on memory for a third of its time, the hardware prefetcher not keeping up with eight streams.
+// Elementwise per block: results do not depend on how blocks are split between threads.
 
 #include "anon_kernel.h"
 
