@@ -354,7 +354,9 @@ class NonFinitePreconditionerError(FloatingPointError):
         self.group_index = group_index
         super().__init__(step, tensor_index, shape, group_index)
 
-    def place(self, *, tensor_index: int | None = None, shape: tuple | None = None, group_index: int | None = None):
+    def place(
+        self, *, tensor_index: int | None = None, shape: tuple | None = None, group_index: int | None = None
+    ) -> None:
         """Say where the tensor is in the caller's terms, as the error passes up from a sub-list, a shard or a
         group's step: each field given replaces the one held, and ``args`` follows."""
         if tensor_index is not None:
