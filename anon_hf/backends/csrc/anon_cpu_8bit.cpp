@@ -303,7 +303,7 @@ struct Avx512 {
   ANON_HF_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   ANON_HF_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   ANON_HF_INLINE F div(F a, F b) { return _mm512_div_ps(a, b); }
-  ANON_HF_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  ANON_HF_INLINE F fma(F a, F b, F c) { return fused_multiply_add(a, b, c); }  // anon_kernel.h
   // max/min return their second operand where one is NaN, as x > y ? x : y does.
   ANON_HF_INLINE F min(F a, F b) { return _mm512_min_ps(a, b); }
   ANON_HF_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
@@ -405,7 +405,7 @@ struct Avx2 {
   ANON_HF_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   ANON_HF_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   ANON_HF_INLINE F div(F a, F b) { return _mm256_div_ps(a, b); }
-  ANON_HF_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  ANON_HF_INLINE F fma(F a, F b, F c) { return fused_multiply_add(a, b, c); }  // anon_kernel.h
   ANON_HF_INLINE F min(F a, F b) { return _mm256_min_ps(a, b); }
   ANON_HF_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
   ANON_HF_INLINE F sqrt(F a) { return _mm256_sqrt_ps(a); }
