@@ -126,19 +126,17 @@ inline FloatVec estimate(const FloatVec& sigma, const Settings& st) {
 }
 
 // The preconditioner an ordinary step multiplies m by (anon_hf.refresh.StepRule), for a block's two vectors. est is
-// computed only in blocks with a lane whose v is 0 (the late-seen rule) or where the limit may bind (limit_binds):
+// computed only in blocks with a lane whose v is 0 (the late-seen rule) or where the limit may bind (limit_lanes):
 // elsewhere the rule gives v.
 inline void step_precond(const FloatVec& s0, const FloatVec& s1, FloatVec& v0, FloatVec& v1, const Settings& st) {
   const FloatVec sigma0 = at::vec::fmadd(s0, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
   const FloatVec sigma1 = at::vec::fmadd(s1, FloatVec(st.inv_bias2), FloatVec(st.s[kEps]));
-  const StepRule& rule = st.rule;
-  if (!any_unseen(v0, rule) && !any_unseen(v1, rule) &&
-      !(rule.limit && (limit_binds(sigma0, v0, rule.estimate, st.s, rule.cutoff) ||
-                       limit_binds(sigma1, v1, rule.estimate, st.s, rule.cutoff)))) {
+  if (!rule_needs_estimate(sigma0, sigma1, v0, v1, st.rule, FloatVec(st.s[kGamma]),
+                           FloatVec(limit_threshold(st.rule, st.s)))) {
     return;
   }
-  v0 = rule_precond(s0, v0, estimate(sigma0, st), rule, st.s);
-  v1 = rule_precond(s1, v1, estimate(sigma1, st), rule, st.s);
+  v0 = rule_precond(s0, v0, estimate(sigma0, st), st.rule, st.s);
+  v1 = rule_precond(s1, v1, estimate(sigma1, st), st.rule, st.s);
 }
 
 // The value as a V stores it, back in fp32: the refresh check judges what will be stored.
@@ -245,14 +243,18 @@ struct Storage {
   V* v;
 };
 
-// An ordinary step's scalars as vectors, broadcast once per range: read from Settings in the loop, they would be
-// loaded again for every block, since the compiler cannot tell that a store to p, m or s leaves them unchanged.
+// An ordinary step's scalars as vectors and its flags, read once per range: read from Settings in the loop, they would
+// be loaded again for every block, since the compiler cannot tell that a store to p, m or s leaves them unchanged.
 struct OrdinaryScalars {
-  FloatVec sign, l2, weight1, beta2, weight2, inv_bias2, eps, decay, step_size, lo, hi;
+  FloatVec sign, l2, weight1, beta2, weight2, inv_bias2, eps, decay, step_size, lo, hi, gamma, threshold;
+  StepRule rule;
+  const float* slots;
+  bool has_l2, bounds;
   OrdinaryScalars(const Settings& st, float neg_step_size)
       : sign(st.s[kSign]), l2(st.s[kL2]), weight1(st.s[kWeight1]), beta2(st.s[kBeta2]), weight2(st.s[kWeight2]),
         inv_bias2(st.inv_bias2), eps(st.s[kEps]), decay(st.s[kDecay]), step_size(neg_step_size), lo(st.s[kLo]),
-        hi(st.s[kHi]) {}
+        hi(st.s[kHi]), gamma(st.s[kGamma]), threshold(limit_threshold(st.rule, st.s)), rule(st.rule), slots(st.s),
+        has_l2(st.l2), bounds(st.bounds) {}
 };
 
 // One block of an ordinary step of a preconditioned tensor (a step between refreshes: nearly every step), computed
@@ -263,8 +265,7 @@ struct OrdinaryScalars {
 // and scalars in registers (block's step_precond is a call, made for every block whenever the group has a step rule,
 // as at the defaults, with the block's vectors spilled around it).
 template <typename P, typename M, typename V>
-inline bool ordinary_block(P* p, const P* g, M* m, M* s, const V* v, int64_t i, const OrdinaryScalars& c,
-                           const Settings& st) {
+inline bool ordinary_block(P* p, const P* g, M* m, M* s, const V* v, int64_t i, const OrdinaryScalars& c) {
   FloatVec p0, p1, g0, g1, m0, m1, s0, s1, v0, v1;
   load2(g + i, g0, g1);
   load2(p + i, p0, p1);
@@ -273,7 +274,7 @@ inline bool ordinary_block(P* p, const P* g, M* m, M* s, const V* v, int64_t i, 
   load2(v + i, v0, v1);
   g0 = g0 * c.sign;
   g1 = g1 * c.sign;
-  if (st.l2) {
+  if (c.has_l2) {
     g0 = g0 + p0 * c.l2;
     g1 = g1 + p1 * c.l2;
   }
@@ -281,22 +282,20 @@ inline bool ordinary_block(P* p, const P* g, M* m, M* s, const V* v, int64_t i, 
   m1 = first_moment(m1, g1, c.weight1);
   s0 = accumulator(s0, g0, c.beta2, c.weight2);
   s1 = accumulator(s1, g1, c.beta2, c.weight2);
-  const StepRule& rule = st.rule;
+  const StepRule& rule = c.rule;
   if (rule.estimate != Mode::kNone) {
     const FloatVec sigma0 = at::vec::fmadd(s0, c.inv_bias2, c.eps);
     const FloatVec sigma1 = at::vec::fmadd(s1, c.inv_bias2, c.eps);
-    if (any_unseen(v0, rule) || any_unseen(v1, rule) ||
-        (rule.limit && (limit_binds(sigma0, v0, rule.estimate, st.s, rule.cutoff) ||
-                        limit_binds(sigma1, v1, rule.estimate, st.s, rule.cutoff)))) {
+    if (rule_needs_estimate(sigma0, sigma1, v0, v1, rule, c.gamma, c.threshold)) {
       // est as estimate() computes it for gamma == 1.
       if (rule.estimate != Mode::kOne) return false;
-      v0 = rule_precond(s0, v0, sigma0.rsqrt(), rule, st.s);
-      v1 = rule_precond(s1, v1, sigma1.rsqrt(), rule, st.s);
+      v0 = rule_precond(s0, v0, sigma0.rsqrt(), rule, c.slots);
+      v1 = rule_precond(s1, v1, sigma1.rsqrt(), rule, c.slots);
     }
   }
   FloatVec n0 = p0 * c.decay + m0 * v0 * c.step_size;
   FloatVec n1 = p1 * c.decay + m1 * v1 * c.step_size;
-  if (st.bounds) {
+  if (c.bounds) {
     n0 = at::vec::clamp(n0, c.lo, c.hi);
     n1 = at::vec::clamp(n1, c.lo, c.hi);
   }
@@ -321,7 +320,7 @@ __attribute__((flatten)) int64_t ordinary_range(P* p, const P* g, M* m, M* s, V*
                                                 float neg_step_size, const Settings& st) {
   const OrdinaryScalars scalars(st, neg_step_size);
   for (; i + kBlock <= end; i += kBlock) {
-    if (!ordinary_block<P, M, V>(p, g, m, s, v, i, scalars, st)) {
+    if (!ordinary_block<P, M, V>(p, g, m, s, v, i, scalars)) {
       ordinary_block_with_rule<P, M, V>(p, g, m, s, v, i, neg_step_size, st);
     }
   }

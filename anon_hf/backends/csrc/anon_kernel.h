@@ -46,7 +46,7 @@ struct StepRule {
   Mode estimate = Mode::kNone;
   bool limit = false;
   bool late_seen = false;
-  // 2 log2(max_ratio) less the margin of log2_from_bits: the limit's shortcut for gamma != 1 (see limit_binds).
+  // 2 log2(max_ratio) less the margin of log2_from_bits: the limit's shortcut for gamma != 1 (see limit_lanes).
   float cutoff = 0.0f;
 };
 
@@ -98,16 +98,33 @@ inline FloatVec log2_from_bits(const FloatVec& x) {
   return at::vec::fmadd(bits, FloatVec(1.0f / (1 << 23)), FloatVec(-127.0f));
 }
 
-// Whether max_precond_ratio's limit may bind on a lane of v (v > ratio * sigma**(-gamma / 2)), so that the vectors
-// where it cannot skip computing it: for gamma == 1, v * v * sigma > ratio**2 (exact, two multiplies); otherwise the
-// same inequality in log2 read from the bits, which errs only by the margin folded into the cutoff.
-inline bool limit_binds(const FloatVec& sigma, const FloatVec& v, Mode estimate, const float* slots, float cutoff) {
-  if (estimate == Mode::kOne) {
-    const FloatVec ratio(slots[kMaxRatio]);
-    return ((v * v * sigma) > ratio * ratio).zero_mask() != kNoLane;
+// The threshold limit_lanes compares with: max_ratio**2 for gamma == 1, else the rule's cutoff.
+inline float limit_threshold(const StepRule& rule, const float* slots) {
+  return rule.estimate == Mode::kOne ? slots[kMaxRatio] * slots[kMaxRatio] : rule.cutoff;
+}
+
+// The lanes where max_precond_ratio's limit may bind (v > ratio * sigma**(-gamma / 2)), so that the vectors where it
+// cannot skip computing it: for gamma == 1, v * v * sigma > ratio**2 (exact, two multiplies); otherwise the same
+// inequality in log2 read from the bits, which errs only by the margin folded into the cutoff. `threshold`:
+// limit_threshold's. All bits set in such a lane, none elsewhere.
+inline FloatVec limit_lanes(const FloatVec& sigma, const FloatVec& v, Mode estimate, const FloatVec& gamma,
+                            const FloatVec& threshold) {
+  if (estimate == Mode::kOne) return (v * v * sigma) > threshold;
+  return at::vec::fmadd(log2_from_bits(sigma), gamma, log2_from_bits(v) * FloatVec(2.0f)) > threshold;
+}
+
+// Whether the step rule computes est in a block of two vectors: a lane of v is 0 under the late-seen rule, or the
+// limit may bind on one (limit_lanes). The lanes' masks are or-ed and tested once.
+inline bool rule_needs_estimate(const FloatVec& sigma0, const FloatVec& sigma1, const FloatVec& v0, const FloatVec& v1,
+                                const StepRule& rule, const FloatVec& gamma, const FloatVec& threshold) {
+  const FloatVec zero(0.0f);
+  FloatVec lanes = zero;
+  if (rule.late_seen) lanes = (v0 == zero) | (v1 == zero);
+  if (rule.limit) {
+    lanes = lanes | limit_lanes(sigma0, v0, rule.estimate, gamma, threshold) |
+            limit_lanes(sigma1, v1, rule.estimate, gamma, threshold);
   }
-  const FloatVec guess = at::vec::fmadd(log2_from_bits(sigma), FloatVec(slots[kGamma]), log2_from_bits(v) * FloatVec(2.0f));
-  return (guess > FloatVec(cutoff)).zero_mask() != kNoLane;
+  return lanes.zero_mask() != kNoLane;
 }
 
 // The rule's preconditioner for one vector, given est = sigma**(-gamma / 2) for its lanes: est where late_seen and
@@ -118,11 +135,6 @@ inline FloatVec rule_precond(const FloatVec& s, const FloatVec& v, const FloatVe
   const FloatVec seen = rule.limit ? at::vec::minimum(v, est * FloatVec(slots[kMaxRatio])) : v;
   if (!rule.late_seen) return seen;
   return FloatVec::blendv(seen, FloatVec::blendv(zero, est, s > zero), v == zero);
-}
-
-// Whether a lane of v is 0: only vectors with one compute est for the late-seen rule.
-inline bool any_unseen(const FloatVec& v, const StepRule& rule) {
-  return rule.late_seen && (v == FloatVec(0.0f)).zero_mask() != kNoLane;
 }
 
 #ifdef ANON_HF_OPENMP_ABI
