@@ -8,6 +8,10 @@ tails, threads, 16-bit storage, the build's fallback (the cache and the build it
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from anon_hf.backends import fused as _fused
 
 # The kernel computes in fp32 with fused multiply-adds, the for-loop path rounds per op.
 FP32 = dict(rtol=1e-5, atol=1e-6)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -331,3 +336,14 @@ def test_the_kernel_step_rule_matches_a_plain_evaluation(dtype, gamma, limit, la
     if late_seen and dtype == torch.float32:  # unseen weights with a gradient step; those without one only decay
         update = (tensors[0].double() - _rule_inputs(dtype)[0].double() * (1 - 0.01 * 0.1)).abs()
         assert (update[7:300:14] > 1e-5).all() and (update[:300:14] < 1e-7).all()
+
+
+def test_the_per_element_benchmark_runs_through_the_kernels_own_call():
+    """benchmarks/kernel_ns_per_element.py calls the kernel through KernelCall: a change of the kernel's interface
+    that it does not follow fails here, not in a later measurement."""
+    command = [sys.executable, "benchmarks/kernel_ns_per_element.py", "--sizes", "4096", "--rounds", "1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"4096 elements: anon [0-9.]+ ns/elem, fused AdamW [0-9.]+ ns/elem, ratio [0-9.]+x", result.stdout
+    )
