@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anon_hf.backends import cpu_kernel  # noqa: E402
 from anon_hf.backends.fused.kernel import KernelCall  # noqa: E402
-from anon_hf.backends.fused.scalars import step_scalars  # noqa: E402
-from anon_hf.hyper import DEFAULTS  # noqa: E402
+from anon_hf.backends.fused.scalars import step_scalars_from  # noqa: E402
+from anon_hf.hyper import DEFAULTS, update_kwargs  # noqa: E402
 from anon_hf.refresh import step_rule  # noqa: E402
 
 
@@ -35,16 +35,12 @@ def anon_call(numel: int) -> Callable[[], None]:
     torch.manual_seed(0)
     grad = torch.randn(numel) * 1e-3
     lists = [[torch.randn(numel) * 0.02], [grad], [torch.zeros(numel)], [grad * grad], [1 / (grad.abs() + 1e-8)]]
-    lr, (beta1, beta2) = DEFAULTS["lr"], DEFAULTS["betas"]
-    gamma, eps, ratio = DEFAULTS["gamma"], DEFAULTS["eps"], DEFAULTS["max_precond_ratio"]
-    scalars = step_scalars(
-        lr=lr, beta1=beta1, beta2=beta2, gamma=gamma, eps=eps, weight_decay=DEFAULTS["weight_decay"],
-        decoupled_weight_decay=DEFAULTS["decoupled_weight_decay"], beta3=DEFAULTS["beta3"],
-        bounds=DEFAULTS["bounds"], maximize=False, max_precond_ratio=ratio, averaged=False,
-    )  # fmt: skip
-    rule = step_rule(gamma, eps, ratio, DEFAULTS["keep_unseen"])
+    hyper = update_kwargs(DEFAULTS)  # the class defaults as anon_hf.functional.anon takes them
+    scalars = step_scalars_from(hyper, averaged=False)
+    rule = step_rule(hyper["gamma"], hyper["eps"], hyper["max_precond_ratio"], hyper["keep_unseen"])
     # inv_bias2 = 1 with s = g**2 and v = 1 / |g| keeps v**2 * sigma near 1: the limit (ratio 10) binds nowhere.
-    call = KernelCall([0], lists, [torch.tensor([17.0])], scalars, ([-lr], [1.0]), (False, False), None, rule)
+    step_size = [-hyper["lr"]]
+    call = KernelCall([0], lists, [torch.tensor([17.0])], scalars, (step_size, [1.0]), (False, False), None, rule)
     return call.write
 
 
@@ -53,7 +49,9 @@ def adamw_call(numel: int) -> Callable[[], None]:
     torch.manual_seed(0)
     tensors = [[torch.randn(numel)] for _ in range(2)] + [[torch.zeros(numel)], [torch.rand(numel)], []]
     step = [torch.tensor(16.0)]
-    options = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+    defaults = torch.optim.AdamW([torch.zeros(1)]).defaults
+    (beta1, beta2), keys = defaults["betas"], ("lr", "weight_decay", "eps", "amsgrad", "maximize")
+    options = {key: defaults[key] for key in keys} | dict(beta1=beta1, beta2=beta2)
     return lambda: torch._fused_adamw_(*tensors, step, **options)
 
 
